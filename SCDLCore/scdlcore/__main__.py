@@ -1,0 +1,7 @@
+"""``python -m scdlcore`` is the ``scdl`` command (used by the Slicer module to start child processes)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

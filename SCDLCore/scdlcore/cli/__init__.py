@@ -1,0 +1,52 @@
+"""The ``scdl`` command: one entry point, one module per sub-command.
+
+Each sub-command module defines ``register(subparsers)``, which adds its parser and sets
+``func`` to a ``run(args) -> int`` function. Sub-command modules import heavy libraries
+(torch, SimpleITK) inside ``run`` so that ``scdl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+
+__all__ = ["main", "build_parser"]
+
+#: Sub-command modules of this package, in the order ``scdl --help`` lists them.
+_COMMAND_MODULES = ("segment", "train", "evaluate", "models", "sample_data")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad option); printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scdl",
+        description="SCDL Segment: semi-supervised CT organ segmentation (train, segment, fine-tune, evaluate, manage models).",
+    )
+    parser.add_argument("--version", action="version", version=f"scdl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``scdl``; returns the process exit code (0 ok, 1 failure, 2 bad input, 130 cancelled)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError) as err:
+        print(f"scdl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scdl {args.command}: cancelled", file=sys.stderr)
+        return 130

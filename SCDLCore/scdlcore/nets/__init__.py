@@ -1,0 +1,37 @@
+"""Segmentation networks, built from a JSON-able description ``{"arch": ..., **kwargs}``.
+
+The same :func:`build_network` runs in training, in bundles and in inference, so a model's
+``model.json`` (architecture name + constructor arguments) always rebuilds the exact network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .vnet import VNet
+
+__all__ = ["VNet", "NETWORKS", "build_network", "network_description"]
+
+NETWORKS: dict[str, type[nn.Module]] = {"vnet": VNet}
+
+
+def build_network(arch: str, **kwargs: Any) -> nn.Module:
+    """Instantiate a registered architecture, e.g. ``build_network("vnet", num_classes=14, width=16)``."""
+    try:
+        cls = NETWORKS[arch]
+    except KeyError:
+        raise ValueError(f"Unknown network architecture {arch!r}; known: {', '.join(NETWORKS)}.") from None
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"Bad arguments for network {arch!r}: {err}") from err
+
+
+def network_description(net: nn.Module) -> Mapping[str, Any]:
+    """The ``{"arch", **kwargs}`` description that :func:`build_network` turns back into ``net``."""
+    if isinstance(net, VNet):
+        return {"arch": "vnet", "in_channels": net.in_channels, "num_classes": net.num_classes, "width": net.width, "norm": net.norm}
+    raise ValueError(f"No description for network type {type(net).__name__}.")
