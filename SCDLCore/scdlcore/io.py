@@ -1,0 +1,689 @@
+"""CT and label-map reading and writing with exact geometry.
+
+This is the only module that imports SimpleITK (lazily, inside functions), and the one place where
+geometry conventions live:
+
+- arrays are (D, H, W) = (z, y, x), as SimpleITK and Slicer return them;
+- ``spacing`` is (x, y, z) in mm, ``origin`` is the centre of the first voxel in LPS mm, and
+  ``direction`` is the 3x3 direction-cosine matrix (row-major, 9 floats) in ITK's LPS convention;
+- ``ijk_to_lps`` maps a voxel index (i, j, k) = (x, y, z) to LPS mm (DICOM, ITK); ``ijk_to_ras`` maps it
+  to RAS mm (Slicer, NIfTI), RAS = diag(-1, -1, 1) * LPS.
+
+Readers check their input and raise :class:`ImageError` with a message that names the file, the
+problem and what to do. Writers are atomic: they write a temporary file in the destination folder and
+move it into place, so a crash never leaves a half-written file under the final name.
+
+Example::
+
+    ct = read_image("case01.nii.gz")                 # float32 HU, (D, H, W)
+    labels = read_label("case01_labels.nii.gz", reference=ct)
+    write_label("case01.seg.nrrd", labels, SYNAPSE13)  # opens in 3D Slicer with names and colors
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import re
+import struct
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from scdlcore.labels import SYNAPSE13, Label, LabelTable
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+__all__ = [
+    "LPS_TO_RAS_44",
+    "ImageError",
+    "NotCTWarning",
+    "Volume",
+    "read_image",
+    "read_label",
+    "read_segmentation_labels",
+    "resample_label_to",
+    "resample_volume",
+    "write_image",
+    "write_label",
+]
+
+logger = logging.getLogger(__name__)
+
+#: LPS <-> RAS flip of a 4x4 affine (its own inverse).
+LPS_TO_RAS_44 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_READ_FORMATS = "NRRD (.nrrd), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) or a DICOM series folder"
+_WRITE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+_MIN_CT_HU = -500.0  # every CT with air in view has voxels far below this; MR and normalised images do not
+_DIRECTION_SNAP = 1e-12  # ITK's NRRD reader leaves cosines like 0.9999999999999999
+
+
+class ImageError(ValueError):
+    """Bad input image or label file; the message names the file and the problem."""
+
+
+class NotCTWarning(UserWarning):
+    """The image's intensities do not look like CT Hounsfield units."""
+
+
+@dataclass(eq=False)  # arrays have no single truth value; compare geometry with same_grid
+class Volume:
+    """A 3D image or label map with its physical geometry.
+
+    Attributes:
+        array: voxels, (D, H, W) = (z, y, x). float32 HU for CT, uint8/uint16 for label maps.
+        spacing: voxel size (x, y, z) in mm.
+        origin: LPS position (mm) of the centre of the first voxel.
+        direction: 3x3 direction cosines, row-major (9 floats), ITK/LPS convention; column ``n`` is
+            the LPS direction of voxel axis ``n`` (x, y, z).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume array must be 3D (D, H, W), got shape {self.array.shape}.")
+        self.spacing = _float_tuple(self.spacing, 3, "spacing")
+        self.origin = _float_tuple(self.origin, 3, "origin")
+        self.direction = _float_tuple(self.direction, 9, "direction")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"Volume spacing must be positive (x, y, z) mm, got {self.spacing}.")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape (D, H, W)."""
+        return self.array.shape  # type: ignore[return-value]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel size in array order (z, y, x), mm."""
+        return self.spacing[::-1]
+
+    @property
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 affine from voxel index (i, j, k) = (x, y, z) to LPS mm."""
+        affine = np.eye(4)
+        affine[:3, :3] = np.array(self.direction).reshape(3, 3) @ np.diag(self.spacing)
+        affine[:3, 3] = self.origin
+        return affine
+
+    @property
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 affine from voxel index (i, j, k) = (x, y, z) to RAS mm (Slicer's frame)."""
+        return LPS_TO_RAS_44 @ self.ijk_to_lps
+
+    def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
+        """Whether both volumes sample the same voxel grid.
+
+        Args:
+            other: the volume to compare with.
+            tol: tolerance, relative to the voxel size for spacing and origin, absolute for the
+                direction cosines.
+        """
+        return not _grid_differences(self, other, tol)
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """A volume with the same geometry and a new array of the same shape."""
+        if array.shape != self.shape:
+            raise ValueError(f"with_array needs an array of shape {self.shape}, got {array.shape}.")
+        return Volume(array, self.spacing, self.origin, self.direction)
+
+
+def read_image(path: str | os.PathLike) -> Volume:
+    """Read a CT volume as float32 Hounsfield units.
+
+    Args:
+        path: an image file (.nrrd, .nii, .nii.gz, .mha, .mhd) or a folder holding a DICOM series.
+            In a folder with several series, the CT series with the most slices is read and a warning
+            is logged naming the others.
+
+    Returns:
+        The volume; ``array`` is float32 (D, H, W). DICOM rescale slope/intercept are applied.
+
+    Raises:
+        ImageError: missing, empty, truncated or unreadable file; 2D, 4D or multi-component image;
+            NaN or infinite voxels; a folder without DICOM images.
+
+    Warns:
+        NotCTWarning: no voxel below -500 HU (normalised intensities, MR, ...).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    image = _read_scalar_3d(path)
+    array = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise ImageError(
+            f"{path}: {bad} voxels are NaN or infinite; a CT must hold finite Hounsfield units. "
+            "Fix or re-export the image."
+        )
+    low, high = float(array.min()), float(array.max())
+    if low > _MIN_CT_HU:
+        warnings.warn(
+            f"{path}: intensities range from {low:g} to {high:g}, with no voxel below {_MIN_CT_HU:g} HU; "
+            "this does not look like a CT in Hounsfield units (air is about -1000 HU). "
+            "Segmentation of non-CT images is unreliable.",
+            NotCTWarning,
+            stacklevel=2,
+        )
+    return _volume(image, array)
+
+
+def read_label(path: str | os.PathLike, reference: Volume | None = None) -> Volume:
+    """Read an integer label map.
+
+    Args:
+        path: a label-map file (.nrrd, .nii, .nii.gz, .mha, .mhd). Values are kept as they are in the
+            file; use :func:`scdlcore.labels.map_label_values` to convert between label tables.
+        reference: the image the labels belong to. When given, the label map must lie on its grid.
+
+    Returns:
+        The label map; ``array`` is uint8 (D, H, W), or uint16 when a value exceeds 255.
+
+    Raises:
+        ImageError: the reasons of :func:`read_image`; negative, non-integer or too large values; a
+            grid that differs from ``reference`` (the message lists size/spacing/origin/direction).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    image = _read_scalar_3d(path)
+    labels = _to_label_array(sitk.GetArrayFromImage(image), path)
+    volume = _volume(image, labels)
+    if reference is not None:
+        differences = _grid_differences(volume, reference, 1e-4)
+        if differences:
+            raise ImageError(
+                f"{path}: the label map is not on the grid of its image ({'; '.join(differences)}). "
+                "Pair it with the image it was drawn on, or resample it onto the image with "
+                "scdlcore.io.resample_label_to."
+            )
+    return volume
+
+
+def read_segmentation_labels(path: str | os.PathLike, table: LabelTable) -> Volume:
+    """Read a 3D Slicer segmentation (``.seg.nrrd``) into a label map with ``table``'s values.
+
+    Segments are matched to organs by the SNOMED code of their terminology type, then by name
+    (``"Right kidney"``, ``"kidney_right"``, ``"kidney right"`` all match, case-insensitive).
+    Overlapping segments (several layers) are merged, later segments winning.
+
+    Args:
+        path: the ``.seg.nrrd`` file. Its grid is the segmentation's own, which Slicer may crop; use
+            :func:`resample_label_to` to bring it onto an image.
+        table: the label table whose values the output uses.
+
+    Returns:
+        The label map, uint8 (D, H, W) (uint16 when a table value exceeds 255).
+
+    Raises:
+        ImageError: unreadable file, not a Slicer segmentation, or no segment matches the table.
+
+    Warns:
+        UserWarning: segments that match no organ of the table (they are left out).
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    image = _read_checked(path)
+    fields = _segment_fields(image)
+    if not fields:
+        raise ImageError(
+            f"{path}: not a 3D Slicer segmentation file (no Segment0_* header fields). "
+            "Read plain label maps with scdlcore.io.read_label."
+        )
+    layers = sitk.GetArrayFromImage(image)
+    if layers.ndim == 3:
+        layers = layers[..., np.newaxis]  # (D, H, W, layers)
+    dtype = np.uint8 if max(table.values) < 256 else np.uint16
+    labels = np.zeros(layers.shape[:3], dtype=dtype)
+    unmatched = []
+    for index in sorted(fields):
+        segment = fields[index]
+        label = _match_segment(segment, table)
+        if label is None:
+            unmatched.append(segment.get("Name", f"Segment{index}"))
+            continue
+        layer = int(segment.get("Layer", index if layers.shape[3] > 1 else 0))
+        labels[layers[..., layer] == int(segment.get("LabelValue", 1))] = label.value
+    if len(unmatched) == len(fields):
+        raise ImageError(
+            f"{path}: none of its segments ({', '.join(unmatched)}) matches an organ of label table "
+            f"{table.name!r} ({', '.join(table.names)}). Rename the segments or pick another table."
+        )
+    if unmatched:
+        warnings.warn(
+            f"{path}: segments {', '.join(unmatched)} match no organ of label table {table.name!r} "
+            "and were left out.",
+            stacklevel=2,
+        )
+    return _volume(image, labels)
+
+
+def resample_label_to(label: Volume, reference: Volume) -> Volume:
+    """Resample a label map onto ``reference``'s grid by physical (LPS) position, nearest neighbour.
+
+    Voxels of the reference grid outside the label map become background (0). Use it when a label
+    map and its image share physical space but not the voxel grid (a flipped axis, a cropped
+    segmentation).
+
+    Returns:
+        The label map on the reference grid, same dtype as ``label.array``, shape ``reference.shape``.
+    """
+    return resample_volume(
+        label,
+        shape=reference.shape,
+        spacing=reference.spacing,
+        origin=reference.origin,
+        direction=reference.direction,
+        is_label=True,
+    )
+
+
+def resample_volume(
+    volume: Volume,
+    *,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    is_label: bool,
+) -> Volume:
+    """Resample a volume onto any grid by physical position.
+
+    Args:
+        volume: the input volume.
+        shape: output array shape (D, H, W).
+        spacing: output voxel size (x, y, z) mm.
+        origin: output first-voxel centre, LPS mm.
+        direction: output direction cosines, row-major 3x3.
+        is_label: nearest neighbour, dtype kept, background 0 outside the input (labels); otherwise
+            linear, float32, the input's minimum outside it (air for CT).
+
+    Returns:
+        The resampled volume with exactly the requested geometry.
+    """
+    import SimpleITK as sitk
+
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize([int(n) for n in shape[::-1]])
+    resampler.SetOutputSpacing([float(s) for s in spacing])
+    resampler.SetOutputOrigin([float(o) for o in origin])
+    resampler.SetOutputDirection([float(d) for d in direction])
+    if is_label:
+        resampler.SetInterpolator(sitk.sitkNearestNeighbor)
+        resampler.SetDefaultPixelValue(0)
+        source = _to_sitk(volume)
+    else:
+        resampler.SetInterpolator(sitk.sitkLinear)
+        resampler.SetDefaultPixelValue(float(volume.array.min()))
+        source = _to_sitk(volume.with_array(volume.array.astype(np.float32, copy=False)))
+    array = sitk.GetArrayFromImage(resampler.Execute(source))
+    return Volume(array, tuple(spacing), tuple(origin), tuple(direction))  # type: ignore[arg-type]
+
+
+def write_image(path: str | os.PathLike, volume: Volume) -> None:
+    """Write a volume atomically (.nrrd, .nii.gz, .nii or .mha), keeping its geometry and dtype.
+
+    NRRD and MetaImage store the geometry in double precision. NIfTI stores it in float32, so an
+    oblique direction or a spacing like 0.7 mm comes back rounded to about 1e-7.
+
+    Raises:
+        ValueError: unsupported file extension.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _check_write_suffix(path, allow_segmentation=False)
+    _atomic_write(path, lambda tmp: sitk.WriteImage(_to_sitk(volume), str(tmp), useCompression=True))
+
+
+def write_label(
+    path: str | os.PathLike,
+    labels: Volume,
+    table: LabelTable | None = None,
+    *,
+    include_absent: bool = False,
+) -> None:
+    """Write a label map atomically: a plain map (.nii.gz, .nii, .nrrd, .mha) or a 3D Slicer segmentation.
+
+    A ``.seg.nrrd`` file holds one segment per organ present in the map (or per organ of the table
+    with ``include_absent``), each with its display name, color, label value and SNOMED terminology,
+    so that Slicer (and ``slicerio``) show the organs by name.
+
+    Args:
+        path: output file.
+        labels: integer label map, (D, H, W), values from ``table``.
+        table: the label table of the values. Defaults to Synapse-13 for ``.seg.nrrd``; for plain
+            maps, when given, the values are checked against it.
+        include_absent: ``.seg.nrrd`` only; also list organs with no voxel (empty segments).
+
+    Raises:
+        ValueError: unsupported extension, non-integer array, or values missing from the table.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    suffix = _check_write_suffix(path, allow_segmentation=True)
+    if not np.issubdtype(labels.array.dtype, np.integer):
+        raise ValueError(f"{path}: a label map must hold integers, got dtype {labels.array.dtype}.")
+    if table is None and suffix == ".seg.nrrd":
+        table = SYNAPSE13
+    present = [int(v) for v in np.unique(labels.array) if v != 0]
+    if table is not None:
+        unknown = sorted(set(present) - set(table.values))
+        if unknown:
+            raise ValueError(
+                f"{path}: label values {unknown} are not in label table {table.name!r} "
+                f"(values {table.values}); convert them with scdlcore.labels.map_label_values first."
+            )
+    image = _to_sitk(labels)
+    if table is not None and suffix == ".seg.nrrd":
+        segments = [label for label in table.labels if include_absent or label.value in present]
+        for key, value in _segmentation_header(segments, table, labels.shape).items():
+            image.SetMetaData(key, value)
+    _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+
+
+def _read_scalar_3d(path: Path) -> sitk.Image:
+    """Read and check an image: 3D (at least 2 voxels along each axis), one component per voxel."""
+    image = _read_checked(path)
+    size = "x".join(str(n) for n in image.GetSize())
+    if image.GetDimension() > 3:
+        raise ImageError(
+            f"{path}: the image is {image.GetDimension()}D (size {size}); SCDL needs one 3D CT volume. "
+            "Extract a single time point or channel first."
+        )
+    if image.GetDimension() == 2 or min(image.GetSize()) < 2:
+        raise ImageError(
+            f"{path}: the image is 2D (size {size}); SCDL needs a 3D CT volume. "
+            "For DICOM, give the folder of the series, not one slice."
+        )
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise ImageError(
+            f"{path}: the image has {components} components per voxel (color or vector image); "
+            "SCDL needs a single-channel CT volume."
+        )
+    return image
+
+
+def _read_checked(path: Path) -> sitk.Image:
+    """Read an image file or DICOM folder, turning every failure into an ImageError."""
+    import SimpleITK as sitk
+
+    if not path.exists():
+        raise ImageError(f"{path}: no such file or folder. Check the path.")
+    if path.is_dir():
+        return _read_dicom_folder(path)
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes). Copy or export the image again.")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise ImageError(
+            f"{path}: cannot be read as an image, the file may be truncated or damaged "
+            f"({_itk_reason(err)}). Supported: {_READ_FORMATS}."
+        ) from err
+    return _clean_direction(image)
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    import SimpleITK as sitk
+
+    series = {}
+    for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
+        series[series_id] = (files, _dicom_tag(files[0], "0008|0060"), _dicom_tag(files[0], "0008|103e"))
+    if not series:
+        raise ImageError(
+            f"{folder}: no DICOM image series in this folder (subfolders are not searched). "
+            "Give the folder that holds the DICOM slice files, or an image file."
+        )
+    # Largest CT series first; other modalities only when there is no CT at all.
+    chosen = max(series, key=lambda uid: (series[uid][1] == "CT", len(series[uid][0])))
+    if len(series) > 1:
+        others = ", ".join(_describe_series(uid, *series[uid]) for uid in series if uid != chosen)
+        logger.warning(
+            "%s holds %d DICOM series; reading %s. Not read: %s.",
+            folder,
+            len(series),
+            _describe_series(chosen, *series[chosen]),
+            others,
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(series[chosen][0])
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise ImageError(f"{folder}: the DICOM series cannot be read ({_itk_reason(err)}).") from err
+    return _clean_direction(image)
+
+
+def _dicom_tag(file: str, tag: str) -> str:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def _describe_series(uid: str, files: Sequence[str], modality: str, description: str) -> str:
+    return f"series {uid or '(no UID)'} ({modality or '?'}, {len(files)} files, {description or 'no description'!r})"
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise ImageError if a NIfTI file holds less voxel data than its header declares.
+
+    ITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros).
+    """
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            header = stream.read(540)
+            expected = _nifti_expected_bytes(header)
+            if expected is None:
+                return  # not NIfTI-1/2: let the reader report it
+            actual = len(header) if compressed else path.stat().st_size
+            # Decompress to the end: gzip raises on a cut stream, and the byte count shows a cut image.
+            while compressed and (chunk := stream.read(1 << 22)):
+                actual += len(chunk)
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise ImageError(
+            f"{path}: the file is truncated or damaged ({err}). Copy or export the image again."
+        ) from err
+    if actual < expected:
+        raise ImageError(
+            f"{path}: the file is truncated ({actual} of {expected} bytes). Copy or export the image again."
+        )
+
+
+def _nifti_expected_bytes(header: bytes) -> int | None:
+    """File size (uncompressed) that a NIfTI-1 or NIfTI-2 header declares, or None if not NIfTI."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dims[0] <= 7:
+        return None
+    return offset + int(np.prod([max(int(n), 1) for n in dims[1 : dims[0] + 1]])) * bitpix // 8
+
+
+def _itk_reason(err: RuntimeError) -> str:
+    """The informative last line of an ITK exception message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def _clean_direction(image: sitk.Image) -> sitk.Image:
+    """Snap direction cosines within 1e-12 of -1, 0 or 1 (reader round-off), so that write -> read is exact."""
+    direction = np.array(image.GetDirection())
+    snapped = np.round(direction)
+    image.SetDirection(tuple(np.where(np.abs(direction - snapped) < _DIRECTION_SNAP, snapped, direction)))
+    return image
+
+
+def _to_label_array(array: np.ndarray, path: Path) -> np.ndarray:
+    """Integer label values as uint8 (uint16 when needed), or ImageError."""
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ImageError(
+                f"{path}: a label map must hold whole numbers, but it has fractional, NaN or infinite values. "
+                "Is this an image rather than a label map?"
+            )
+    low, high = array.min(), array.max()
+    if low < 0 or high > np.iinfo(np.uint16).max:
+        raise ImageError(
+            f"{path}: label values must be within 0..65535, got {low:g}..{high:g}. Is this an image rather "
+            "than a label map?"
+        )
+    return array.astype(np.uint8 if high < 256 else np.uint16)
+
+
+def _grid_differences(volume: Volume, other: Volume, tol: float) -> list[str]:
+    """Human-readable differences between two grids (empty if they match)."""
+    differences = []
+    if volume.shape != other.shape:
+        differences.append(f"size {_xyz(volume.shape[::-1])} vs {_xyz(other.shape[::-1])} voxels")
+    voxel = min(min(volume.spacing), min(other.spacing))
+    if not np.allclose(volume.spacing, other.spacing, rtol=tol, atol=0):
+        differences.append(f"spacing {_xyz(volume.spacing)} vs {_xyz(other.spacing)} mm")
+    if not np.allclose(volume.origin, other.origin, rtol=0, atol=tol * voxel):
+        differences.append(f"origin {_xyz(volume.origin)} vs {_xyz(other.origin)} mm (LPS)")
+    if not np.allclose(volume.direction, other.direction, rtol=0, atol=tol):
+        differences.append(f"direction {_xyz(volume.direction)} vs {_xyz(other.direction)}")
+    return differences
+
+
+def _xyz(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _volume(image: sitk.Image, array: np.ndarray) -> Volume:
+    return Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+
+def _to_sitk(volume: Volume) -> sitk.Image:
+    import SimpleITK as sitk
+
+    array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction)
+    return image
+
+
+def _check_write_suffix(path: Path, *, allow_segmentation: bool) -> str:
+    suffixes = _WRITE_SUFFIXES if allow_segmentation else _WRITE_SUFFIXES[1:]
+    name = path.name.lower()
+    for suffix in suffixes:
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"{path}: cannot write this file type; use one of {', '.join(suffixes)}.")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the destination folder, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name ends with the final name, so the writer picks the same format; the writer
+    # creates it, so it gets the usual permissions.
+    tmp = path.with_name(f".scdl-tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _segmentation_header(segments: Sequence[Label], table: LabelTable, shape: Sequence[int]) -> dict[str, str]:
+    """Slicer segmentation header fields (``Segment{i}_*``, ``Segmentation_*``) for a single-layer map."""
+    depth, height, width = shape
+    header = {
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    }
+    for index, label in enumerate(segments):
+        prefix = f"Segment{index}_"
+        header.update(
+            {
+                prefix + "ID": label.name,
+                prefix + "Name": label.display_name,
+                prefix + "NameAutoGenerated": "0",
+                prefix + "Color": " ".join(f"{c / 255:.6g}" for c in label.color),
+                prefix + "ColorAutoGenerated": "0",
+                prefix + "LabelValue": str(label.value),
+                prefix + "Layer": "0",
+                prefix + "Extent": f"0 {width - 1} 0 {height - 1} 0 {depth - 1}",
+                # Slicer requires the trailing "|".
+                prefix + "Tags": f"TerminologyEntry:{table.terminology_string(label)}|",
+            }
+        )
+    return header
+
+
+def _segment_fields(image: sitk.Image) -> dict[int, dict[str, str]]:
+    """``Segment{i}_{field}`` header entries grouped by segment index."""
+    fields: dict[int, dict[str, str]] = {}
+    for key in image.GetMetaDataKeys():
+        match = re.fullmatch(r"Segment(\d+)_(\w+)", key)
+        if match:
+            fields.setdefault(int(match[1]), {})[match[2]] = image.GetMetaData(key)
+    return fields
+
+
+def _match_segment(segment: dict[str, str], table: LabelTable) -> Label | None:
+    """The table's organ of a Slicer segment: by terminology type code, then by name."""
+    for tag in segment.get("Tags", "").split("|"):
+        key, _, value = tag.partition(":")
+        if key == "TerminologyEntry":
+            items = value.split("~")
+            type_code = items[2].split("^")[1] if len(items) > 2 and items[2].count("^") == 2 else ""
+            for label in table.labels:
+                if type_code and type_code == label.snomed_code:
+                    return label
+    name = _normalise_name(segment.get("Name", ""))
+    for label in table.labels:
+        if name in (_normalise_name(label.name), _normalise_name(label.display_name)):
+            return label
+    return None
+
+
+def _normalise_name(name: str) -> str:
+    return " ".join(re.split(r"[\s_\-]+", name.strip().lower()))
+
+
+def _float_tuple(values: Sequence[float], length: int, what: str) -> tuple[float, ...]:
+    result = tuple(float(v) for v in values)
+    if len(result) != length:
+        raise ValueError(f"Volume {what} must have {length} values, got {len(result)}: {result}.")
+    return result
