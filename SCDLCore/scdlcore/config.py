@@ -11,7 +11,7 @@ A config file has up to six sections, each optional, every key optional (default
 
 Unknown keys and bad values are refused with the file, the key and the closest valid name. Relative
 paths in ``data`` are resolved against the config file's folder. :func:`config_reference` prints
-every key with its default and meaning (``scdl train --print-config``).
+every key with its default (``scdl train --print-config``); the comments in this module give their meaning.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU: fp32)
     channels_last: bool = True  # channels_last_3d memory format on CUDA (the fast cuDNN kernels)
-    compile: bool = False  # torch.compile the networks
+    compile: bool = True  # torch.compile the networks (CUDA only; fuses norm/activation passes, ~1.3x)
     deterministic: bool = False  # deterministic cuDNN (the slow reference setting)
 
     def __post_init__(self) -> None:
@@ -265,8 +265,10 @@ def config_reference() -> str:
 
 
 def _build(cls: type, data: Any, source: str, where: str) -> Any:
+    if data is None:  # a section whose keys are all commented out: its defaults
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: section {where or 'top level'!r} must be a mapping, got {data!r}.")
+        raise ConfigError(f"{source}: section {where.rstrip('.') or 'top level'!r} must be a mapping, got {data!r}.")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -298,7 +300,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}.")
         return value
     if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and float(value) != int(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{source}: {key} must be {'an integer' if hint is int else 'a number'}, got {value!r}.")
         return hint(value)
     if hint is str:

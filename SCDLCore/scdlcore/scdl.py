@@ -47,7 +47,7 @@ class SCDLModule(nn.Module):
         tau_e2p: temperature of the embedding-to-proxy softmax (over classes).
         tau_p2e: temperature of the proxy-to-embedding softmax.
         p2e: ``"tokens"``: softmax over the tokens of a sample, a real proxy->embedding distribution (default);
-            ``"classes"``: over classes, as the released code does (then p2e equals e2p and the KL is 0).
+            ``"classes"``: over classes, as the released code does (with tau_p2e == tau_e2p, p2e equals e2p and the KL is 0).
         distance_weight: weight of the distance term inside the proxy loss.
         proxy_weight, sac_weight, kl_weight: weights of L_proxy, L_sac, L_kl in the total.
         unlabeled: also apply the proxy loss to unlabeled tokens, weighted by the detached agreement b.
@@ -81,8 +81,12 @@ class SCDLModule(nn.Module):
             raise ValueError(f"p2e must be one of {P2E_MODES}, got {p2e!r}.")
         if anchor not in ANCHOR_MODES:
             raise ValueError(f"anchor must be one of {ANCHOR_MODES}, got {anchor!r}.")
-        if grid < 1 or num_samples < 1 or tau_e2p <= 0 or tau_p2e <= 0:
-            raise ValueError("grid and num_samples must be >= 1 and temperatures > 0.")
+        for name, value, minimum in (("width", width, 1), ("num_classes", num_classes, 2), ("grid", grid, 1), ("num_samples", num_samples, 1)):
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+        for name, value in (("tau_e2p", tau_e2p), ("tau_p2e", tau_p2e)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}.")
         self.grid, self.num_classes, self.num_samples = grid, num_classes, num_samples
         self.tau_e2p, self.tau_p2e, self.p2e = tau_e2p, tau_p2e, p2e
         self.distance_weight, self.proxy_weight, self.sac_weight, self.kl_weight = (

@@ -32,8 +32,12 @@ class VNet(nn.Module):
         super().__init__()
         if norm not in ("batch", "instance"):
             raise ValueError(f"norm must be 'batch' or 'instance', got {norm!r}.")
-        if width < 1 or num_classes < 2 or in_channels < 1:
-            raise ValueError(f"Need width >= 1, num_classes >= 2, in_channels >= 1; got {width}, {num_classes}, {in_channels}.")
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}.")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background included), got {num_classes}.")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
         self.in_channels, self.num_classes, self.width, self.norm = in_channels, num_classes, width, norm
         widths = [width * 2**i for i in range(5)]
 

@@ -60,6 +60,10 @@ class SSLBase(nn.Module, abc.ABC):
         self.ce_loss = GACELoss(top_k=top_k)
         self.pseudo_ce_loss = GACELoss(top_k=1.0)
 
+    def forward(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
+        """The training losses (``forward`` so that DistributedDataParallel can wrap the base)."""
+        return self.training_losses(batch, progress)
+
     def inference_networks(self) -> list[nn.Module]:
         return list(self.networks)  # type: ignore[attr-defined]
 
@@ -68,7 +72,7 @@ class SSLBase(nn.Module, abc.ABC):
         """Losses of one step; ``progress`` = step / total steps. Returns a dict whose "total" is minimised."""
 
     def after_optimizer_step(self, step: int) -> None:
-        """Hook for bases that keep state outside the optimiser (Mean Teacher's EMA)."""
+        """Hook for bases that keep state outside the optimiser (Mean Teacher's EMA); ``step`` counts steps taken (1 after the first)."""
 
     def supervised_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """GACE(top-k) + GADice on the labeled part of ``logits (B, C, D, H, W)``."""
