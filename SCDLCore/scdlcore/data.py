@@ -227,9 +227,7 @@ def _crop_volume(volume, crop):
     start = np.array([s.start for s in crop][::-1], dtype=float)  # (x, y, z) index of the new first voxel
     direction = np.array(volume.direction, dtype=float).reshape(3, 3)
     origin = np.array(volume.origin) + direction @ (start * np.array(volume.spacing))
-    cropped = volume.with_array(np.ascontiguousarray(volume.array[crop]))
-    cropped.origin = tuple(float(v) for v in origin)
-    return cropped
+    return type(volume)(np.ascontiguousarray(volume.array[crop]), volume.spacing, tuple(origin), volume.direction)
 
 
 def _partial_valid(classes: np.ndarray, reviewed: list[int], spacing: Sequence[float]) -> np.ndarray:

@@ -1,0 +1,525 @@
+"""The trainer: one loop of named steps over a semi-supervised base, driven by one :class:`Config`.
+
+Runs on CPU, one GPU, or several under ``torchrun`` (DDP; gloo on CPU, NCCL on CUDA; each rank draws
+different patches, rank 0 validates and writes). Checkpoints are single safetensors files written
+atomically (no pickle): weights, optimiser momentum and RNG state as tensors, everything else as JSON
+metadata. ``resume=True`` continues at the saved step with the same optimiser, scheduler, EMA and RNG
+state; since patches and augmentations are drawn from (seed, rank, step), the resumed run follows the
+uninterrupted one. SIGINT/SIGTERM (or ``cancel``) stop after the current step with a checkpoint written.
+
+Output folder::
+
+    checkpoints/last.safetensors, checkpoints/best.safetensors
+    history.jsonl        one JSON object per logged step / validation
+    curves.png           loss and validation Dice curves
+    model/               the best checkpoint exported as a model bundle
+    cache/               preprocessed volumes (unless data.cache_dir says otherwise)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .data import Augmenter, PatchSampler, PreparedCase, prepare_dataset
+from .dataset import Dataset, DatasetError, load_dataset
+from .events import Progress
+from .ssl import Batch, SSLBase, build_base
+
+__all__ = ["Trainer", "TrainResult", "load_checkpoint_weights", "optimisation_step", "resolve_device", "split_validation"]
+
+_log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "scdl-checkpoint-1"
+LOG_EVERY = 10
+
+
+@dataclass
+class TrainResult:
+    """What a run ended with. ``status``: "completed" or "cancelled"."""
+
+    status: str
+    step: int
+    best_mean_dice: float | None
+    best_step: int | None
+    output: Path
+    bundle: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> the local CUDA device when one exists (its LOCAL_RANK under torchrun), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA was requested (device 'cuda') but torch sees no GPU; use --device cpu.")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def split_validation(dataset: Dataset, config: Config) -> tuple[list, list, list]:
+    """(train_labeled, validation, unlabeled) cases. Validation: data.val_cases, else the last num_val_cases labeled."""
+    labeled = sorted(dataset.labeled, key=lambda c: c.id)
+    if not labeled:
+        raise DatasetError(
+            f"Dataset {dataset.root} has no labeled case ({len(dataset.cases)} cases, none with a label map): "
+            "SCDL needs at least one labeled case to train."
+        )
+    if config.data.val_cases:
+        validation = [dataset.case(case_id) for case_id in config.data.val_cases]
+        if any(not case.is_labeled for case in validation):
+            raise DatasetError(f"Validation cases {config.data.val_cases} must be labeled cases of {dataset.root}.")
+    else:
+        validation = labeled[len(labeled) - config.data.num_val_cases :] if config.data.num_val_cases else []
+    train_labeled = [case for case in labeled if case not in validation]
+    if not train_labeled:
+        raise DatasetError(f"Dataset {dataset.root}: every labeled case is held out for validation; none is left to train on.")
+    return train_labeled, validation, dataset.unlabeled
+
+
+class Trainer:
+    """Trains ``config`` into ``output``.
+
+    Args:
+        config: the whole run's configuration (data.dataset must name a dataset folder).
+        output: the run's folder (created).
+        json_events: progress as JSON lines on stdout instead of a tqdm bar.
+        resume: continue from ``output/checkpoints/last.safetensors``.
+        cancel: set it (from another thread) to stop after the current step; SIGINT/SIGTERM set it too.
+        init_weights: safetensors state dict of the base's networks to start from (fine-tuning), or None.
+        bundle_meta: fields of the exported bundle's model.json that override the defaults (name, lineage...).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        output: str | Path,
+        *,
+        json_events: bool = False,
+        resume: bool = False,
+        cancel: threading.Event | None = None,
+        init_weights: dict[str, torch.Tensor] | None = None,
+        bundle_meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.config, self.output = config, Path(output)
+        self.json_events, self.resume, self.cancel = json_events, resume, cancel or threading.Event()
+        self.init_weights, self.bundle_meta = init_weights, bundle_meta or {}
+        self.rank, self.world_size = _distributed_rank()
+        self.device = resolve_device(config.train.device)
+        self.history: list[dict[str, Any]] = []
+        self.best_mean_dice: float | None = None
+        self.best_step: int | None = None
+        self.step = 0
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        with _distributed(self.device, self.world_size), _stop_on_signals(self.cancel):
+            self.setup()
+            progress = Progress(self.config.train.steps, "train", json_lines=self.json_events, enabled=self.is_main,
+                                initial=self.step)
+            try:
+                while self.step < self.config.train.steps and not self.cancel.is_set():
+                    losses = self.train_step()
+                    self.step += 1
+                    self.after_step(losses, progress)
+                cancelled = self.step < self.config.train.steps
+                self.save_checkpoint()
+                bundle = None if cancelled else self.finish()
+            finally:
+                progress.close()
+            status = "cancelled" if cancelled else "completed"
+            if self.is_main:
+                progress.emit("result" if not cancelled else "cancelled", status=status, step=self.step,
+                              best_mean_dice=self.best_mean_dice, best_step=self.best_step,
+                              bundle=None if bundle is None else str(bundle))
+            return TrainResult(status, self.step, self.best_mean_dice, self.best_step, self.output, bundle, self.history)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def setup(self) -> None:
+        """Data, model, optimiser, and the checkpoint to resume from."""
+        config = self.config
+        if not config.data.dataset:
+            raise ValueError("The config names no dataset folder (data.dataset).")
+        dataset = load_dataset(config.data.dataset)
+        self.table = dataset.table
+        train_cases, val_cases, unlabeled_cases = split_validation(dataset, config)
+        self.output.mkdir(parents=True, exist_ok=True)
+        cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.output / "cache"
+        with _main_first(self.is_main, self.world_size):
+            labeled = prepare_dataset(dataset, train_cases, config.data, cache_dir)
+            self.validation = prepare_dataset(dataset, val_cases, config.data, cache_dir)
+            unlabeled = prepare_dataset(dataset, unlabeled_cases, config.data, cache_dir)
+        self.data_fingerprint = _fingerprint([c.id for c in train_cases + val_cases + unlabeled_cases], cache_dir)
+        self.sampler = PatchSampler(labeled, unlabeled, config.train.patch_size, config.train.labeled_batch,
+                                    config.train.unlabeled_batch, config.train.rare_class_prob, config.train.seed, self.rank)
+        self.augmenter = Augmenter(config.augment, config.train.seed, self.rank)
+
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        self.base = build_base(config, dataset.table.num_classes).to(self.device)
+        if self.init_weights is not None:
+            missing = self.base.load_state_dict(self.init_weights, strict=False).missing_keys
+            _log.info("Initialised from given weights; %d parameters kept their fresh values.", len(missing))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = not config.train.deterministic
+            torch.backends.cudnn.deterministic = config.train.deterministic
+            if config.train.channels_last:
+                self.base.to(memory_format=torch.channels_last_3d)
+        if config.train.compile and self.device.type == "cuda":
+            for network in self.base.networks:
+                network.compile()
+        self.model: nn.Module = self.base
+        if self.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.base, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        trainable = [p for p in self.base.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(trainable, lr=config.train.lr, momentum=config.train.momentum,
+                                         weight_decay=config.train.weight_decay)
+        total, power = config.train.steps, config.train.poly_power
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(1.0 - s / total, 0.0) ** power)
+        if self.resume:
+            self.load_checkpoint(self.output / "checkpoints" / "last.safetensors")
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step on the batch of ``self.step``; returns the losses as floats."""
+        self.model.train()
+        torch.manual_seed(_step_seed(self.config.train.seed, self.rank, self.step))  # dropout, proxy samples
+        arrays = self.sampler.batch(self.step)
+        images = torch.from_numpy(arrays["image"]).to(self.device)
+        labels = torch.from_numpy(arrays["labels"]).to(self.device)
+        valid = torch.from_numpy(arrays["valid"]).to(self.device)
+        images, labels, valid = self.augmenter(images, labels, valid, self.step)
+        if self.device.type == "cuda" and self.config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        batch = Batch(images, labels, None if bool(valid.all()) else valid)
+        losses = optimisation_step(self.model, self.optimizer, batch, self.step / self.config.train.steps, amp=self._amp)
+        self.scheduler.step()
+        self.base.after_optimizer_step(self.step + 1)  # optimiser steps taken so far
+        values = {name: float(value) for name, value in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"Non-finite loss at step {self.step}: {values}. Lower train.lr or check the data.")
+        return values
+
+    def after_step(self, losses: dict[str, float], progress: Progress) -> None:
+        """Logging, validation and checkpoints at their cadences."""
+        train = self.config.train
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.step % LOG_EVERY == 0 or self.step == train.steps:
+            self._record({"event": "train", "step": self.step, "lr": lr, **losses})
+        progress.update(self.step, losses=losses, lr=lr)
+        if train.val_every and (self.step % train.val_every == 0 or self.step == train.steps) and self.validation:
+            dice = self.validate()
+            if dice is not None and self.is_main:
+                progress.emit("validation", step=self.step, dice=dice["organs"], mean_dice=dice["mean"])
+        if self.step % train.checkpoint_every == 0 and self.step < train.steps:
+            self.save_checkpoint()
+
+    # --- validation -------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any] | None:
+        """Mean Dice per organ over the validation cases (model grid); rank 0 computes, every rank waits."""
+        result = None
+        if self.is_main:
+            organs = {name: [] for name in self.table.names}
+            for case in self.validation:
+                predicted = self.predict_prepared(case)
+                for index, name in enumerate(self.table.names, start=1):
+                    score = _dice(predicted == index, case.classes == index, case.valid)
+                    if score is not None:
+                        organs[name].append(score)
+            per_organ = {name: float(np.mean(v)) for name, v in organs.items() if v}
+            mean = float(np.mean(list(per_organ.values()))) if per_organ else float("nan")
+            result = {"organs": per_organ, "mean": mean}
+            self._record({"event": "validation", "step": self.step, "mean_dice": mean, "dice": per_organ})
+            if self.best_mean_dice is None or mean > self.best_mean_dice:
+                self.best_mean_dice, self.best_step = mean, self.step
+                self.save_checkpoint("best")
+        _barrier(self.world_size)
+        return result
+
+    @torch.no_grad()
+    def predict_prepared(self, case: PreparedCase) -> np.ndarray:
+        """Class map (D, H, W) of a prepared image with the inference networks (mean of logits)."""
+        from monai.inferers import sliding_window_inference
+
+        networks = self.base.inference_networks()
+        for network in networks:
+            network.eval()
+        image = torch.from_numpy(case.image.astype(np.float32))[None, None].to(self.device)
+
+        def logits(patch: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+                return torch.stack([network(patch)[0].float() for network in networks]).mean(dim=0)
+
+        output = sliding_window_inference(image, self.config.train.patch_size, 2, logits, overlap=0.5, mode="gaussian")
+        return output.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self, name: str = "last") -> Path | None:
+        """Atomically write ``checkpoints/<name>.safetensors`` (rank 0 only)."""
+        if not self.is_main:
+            return None
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in self.base.state_dict().items()}
+        optimizer_state = self.optimizer.state_dict()
+        for index, state in optimizer_state["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{index}.{key}"] = value.detach().contiguous().cpu()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": self.config.to_dict(),
+            "param_groups": optimizer_state["param_groups"],
+            "scheduler": self.scheduler.state_dict(),
+            "best_mean_dice": self.best_mean_dice,
+            "best_step": self.best_step,
+        }
+        path = self.output / "checkpoints" / f"{name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, temp, metadata={"scdl": json.dumps(meta)})
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore weights, optimiser, scheduler, RNG, step and best score from a checkpoint."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise FileNotFoundError(f"Cannot resume: no checkpoint at {path}. Start without --resume, or check --output.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads(handle.metadata()["scdl"])
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise ValueError(f"Checkpoint {path} is damaged or not an SCDL checkpoint: {err}") from err
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an SCDL checkpoint (format {meta.get('format')!r}).")
+        self.base.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.to(self.device)
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+        self.best_mean_dice, self.best_step = meta["best_mean_dice"], meta["best_step"]
+        self.history = _read_history(self.output / "history.jsonl", up_to_step=self.step)
+        _log.info("Resumed %s at step %d.", path, self.step)
+
+    # --- the end of a run -------------------------------------------------------------------------------
+    def finish(self) -> Path | None:
+        """Curves PNG and the bundle of the best (else last) weights; rank 0 only."""
+        if not self.is_main:
+            return None
+        plot_curves(self.history, self.output / "curves.png")
+        best = self.output / "checkpoints" / "best.safetensors"
+        if best.is_file():
+            self.base.load_state_dict(load_checkpoint_weights(best))
+        return self.export_bundle(self.output / "model")
+
+    def export_bundle(self, path: Path) -> Path:
+        from .bundle import save_bundle
+
+        config = self.config
+        metrics = {"validation_mean_dice": self.best_mean_dice, "validation_step": self.best_step}
+        last_validation = next((h for h in reversed(self.history) if h["event"] == "validation" and h["step"] == self.best_step), None)
+        if last_validation is not None:
+            metrics["validation_dice"] = last_validation["dice"]
+        meta = {
+            "name": "scdl-model",
+            "labels": self.table.to_dict(),
+            "spacing": list(config.data.spacing),
+            "hu_window": list(config.data.hu_window),
+            "patch_size": list(config.train.patch_size),
+            "base": config.ssl.base,
+            "scdl": config.to_dict()["scdl"] if config.scdl.enabled else None,
+            "lineage": {"parent": None, "data_fingerprint": self.data_fingerprint, "steps": self.step,
+                        "trained_on": str(config.data.dataset)},
+            "metrics": metrics,
+            **self.bundle_meta,
+        }
+        return save_bundle(path, self.base.inference_networks(), **meta)
+
+    # --- helpers ----------------------------------------------------------------------------------------
+    @property
+    def _amp(self) -> bool:
+        return self.config.train.amp and self.device.type == "cuda"
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.history.append(entry)
+        from .events import to_jsonable
+
+        with open(self.output / "history.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(to_jsonable(entry)) + "\n")
+
+
+def optimisation_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, progress: float, *, amp: bool
+) -> dict[str, torch.Tensor]:
+    """Forward (bf16 autocast when ``amp``), backward and one optimiser step; returns the detached losses.
+
+    ``model`` is the base (or its DDP wrapper) whose forward returns the loss dict. The speed benchmark times
+    exactly this function.
+    """
+    device_type = batch.images.device.type
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=amp):
+        losses = model(batch, progress)
+    optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def load_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The base's state dict stored in a checkpoint (safetensors, no pickle)."""
+    from safetensors.torch import load_file
+
+    return {k[6:]: v for k, v in load_file(str(path)).items() if k.startswith("model.")}
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss curves (left) and validation Dice (right) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h["event"] == "train"]
+    validation = [h for h in history if h["event"] == "validation"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({k for h in train for k in h if k not in ("event", "step", "lr")})
+    for name in names:
+        left.plot([h["step"] for h in train], [h.get(name) for h in train], label=name, linewidth=1)
+    left.set(xlabel="step", ylabel="loss", title="Training losses", yscale="log")
+    left.legend(fontsize=7)
+    if validation:
+        right.plot([h["step"] for h in validation], [h["mean_dice"] for h in validation], "k-o", label="mean", markersize=3)
+        organs = sorted({k for h in validation for k in h["dice"]})
+        for organ in organs:
+            right.plot([h["step"] for h in validation], [h["dice"].get(organ) for h in validation], linewidth=0.8, label=organ)
+        right.legend(fontsize=6, ncol=2)
+    right.set(xlabel="step", ylabel="Dice", title="Validation Dice (model grid)", ylim=(0, 1))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _dice(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None) -> float | None:
+    if valid is not None:
+        pred, ref = pred & valid, ref & valid
+    total = int(pred.sum()) + int(ref.sum())
+    return None if total == 0 or not ref.any() else 2.0 * int((pred & ref).sum()) / total
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.default_rng([seed, rank, step, 3]).integers(2**62))
+
+
+def _fingerprint(case_ids: list[str], cache_dir: Path) -> str:
+    import hashlib
+
+    keys = sorted(p.name for p in cache_dir.glob("*.npz")) if cache_dir.is_dir() else []
+    return hashlib.sha256(json.dumps([sorted(case_ids), keys]).encode()).hexdigest()[:16]
+
+
+def _read_history(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """History up to the resumed step; later entries (logged after that checkpoint) are dropped from the file too."""
+    if not path.is_file():
+        return []
+    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [entry for entry in entries if entry["step"] <= up_to_step]
+    if len(kept) != len(entries):
+        path.write_text("".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8")
+    return kept
+
+
+def _distributed_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextmanager
+def _distributed(device: torch.device, world_size: int) -> Iterator[None]:
+    """Join the torchrun process group for the run (gloo on CPU, NCCL on CUDA)."""
+    if world_size <= 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def _main_first(is_main: bool, world_size: int) -> Iterator[None]:
+    """Rank 0 runs the block first (it fills the cache), the others after it."""
+    if not is_main:
+        _barrier(world_size)
+    yield
+    if is_main:
+        _barrier(world_size)
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextmanager
+def _stop_on_signals(cancel: threading.Event) -> Iterator[None]:
+    """SIGINT/SIGTERM set ``cancel`` (the loop then stops cleanly); handlers only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Callable | int | None] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        _log.warning("Signal %d received: stopping after this step and writing a checkpoint.", signum)
+        cancel.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
