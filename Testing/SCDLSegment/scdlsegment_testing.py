@@ -1,0 +1,34 @@
+"""Paths and helpers shared by the SCDLSegment (3D Slicer module) tests.
+
+Importing this module puts the module's Slicer-free helpers (``SCDLSegment/SCDLSegmentLib``) and
+the engine package on ``sys.path``; the engine itself is replaced by ``fake_engine.py``, a real
+child process that speaks the engine's protocols.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["FAKE_ENGINE", "MODULE_DIR", "REPO_ROOT", "TESTS_DIR", "wait_until"]
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parents[1]
+MODULE_DIR = REPO_ROOT / "SCDLSegment"
+FAKE_ENGINE = TESTS_DIR / "fake_engine.py"
+
+for _path in (MODULE_DIR, REPO_ROOT / "SCDLCore"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+
+def wait_until(condition: Callable[[], bool], poll: Callable[[], object] = lambda: None, timeout: float = 15.0) -> None:
+    """Call ``poll`` (the panel's QTimer tick) until ``condition`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        poll()
+        time.sleep(0.01)

@@ -1,0 +1,419 @@
+"""SCDLSegment.py run headless: against the slicer/qt/ctk/vtk STAND-IN of slicer_standin.py
+(not Slicer) and fake_engine.py (a real child process speaking the engine's protocols)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import types
+
+import nrrd
+import numpy as np
+import pytest
+from scdlsegment_testing import wait_until
+from scdlcore.labels import SYNAPSE13
+from slicer_standin import SlicerStandIn
+from SCDLSegmentLib.dependencies import RequirementStatus
+from SCDLSegmentLib.labelmap import ORGAN_TAG
+from SCDLSegmentLib.settings import Device
+
+LIVER, SPLEEN = 6, 1
+
+
+@pytest.fixture
+def standin(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the default dataset folder lives in the home folder
+    return SlicerStandIn(tmp_path / "slicer-temp", environment=dict(os.environ))
+
+
+@pytest.fixture
+def module(standin, monkeypatch):
+    standin.install(monkeypatch)
+    return standin.import_module()
+
+
+@pytest.fixture
+def logic(module, standin, fake_engine):
+    logic = module.SCDLSegmentLogic(engine=fake_engine, settingsStore=standin.settings)
+    yield logic
+    logic.shutdown()
+
+
+def add_ct(standin, name="CT"):
+    """A (D, H, W) = (6, 7, 8) CT, 0.7 x 0.8 x 2.5 mm, left-right flipped axes, off-centre origin."""
+    image = np.full((6, 7, 8), -1000, dtype=np.int16)
+    image[1:4, 2:5, 1:4] = 200  # liver by the fake engine's rule
+    image[2:5, 1:3, 5:7] = 100  # spleen
+    ijk_to_ras = np.array([[-0.7, 0, 0, 40.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 100.0], [0, 0, 0, 1]])
+    return standin.scene.AddNode(standin.modules["slicer"].vtkMRMLScalarVolumeNode(name, image, ijk_to_ras))
+
+
+def user_segmentation(standin, volume):
+    node = standin.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "review")
+    segment_id = node.GetSegmentation().AddEmptySegment("note", "My note", (1.0, 1.0, 0.0))
+    note = np.zeros(volume.array.shape, dtype=np.uint8)
+    note[0, 0, :3] = 1
+    node.GetSegmentation().GetSegment(segment_id).mask = note
+    return node, segment_id, note
+
+
+def test_module_metadata(module):
+    parent = types.SimpleNamespace()
+    module.SCDLSegment(parent)
+    assert parent.title == "SCDL Segment"
+    assert parent.categories == ["Segmentation"]
+    assert "Segment" in parent.helpText and parent.acknowledgementText
+
+
+def test_segment_writes_one_segment_per_organ_on_the_input_grid_and_keeps_user_segments(logic, module, standin):
+    volume = add_ct(standin)
+    segmentation_node, note_id, note = user_segmentation(standin, volume)
+    segments_at_undo = []
+
+    outcome = logic.segment(
+        volume, "starter", Device.CPU, segmentationNode=segmentation_node, timeout_s=30,
+        beforeModify=lambda node, vol: segments_at_undo.append((node, vol, node.GetSegmentation().GetNumberOfSegments())),
+    )
+
+    assert outcome.error is None and not outcome.cancelled and outcome.segmentationNode is segmentation_node
+    segmentation = segmentation_node.GetSegmentation()
+    segments = {segment.name: segment for segment in module.existingSegments(segmentation_node)}
+    assert len(segments) == 14  # 13 organs + the user's note
+    for label in SYNAPSE13.labels:
+        segment = segmentation.GetSegment(segments[label.display_name].segment_id)
+        assert segments[label.display_name].organ == label.name
+        assert segment.GetTerminology() == SYNAPSE13.terminology_string(label)
+        assert segment.GetColor() == pytest.approx(tuple(c / 255 for c in label.color))
+    image = volume.array
+    liver = segmentation.GetSegment(segments["Liver"].segment_id).mask
+    np.testing.assert_array_equal(liver, (image > 150).astype(np.uint8))
+    np.testing.assert_array_equal(segmentation.GetSegment(segments["Spleen"].segment_id).mask,
+                                  ((image > 50) & (image <= 150)).astype(np.uint8))
+    assert not segmentation.GetSegment(segments["Pancreas"].segment_id).mask.any()
+    np.testing.assert_array_equal(segmentation.GetSegment(note_id).mask, note)  # the user's segment is untouched
+    assert segmentation.GetSegment(note_id).tags.get(ORGAN_TAG) is None
+    assert segments_at_undo == [(segmentation_node, volume, 1)]  # one undo state, before any organ was written
+    assert segmentation_node.GetNodeReferenceID("referenceImageGeometryRef") == volume.GetID()
+    assert segmentation_node.reference_geometry_volume is volume
+    assert outcome.volumes_ml["liver"] == pytest.approx(27 * 0.7 * 0.8 * 2.5 / 1000)
+    assert [path.endswith("SCDLSegment-synapse13.term.json") for path in standin.terminology_files] == [True]
+    assert not list(standin.temp_root.glob("SCDLSegment-[0-9]*"))  # temporary files removed
+    assert [node.className for node in standin.scene.nodes].count("vtkMRMLLabelMapVolumeNode") == 0
+
+    ids_before = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    again = logic.segment(volume, "starter", Device.CPU, segmentationNode=segmentation_node, timeout_s=30)
+    assert again.error is None
+    assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ids_before
+    assert len(standin.terminology_files) == 1  # loaded once
+
+
+def test_a_new_segmentation_is_named_after_the_volume(logic, standin):
+    volume = add_ct(standin, name="Abdomen CT")
+    outcome = logic.segment(volume, "starter", Device.CPU, organs=["spleen", "liver"], timeout_s=30)
+    assert outcome.segmentationNode.GetName() == "Abdomen CT segmentation"
+    names = [outcome.segmentationNode.GetSegmentation().GetSegment(i).name
+             for i in outcome.segmentationNode.GetSegmentation().segments]
+    assert names == ["Spleen", "Liver"]
+
+
+def test_a_result_on_another_grid_is_refused(logic, standin, tmp_path):
+    volume = add_ct(standin)
+    path = tmp_path / "shifted.nrrd"
+    nrrd.write(str(path), np.zeros(volume.array.shape, np.uint8),
+               {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.8, 2.5]),
+                "space origin": np.zeros(3)}, index_order="C")
+    nodes_before = list(standin.scene.nodes)
+    with pytest.raises(ValueError, match="not on the grid of the volume 'CT'"):
+        logic.importLabelmap(path, volume)
+    assert standin.scene.nodes == nodes_before
+
+
+def test_cancel_stops_a_running_segmentation(logic, standin):
+    volume = add_ct(standin)
+    stages, outcomes = [], []
+    logic.startSegmentation(volume, "slow", Device.CPU, onProgress=lambda stage, f: stages.append(stage),
+                            onDone=outcomes.append)
+    wait_until(lambda: "preprocess" in stages, logic.poll)
+    logic.cancelSegmentation()
+    wait_until(lambda: bool(outcomes), logic.poll)
+
+    assert outcomes[0].cancelled and outcomes[0].error is None and outcomes[0].segmentationNode is None
+    assert stages[:2] == ["export", "start"] and "cancel" in stages
+    assert logic.worker.running  # cancelled by the protocol: the model stays loaded
+    assert not logic.segmentationRunning
+
+
+def test_an_engine_crash_becomes_a_message_not_a_traceback(logic, standin):
+    outcome = logic.segment(add_ct(standin), "crash", Device.CPU, timeout_s=30)
+    assert "exit code 3" in outcome.error and "CUDA out of memory (simulated)" in outcome.error
+    assert "Traceback" not in outcome.error
+    assert outcome.segmentationNode is None
+
+
+def test_submitted_case_has_fixed_label_values_on_the_volume_grid(logic, module, standin, tmp_path):
+    volume = add_ct(standin)
+    segmentation_node = logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode
+    segmentation = segmentation_node.GetSegmentation()
+    liver_id = next(segment.segment_id for segment in module.existingSegments(segmentation_node) if segment.organ == "liver")
+    segmentation.GetSegment(liver_id).SetName("Liver (edited)")  # renamed: still found by its tag
+    segmentation.GetSegment(liver_id).mask[0, 0, 0] = 1  # a correction
+    tumour = segmentation.AddEmptySegment("tumour", "Tumour", (1, 0, 0))
+    segmentation.GetSegment(tumour).mask = np.ones(volume.array.shape, np.uint8)  # not an organ: not exported
+    dataset = tmp_path / "dataset"
+
+    result = logic.submitCase(volume, segmentation_node, ["spleen", "liver"], dataset, "starter", Device.CPU)
+    logic.submitCase(volume, None, [], dataset, "starter", Device.CPU)
+
+    assert result["case_id"] == "case001"
+    labels, header = nrrd.read(str(dataset / "case001" / "label.nrrd"), index_order="C")
+    expected = np.zeros(volume.array.shape, np.uint8)
+    expected[(volume.array > 50) & (volume.array <= 150)] = SPLEEN
+    expected[volume.array > 150] = LIVER
+    expected[0, 0, 0] = LIVER
+    np.testing.assert_array_equal(labels, expected)
+    image, image_header = nrrd.read(str(dataset / "case001" / "image.nrrd"), index_order="C")
+    np.testing.assert_array_equal(image, volume.array)
+    np.testing.assert_allclose(header["space directions"], image_header["space directions"])
+    np.testing.assert_allclose(header["space origin"], image_header["space origin"])
+    np.testing.assert_allclose(image_header["space origin"], [-40.0, 20.0, 100.0])  # RAS (40, -20, 100) in LPS
+    assert logic.datasetSummary(dataset) == module.catalog.DatasetSummary(labeled=1, unlabeled=1)
+    assert not list(standin.temp_root.glob("SCDLSegment-case-*/*"))  # exported files cleaned up
+
+
+def test_submitting_without_reviewed_organs_is_refused(logic, standin, tmp_path):
+    volume = add_ct(standin)
+    segmentation_node = logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode
+    with pytest.raises(ValueError, match="Tick the organs you reviewed"):
+        logic.startSubmitCase(volume, segmentation_node, [], tmp_path, "starter", Device.CPU, lambda r, e: None)
+    with pytest.raises(ValueError, match="Unknown organ"):
+        logic.startSubmitCase(volume, segmentation_node, ["Liver"], tmp_path, "starter", Device.CPU, lambda r, e: None)
+
+
+def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, tmp_path):
+    volume = add_ct(standin)
+    segmentation_node = logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode
+    logic.submitCase(volume, segmentation_node, ["liver"], tmp_path / "ds", "starter", Device.CPU)
+    events, outcomes = [], []
+
+    logic.startFinetune(tmp_path / "ds", "starter@1", 3, onEvent=events.append, onDone=outcomes.append)
+    wait_until(lambda: bool(outcomes), logic.poll)
+
+    outcome = outcomes[0]
+    assert outcome.error is None and outcome.model == "starter@2"
+    assert outcome.before == {"liver": 0.7, "spleen": 0.6} and outcome.after == {"liver": 0.9, "spleen": 0.8}
+    assert [event["step"] for event in events if event["event"] == "progress"] == [1, 2, 3]
+    assert events[-1]["event"] == "validation"
+    assert [model.ref for model in logic.listModels()] == ["starter@1", "starter@2"]
+
+
+def test_finetune_error_from_the_engine_is_shown(logic, tmp_path):
+    (tmp_path / "empty").mkdir()
+    outcome = logic.finetune(tmp_path / "empty", "starter@1", 3, timeout_s=30)
+    assert outcome.error.startswith("No reviewed case in")
+
+
+def test_finetune_cancel_kills_the_training_process(logic, standin, tmp_path):
+    standin.environment["FAKE_ENGINE_STEP_S"] = "0.2"
+    volume = add_ct(standin)
+    logic.submitCase(volume, logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode,
+                     ["liver"], tmp_path / "ds", "starter", Device.CPU)
+    events, outcomes = [], []
+    logic.startFinetune(tmp_path / "ds", "starter@1", 100, onEvent=events.append, onDone=outcomes.append)
+    wait_until(lambda: bool(events), logic.poll)
+    logic.cancelFinetune()
+    wait_until(lambda: bool(outcomes), logic.poll)
+    assert outcomes[0].cancelled and outcomes[0].error is None and outcomes[0].model is None
+    assert not logic.finetuneRunning
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+
+def missing(*requirements):
+    return lambda self: [RequirementStatus(r, r.split(">")[0], None, False) for r in requirements]
+
+
+def test_check_dependencies_covers_torch_and_the_requirements_file(logic):
+    names = [status.name for status in logic.checkDependencies()]
+    assert names == ["torch", "monai", "safetensors", "tqdm", "PyYAML", "matplotlib", "scipy", "psutil"]
+
+
+def test_install_uses_the_pytorch_extension_and_pip_ensure_on_slicer_5_12(standin, monkeypatch, fake_engine):
+    standin.add_packaging()
+    standin.add_pytorch_extension()
+    standin.install(monkeypatch)
+    module = standin.import_module()
+    monkeypatch.setattr(module.SCDLSegmentLogic, "checkDependencies", missing("torch>=2.4", "monai>=1.4"))
+    module.SCDLSegmentLogic(engine=fake_engine, settingsStore=standin.settings).installDependencies()
+
+    assert standin.recorder.torch_installs == [{"askConfirmation": True, "requirement": ">=2.4"}]
+    (call,) = standin.recorder.pip_ensure
+    assert call["requirements"] == ["monai>=1.4"] and call["prompt_install"] is True
+    assert {"torch", "numpy", "SimpleITK"} <= set(call["skip_packages"])
+    assert standin.recorder.pip_install == []
+
+
+def test_install_asks_then_uses_pip_install_on_slicer_5_10(standin, monkeypatch, fake_engine):
+    standin.install(monkeypatch)
+    module = standin.import_module()
+    monkeypatch.setattr(module.SCDLSegmentLogic, "checkDependencies", missing("monai>=1.4", "psutil>=5.9"))
+    logic = module.SCDLSegmentLogic(engine=fake_engine, settingsStore=standin.settings)
+
+    logic.installDependencies()
+    assert standin.recorder.pip_install == [["monai>=1.4", "psutil>=5.9"]]
+    assert "monai>=1.4" in standin.recorder.confirmations[0]
+
+    standin.recorder.confirm_answer = False
+    with pytest.raises(RuntimeError, match="cancelled"):
+        logic.installDependencies()
+    assert len(standin.recorder.pip_install) == 1
+
+
+def test_install_without_the_pytorch_extension_says_what_to_do(logic, module, monkeypatch):
+    monkeypatch.setattr(module.SCDLSegmentLogic, "checkDependencies", missing("torch>=2.4"))
+    with pytest.raises(RuntimeError, match="install 'PyTorch' from the Extensions Manager"):
+        logic.installDependencies()
+
+
+def test_install_refuses_to_run_off_the_main_thread(logic):
+    errors = []
+    thread = threading.Thread(target=lambda: _capture(logic.installDependencies, errors))
+    thread.start()
+    thread.join()
+    assert "main (GUI) thread" in str(errors[0])
+
+
+def _capture(function, errors):
+    try:
+        function()
+    except RuntimeError as err:
+        errors.append(err)
+
+
+# ----------------------------------------------------------------------------- the panel
+
+
+@pytest.fixture
+def widget(module, standin, fake_engine, monkeypatch):
+    monkeypatch.setattr(module, "SCDLSegmentLogic", functools.partial(module.SCDLSegmentLogic, engine=fake_engine))
+    monkeypatch.setattr(module.SCDLSegmentLogic.func, "checkDependencies", lambda self: [])
+    add_ct(standin)
+    widget = module.SCDLSegmentWidget()
+    widget.setup()
+    pump(widget)
+    yield widget
+    widget.cleanup()
+
+
+def pump(widget, until=None, timeout=15.0):
+    """Run the panel's QTimer until ``until()`` (default: no child process left)."""
+    wait_until(until or (lambda: not widget._pollTimer.isActive()), widget.onPoll, timeout)
+
+
+def test_panel_setup_binds_the_ui_and_reads_the_registry(widget):
+    ui = widget.ui
+    assert [item[0] for item in ui.modelComboBox.items] == ["starter@1"]
+    assert "Organs (13)" in ui.modelDetailsLabel.text
+    assert "Voxel size: 1.5 × 1.5 × 3 mm" in ui.modelDetailsLabel.text  # from `models info`
+    assert "Metrics: mean_dice 0.500" in ui.modelDetailsLabel.text
+    assert widget.logic.models[0].builtin and widget.logic.models[0].spacing == (1.5, 1.5, 3.0)
+    assert widget._parameters().model == "starter@1"
+    assert ui.reviewedOrgansList.count == 13
+    assert ui.inputVolumeSelector.bound_value.GetName() == "CT"
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 0 unlabeled"
+    assert ui.segmentEditorWidget.calls[0][0] == "setMRMLSegmentEditorNode"  # before the scene is set
+    assert ui.segmentEditorWidget.calls[1] == ("setMRMLScene",)
+
+
+def test_panel_segment_button_turns_into_cancel_and_back(widget, standin):
+    ui = widget.ui
+    ui.applyButton.clicked.emit()
+    assert ui.applyButton.text == "Cancel"
+    pump(widget)
+
+    assert ui.applyButton.text == "Segment"
+    assert ui.segmentProgressBar.value == 100 and ui.segmentProgressBar.format.startswith("Done in")
+    assert widget._parameters().outputSegmentation.GetName() == "CT segmentation"
+    assert ui.deviceInfoLabel.text == "Detected: CPU (no CUDA GPU found) · torch 2.13.0"
+    assert "Liver" in ui.segmentStatusLabel.text
+    editor_calls = [call[0] for call in ui.segmentEditorWidget.calls]
+    assert editor_calls.count("saveStateForUndo") == 1
+    undo_at = editor_calls.index("saveStateForUndo")
+    assert editor_calls[undo_at - 2: undo_at] == ["setSegmentationNode", "setSourceVolumeNode"]
+    assert standin.recorder.errors == []
+
+
+def test_panel_cancel_and_crash(widget, standin):
+    ui = widget.ui
+    widget._parameters().model = "slow"
+    ui.applyButton.clicked.emit()
+    pump(widget, until=lambda: "Segmenting" in ui.segmentProgressBar.format or "Preparing" in ui.segmentProgressBar.format)
+    ui.applyButton.clicked.emit()  # now it is the Cancel button
+    assert ui.segmentProgressBar.format.startswith("Cancelling")
+    pump(widget, until=lambda: ui.applyButton.text == "Segment")
+    assert ui.segmentProgressBar.format == "Cancelled"
+
+    widget._parameters().model = "crash"
+    ui.applyButton.clicked.emit()
+    pump(widget, until=lambda: bool(standin.recorder.errors))
+    assert "CUDA out of memory (simulated)" in standin.recorder.errors[-1]
+    assert "Traceback" not in standin.recorder.errors[-1]
+    assert ui.applyButton.text == "Segment" and ui.segmentProgressBar.format == "Failed"
+
+
+def test_panel_submit_then_finetune_selects_the_new_model(widget, standin):
+    ui = widget.ui
+    ui.applyButton.clicked.emit()
+    pump(widget)
+    ui.submitButton.clicked.emit()
+    assert "Tick the organs you reviewed" in standin.recorder.errors[-1]
+
+    ui.reviewedOrgansList.item(SYNAPSE13.names.index("liver")).setCheckState(2)
+    ui.submitButton.clicked.emit()
+    pump(widget)
+    assert ui.datasetStatusLabel.text == "Added case001 (reviewed)."
+    assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (labeled), 0 unlabeled"
+
+    widget._parameters().finetuneSteps = 2
+    ui.finetuneButton.clicked.emit()
+    assert ui.finetuneButton.text == "Cancel fine-tuning"
+    pump(widget)
+    assert ui.finetuneButton.text == "Start fine-tuning"
+    assert ui.finetuneStatusLabel.text == "New model starter@2 selected."
+    assert ui.validationLabel.text.startswith("Validation at step 2: mean Dice 0.850")
+    assert ui.diceTable.rowCount == 2
+    assert ui.diceTable.cells[0, 0] == "Spleen" and ui.diceTable.cells[1, 3] == "+0.200"
+    assert ui.modelComboBox.currentText == "starter@2"
+    assert widget._parameters().model == "starter@2"
+
+
+def test_panel_suggest_loads_the_suggested_case(widget, standin):
+    ui = widget.ui
+    ui.addUnlabeledButton.clicked.emit()
+    pump(widget)
+    assert ui.datasetStatusLabel.text == "Added case001 (unlabeled)."
+    ui.suggestButton.clicked.emit()
+    pump(widget)
+    assert widget._parameters().inputVolume.GetName() == "image"
+    assert ui.datasetStatusLabel.text == "Loaded case001: most uncertain"
+
+
+def test_panel_imports_a_model_and_selects_it(widget, standin, tmp_path):
+    bundle = tmp_path / "abdomen.json"  # the stand-in engine's "bundle" is a JSON description
+    bundle.write_text('{"name": "abdomen", "version": 1, "description": "Imported", "spacing": [2, 2, 2]}')
+    standin.recorder.open_file = str(bundle)
+    widget.ui.importModelButton.clicked.emit()
+    pump(widget)
+    assert widget.ui.modelComboBox.currentText == "abdomen@1"
+    assert widget._parameters().model == "abdomen@1"
+    assert "Imported" in widget.ui.modelDetailsLabel.text and "Voxel size: 2 × 2 × 2 mm" in widget.ui.modelDetailsLabel.text
+    assert "Imported model abdomen@1." in widget.ui.logTextEdit.plainText
+
+
+def test_panel_settings_persist(widget, standin):
+    parameters = widget._parameters()
+    parameters.device = Device.CPU
+    parameters.datasetDir = "/data/corrections"
+    assert standin.settings.values["SCDLSegment/device"] == "cpu"
+    assert standin.settings.values["SCDLSegment/dataset_dir"] == "/data/corrections"
