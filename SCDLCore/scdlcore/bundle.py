@@ -1,0 +1,775 @@
+"""Model bundles (weights + description) and the registry of installed model versions.
+
+A bundle is a folder, or one ``.scdlmodel`` zip archive of that folder, holding two files:
+
+- ``weights.safetensors``: the state dicts of the bundle's networks, keys prefixed ``net0.``,
+  ``net1.``... (CPS bundles hold two networks, Mean Teacher and supervised bundles one).
+- ``model.json``: everything needed to rebuild and use the networks::
+
+    {"format": "scdl-bundle", "format_version": 1, "name": "abdomen", "version": 3,
+     "created": "2026-11-27T10:00:00+00:00",
+     "networks": [{"arch": "vnet", "in_channels": 1, "num_classes": 14, "width": 16, "norm": "batch"}, ...],
+     "ensemble": "mean", "labels": {LabelTable.to_dict()}, "spacing": [1.5, 1.5, 2.0],
+     "hu_window": [-125, 275], "patch_size": [96, 96, 96], "base": "cps", "scdl": {...} | null,
+     "lineage": {"parent": "starter@1" | null, "data_fingerprint": str | null, "steps": 20000, "trained_on": str},
+     "metrics": {...}, "sha256": {"weights.safetensors": "<hex>"}, "description": "..."}
+
+Weights are only ever read with safetensors (never pickle), and loading checks the checksum and
+that every tensor matches the networks model.json describes, so a damaged or foreign file is
+refused with a message naming it.
+
+The registry (:class:`ModelRegistry`) keeps imported bundles in a user folder
+(``$SCDL_MODELS_DIR``, else e.g. ``~/.local/share/scdl/models``) as ``<name>/<version>/`` plus
+an index ``registry.json`` that is the source of truth: a bundle exists once the index lists it,
+so a crash mid-import leaves only an unlisted folder. Models are addressed as ``name`` (latest
+version) or ``name@N``. A bundle shipped inside the package (:data:`STARTER_MODEL_DIR`) is the
+read-only model ``starter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._filelock import file_lock
+from .labels import LabelTable
+from .nets import build_network, network_description
+
+__all__ = [
+    "ARCHIVE_SUFFIX",
+    "BUNDLE_FORMAT",
+    "FORMAT_VERSION",
+    "MODELS_DIR_ENV",
+    "STARTER_MODEL_DIR",
+    "STARTER_MODEL_NAME",
+    "BundleError",
+    "ModelBundle",
+    "ModelRegistry",
+    "RegistryEntry",
+    "default_models_dir",
+    "load_bundle",
+    "save_bundle",
+]
+
+BUNDLE_FORMAT = "scdl-bundle"
+FORMAT_VERSION = 1
+META_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+ARCHIVE_SUFFIX = ".scdlmodel"
+MODELS_DIR_ENV = "SCDL_MODELS_DIR"
+STARTER_MODEL_NAME = "starter"
+#: The one place the bundled default model is looked up (package data; may be absent).
+STARTER_MODEL_DIR = Path(__file__).resolve().parent / "resources" / "starter_model"
+
+_BASES = ("cps", "mean_teacher", "supervised")
+_ENSEMBLES = ("mean", "first")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_REF_PATTERN = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<version>[0-9]+))?")
+_INDEX_FILE = "registry.json"
+_LOCK_FILE = ".lock"
+_LOCK_TIMEOUT_S = 120.0
+_PICKLE_ADVICE = (
+    "SCDL loads weights only from safetensors bundles (a folder or .scdlmodel archive with model.json and "
+    "weights.safetensors), because unpickling a file can run arbitrary code. If you trust the checkpoint, load it "
+    "yourself and write a bundle with scdlcore.bundle.save_bundle."
+)
+
+
+class BundleError(ValueError):
+    """A model bundle that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class ModelBundle:
+    """A loaded (verified) bundle: its model.json fields, and where its weights are.
+
+    Attributes:
+        name: model name (letters, digits, ``._-``; no ``@``).
+        version: version number (1, 2, ...).
+        networks: network descriptions ``{"arch", **kwargs}`` for :func:`scdlcore.nets.build_network`.
+        labels: the label table; network class ``c`` is label value ``labels.values[c - 1]``.
+        spacing: model voxel size (x, y, z) in mm.
+        hu_window: (low, high) in HU, mapped to [0, 1].
+        patch_size: sliding-window patch in voxels, array order (D, H, W).
+        base: semi-supervised base it was trained with: ``cps`` | ``mean_teacher`` | ``supervised``.
+        ensemble: how several networks are combined: ``mean`` of logits | ``first`` network only.
+        scdl: the SCDL configuration used in training, or None.
+        lineage: ``parent`` (name@version or None), ``data_fingerprint``, ``steps``, ``trained_on``.
+        metrics: validation metrics recorded at training time.
+        description: one line for people.
+        created: ISO 8601 timestamp (UTC).
+        sha256: checksum per file, ``{"weights.safetensors": hex}``.
+        path: the folder or archive it was loaded from (None before saving).
+    """
+
+    name: str
+    networks: list[dict[str, Any]]
+    labels: LabelTable
+    spacing: tuple[float, float, float]
+    hu_window: tuple[float, float]
+    patch_size: tuple[int, int, int]
+    version: int = 1
+    base: str = "supervised"
+    ensemble: str = "mean"
+    scdl: dict[str, Any] | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    created: str = ""
+    sha256: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    _weights: Path | None = field(default=None, repr=False, compare=False)
+    _extracted: tempfile.TemporaryDirectory | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        """``name@version``, the exact address of this bundle."""
+        return f"{self.name}@{self.version}"
+
+    @property
+    def num_classes(self) -> int:
+        """C, background included."""
+        return self.labels.num_classes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model.json content."""
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "networks": [dict(net) for net in self.networks],
+            "ensemble": self.ensemble,
+            "labels": self.labels.to_dict(),
+            "spacing": list(self.spacing),
+            "hu_window": list(self.hu_window),
+            "patch_size": list(self.patch_size),
+            "base": self.base,
+            "scdl": self.scdl,
+            "lineage": dict(self.lineage),
+            "metrics": dict(self.metrics),
+            "sha256": dict(self.sha256),
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = META_FILE) -> ModelBundle:
+        """Validate a model.json dict; ``source`` names the file in error messages.
+
+        Raises:
+            BundleError: not an SCDL bundle, an unsupported format version, or a bad field.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != BUNDLE_FORMAT:
+            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise BundleError(f"{source} is not an SCDL model description (format {found!r}, expected {BUNDLE_FORMAT!r}).")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{source} has format_version {data.get('format_version')!r}; this SCDLCore reads format_version "
+                f"{FORMAT_VERSION}. Upgrade SCDLCore (pip install -U scdlcore) to use this model."
+            )
+        missing = [key for key in ("name", "networks", "labels", "spacing", "hu_window", "patch_size") if key not in data]
+        if missing:
+            raise BundleError(f"{source} lacks the field(s) {', '.join(missing)}.")
+        try:
+            bundle = cls(
+                name=str(data["name"]),
+                version=int(data.get("version", 1)),
+                networks=[dict(net) for net in data["networks"]],
+                labels=LabelTable.from_dict(data["labels"]),
+                spacing=_floats(data["spacing"], 3),
+                hu_window=_floats(data["hu_window"], 2),
+                patch_size=tuple(int(p) for p in data["patch_size"]),  # type: ignore[arg-type]
+                base=str(data.get("base", "supervised")),
+                ensemble=str(data.get("ensemble", "mean")),
+                scdl=data.get("scdl"),
+                lineage=dict(data.get("lineage") or {}),
+                metrics=dict(data.get("metrics") or {}),
+                description=str(data.get("description", "")),
+                created=str(data.get("created", "")),
+                sha256=dict(data.get("sha256") or {}),
+            )
+        except (TypeError, ValueError) as err:
+            raise BundleError(f"{source} has a malformed field: {err}") from err
+        bundle._validate(source)
+        return bundle
+
+    def build_networks(self, device: torch.device | str, count: int | None = None) -> list[nn.Module]:
+        """Rebuild the networks with their weights, in eval mode on ``device``.
+
+        Args:
+            device: where the networks live.
+            count: build only the first ``count`` networks (e.g. 1 for ``ensemble="first"``); None = all.
+        """
+        if self._weights is None:
+            raise BundleError(f"Bundle {self.ref} has no weights file; load it with load_bundle().")
+        from safetensors.torch import load_file
+
+        state = load_file(str(self._weights), device="cpu")
+        networks = []
+        for index, description in enumerate(self.networks[:count]):
+            prefix = f"net{index}."
+            net = build_network(**description)
+            net.load_state_dict({key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)})
+            networks.append(net.to(device).eval())
+        return networks
+
+    def _validate(self, source: str) -> None:
+        problems = []
+        if not _NAME_PATTERN.fullmatch(self.name):
+            problems.append(f"name {self.name!r} must be letters, digits, '.', '_' or '-' (no '@' or '/')")
+        if self.version < 1:
+            problems.append(f"version must be >= 1, got {self.version}")
+        if not self.networks or any("arch" not in net for net in self.networks):
+            problems.append("networks must be a non-empty list of {'arch': ..., ...} descriptions")
+        elif any(net.get("num_classes") != self.labels.num_classes for net in self.networks):
+            problems.append(f"every network needs num_classes={self.labels.num_classes} (the label table's C)")
+        if self.base not in _BASES:
+            problems.append(f"base must be one of {', '.join(_BASES)}, got {self.base!r}")
+        if self.ensemble not in _ENSEMBLES:
+            problems.append(f"ensemble must be one of {', '.join(_ENSEMBLES)}, got {self.ensemble!r}")
+        if min(self.spacing) <= 0:
+            problems.append(f"spacing must be positive (mm), got {list(self.spacing)}")
+        if self.hu_window[0] >= self.hu_window[1]:
+            problems.append(f"hu_window must be [low, high] with low < high, got {list(self.hu_window)}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            problems.append(f"patch_size must be three positive voxel counts, got {list(self.patch_size)}")
+        if problems:
+            raise BundleError(f"{source}: " + "; ".join(problems) + ".")
+
+
+def save_bundle(
+    path: str | Path,
+    networks: Sequence[nn.Module],
+    *,
+    name: str,
+    labels: LabelTable | Mapping[str, Any],
+    spacing: Sequence[float],
+    hu_window: Sequence[float],
+    patch_size: Sequence[int],
+    version: int = 1,
+    base: str = "supervised",
+    ensemble: str = "mean",
+    scdl: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    description: str = "",
+) -> Path:
+    """Write a bundle atomically: a folder, or an archive when ``path`` ends in ``.scdlmodel``.
+
+    DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are removed first, so the
+    keys are the plain network's. An existing bundle at ``path`` is replaced only once the new one
+    is complete. Arguments after ``networks`` are the model.json fields (see :class:`ModelBundle`);
+    ``labels`` may be a :class:`LabelTable` or its ``to_dict()``.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    plain = [_unwrap(net) for net in networks]
+    bundle = ModelBundle(
+        name=name,
+        version=int(version),
+        networks=[dict(network_description(net)) for net in plain],
+        labels=labels if isinstance(labels, LabelTable) else LabelTable.from_dict(labels),
+        spacing=_floats(spacing, 3),
+        hu_window=_floats(hu_window, 2),
+        patch_size=tuple(int(p) for p in patch_size),  # type: ignore[arg-type]
+        base=base,
+        ensemble=ensemble,
+        scdl=dict(scdl) if scdl is not None else None,
+        lineage={"parent": None, "data_fingerprint": None, "steps": 0, "trained_on": "", **(lineage or {})},
+        metrics=dict(metrics or {}),
+        description=description,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    bundle._validate(f"bundle {path}")
+    state = {
+        f"net{index}.{key}": tensor.detach().to("cpu", copy=True).contiguous()  # a copy: no shared storage
+        for index, net in enumerate(plain)
+        for key, tensor in net.state_dict().items()
+    }
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        folder = Path(tmp) / "bundle"
+        folder.mkdir()
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        bundle.sha256 = {WEIGHTS_FILE: _sha256(folder / WEIGHTS_FILE)}
+        _write_json(folder / META_FILE, bundle.to_dict())
+        if path.suffix == ARCHIVE_SUFFIX:
+            _write_archive(folder, path)
+        else:
+            _replace_folder(folder, path)
+    return path
+
+
+def load_bundle(path: str | Path) -> ModelBundle:
+    """Load and verify a bundle folder or ``.scdlmodel`` archive (a path to its model.json also works).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        BundleError: a pickle checkpoint, a foreign folder or file, a bad model.json, a damaged
+            weights file (not safetensors, checksum mismatch) or weights that do not match model.json.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Model {path} does not exist.")
+    if path.is_file() and path.name == META_FILE:
+        path = path.parent
+    if path.is_dir():
+        return _load_folder(path, path)
+    if _is_pickle(path):
+        raise BundleError(f"{path} is a pickle file; {_PICKLE_ADVICE}")
+    if zipfile.is_zipfile(path):
+        extracted = tempfile.TemporaryDirectory(prefix="scdl-bundle-")
+        _extract_archive(path, Path(extracted.name))
+        bundle = _load_folder(Path(extracted.name), path)
+        bundle._extracted = extracted  # removed when the bundle is garbage-collected
+        return bundle
+    raise BundleError(
+        f"{path} is not an SCDL model bundle: expected a folder or a {ARCHIVE_SUFFIX} archive holding "
+        f"{META_FILE} and {WEIGHTS_FILE}."
+    )
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """One installed model version, as ``scdl models list`` shows it."""
+
+    name: str
+    version: int
+    path: Path
+    created: str
+    base: str
+    num_classes: int
+    description: str
+    sha256: str
+    builtin: bool = False
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # its model.json
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """model.json's fields (labels, spacing, lineage, metrics...) plus ``ref``, ``path`` and ``builtin``."""
+        entry = {key: value for key, value in asdict(self).items() if key != "meta"}
+        return {**self.meta, **entry, "path": str(self.path), "ref": self.ref}
+
+
+class ModelRegistry:
+    """Installed model versions in a user folder.
+
+    Args:
+        root: the registry folder; None = :func:`default_models_dir` (``$SCDL_MODELS_DIR`` or the
+            platform's user data folder).
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_models_dir()
+
+    def list(self) -> list[RegistryEntry]:
+        """All versions, sorted by name then version; the built-in starter model included."""
+        return sorted(self._entries(), key=lambda entry: (entry.name, entry.version))
+
+    def info(self, name: str) -> ModelBundle:
+        """Load (and verify) an installed model by ``name`` or ``name@N``."""
+        return load_bundle(self._find(name).path)
+
+    def resolve(self, name_or_path: str | Path) -> ModelBundle:
+        """An installed model (``name``, ``name@N``) or a bundle folder/archive path.
+
+        Raises:
+            BundleError: neither an installed model nor an existing path.
+        """
+        text = str(name_or_path)
+        if _REF_PATTERN.fullmatch(text) and self._matches(text):
+            return self.info(text)
+        if Path(text).expanduser().exists():
+            return load_bundle(text)
+        shipped = "" if text != STARTER_MODEL_NAME else " This installation ships no starter model."
+        raise BundleError(
+            f"No model {text!r}: it is neither an installed model (in {self.root}) nor an existing file or folder."
+            f"{shipped} Installed: {self._known()}. Give a model name or bundle path, train one with `scdl train`, "
+            "or install one with `scdl models import PATH`."
+        )
+
+    def import_(self, path: str | Path) -> ModelBundle:
+        """Copy a bundle (folder or archive) into the registry; returns the installed bundle.
+
+        The bundle keeps its version unless its name is already installed, then it becomes the
+        next version. The copy is verified against the bundle's checksum before it is listed.
+
+        Raises:
+            BundleError: the bundle does not load or verify (nothing is stored then).
+        """
+        bundle = load_bundle(path)
+        with self._lock():
+            entries = [entry for entry in self._entries() if entry.name == bundle.name]
+            version = max((entry.version for entry in entries), default=bundle.version - 1) + 1
+            folder = self._store(bundle, version)
+            index = self._read_index()
+            index["models"].append(
+                {
+                    "name": bundle.name,
+                    "version": version,
+                    "folder": folder.relative_to(self.root).as_posix(),
+                    "sha256": bundle.sha256[WEIGHTS_FILE],
+                    "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+            self._write_index(index)
+        return load_bundle(folder)
+
+    def register(self, bundle_dir: str | Path) -> ModelBundle:
+        """Install a freshly written bundle folder (the trainer's last step); same rules as :meth:`import_`."""
+        if not Path(bundle_dir).is_dir():
+            raise BundleError(f"{bundle_dir} is not a bundle folder; use import_ for {ARCHIVE_SUFFIX} archives.")
+        return self.import_(bundle_dir)
+
+    def export(self, name: str, dest: str | Path) -> Path:
+        """Write an installed model (or a bundle path) as one ``.scdlmodel`` archive.
+
+        Args:
+            name: ``name``, ``name@N`` or a bundle path.
+            dest: the archive path, or an existing folder to write ``<name>-v<N>.scdlmodel`` into.
+
+        Returns:
+            The archive's path.
+        """
+        bundle = self.resolve(name)
+        dest = Path(dest).expanduser()
+        if dest.is_dir():
+            dest = dest / f"{bundle.name}-v{bundle.version}{ARCHIVE_SUFFIX}"
+        elif dest.suffix != ARCHIVE_SUFFIX:
+            dest = dest.with_name(dest.name + ARCHIVE_SUFFIX)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+            folder = Path(tmp) / "bundle"
+            folder.mkdir()
+            shutil.copyfile(bundle._weights, folder / WEIGHTS_FILE)  # type: ignore[arg-type]
+            _write_json(folder / META_FILE, bundle.to_dict())
+            _write_archive(folder, dest)
+        return dest
+
+    def remove(self, name: str) -> list[str]:
+        """Uninstall ``name@N``, or every version of ``name``; returns the removed ``name@N``.
+
+        Raises:
+            BundleError: unknown model, or the read-only built-in starter model.
+        """
+        with self._lock():
+            targets = self._select(name)
+            if any(entry.builtin for entry in targets):
+                raise BundleError(
+                    f"{targets[0].ref} is the built-in starter model shipped with SCDLCore ({STARTER_MODEL_DIR}); "
+                    "it cannot be removed."
+                )
+            refs = {entry.ref for entry in targets}
+            index = self._read_index()
+            index["models"] = [item for item in index["models"] if f"{item['name']}@{item['version']}" not in refs]
+            self._write_index(index)  # the index first: a crash below leaves only unlisted folders
+            for entry in targets:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return sorted(refs)
+
+    def _entries(self) -> list[RegistryEntry]:
+        entries = []
+        starter = self._starter()
+        if starter is not None:
+            entries.append(starter)
+        for item in self._read_index()["models"]:
+            folder = self.root / item["folder"]
+            try:
+                meta = _read_meta(folder / META_FILE)
+            except BundleError as err:  # still listed, so that it can be removed
+                meta = {"name": item["name"], "description": f"DAMAGED: {err}"}
+            entries.append(_entry(meta, folder, builtin=False, version=int(item["version"])))
+        return entries
+
+    def _starter(self) -> RegistryEntry | None:
+        meta_path = STARTER_MODEL_DIR / META_FILE
+        if not meta_path.is_file():
+            return None
+        return _entry(_read_meta(meta_path), STARTER_MODEL_DIR, builtin=True)
+
+    def _matches(self, ref: str) -> bool:
+        try:
+            self._select(ref)
+        except BundleError:
+            return False
+        return True
+
+    def _select(self, ref: str) -> list[RegistryEntry]:
+        """Versions addressed by ``name`` (all) or ``name@N`` (one)."""
+        match = _REF_PATTERN.fullmatch(ref)
+        entries = self._entries()
+        found = [
+            entry
+            for entry in entries
+            if match and entry.name == match["name"] and (match["version"] is None or entry.version == int(match["version"]))
+        ]
+        if not found:
+            raise BundleError(f"No installed model {ref!r} in {self.root}. Installed: {self._known(entries)}.")
+        return found
+
+    def _find(self, ref: str) -> RegistryEntry:
+        """The version ``ref`` addresses; a bare name means its latest version."""
+        return max(self._select(ref), key=lambda entry: entry.version)
+
+    def _known(self, entries: list[RegistryEntry] | None = None) -> str:
+        refs = [entry.ref for entry in (self._entries() if entries is None else entries)]
+        return ", ".join(sorted(refs)) or "none"
+
+    def _store(self, bundle: ModelBundle, version: int) -> Path:
+        """Copy ``bundle`` as ``<root>/<name>/<version>`` (verified); the caller holds the lock."""
+        target = self.root / bundle.name / str(version)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = _unique_sibling(self.root / ".incoming")
+        try:
+            staging.mkdir()
+            shutil.copyfile(bundle._weights, staging / WEIGHTS_FILE)  # type: ignore[arg-type]
+            expected, copied = bundle.sha256[WEIGHTS_FILE], _sha256(staging / WEIGHTS_FILE)
+            if copied != expected:
+                raise BundleError(
+                    f"Copying {bundle.path} into {self.root} gave weights with sha256 {copied}, expected {expected}; "
+                    "nothing was installed. Check the disk and try again."
+                )
+            _write_json(staging / META_FILE, replace(bundle, version=version).to_dict())
+            if target.exists():  # an unlisted leftover of an interrupted import
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def _read_index(self) -> dict[str, Any]:
+        path = self.root / _INDEX_FILE
+        if not path.is_file():
+            return {"format": "scdl-registry", "format_version": 1, "models": []}
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(index.get("models"), list):
+                raise ValueError("no 'models' list")
+        except (ValueError, AttributeError) as err:
+            raise BundleError(f"Model registry index {path} is damaged ({err}); restore it or move the folder away.") from err
+        return index
+
+    def _write_index(self, index: dict[str, Any]) -> None:
+        _write_json(self.root / _INDEX_FILE, index)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.root / _LOCK_FILE, timeout_s=_LOCK_TIMEOUT_S):
+            yield
+
+
+def default_models_dir() -> Path:
+    """``$SCDL_MODELS_DIR``, else ``scdl/models`` in the platform's user data folder."""
+    env = os.environ.get(MODELS_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "scdl" / "models"
+
+
+def _load_folder(folder: Path, source: Path) -> ModelBundle:
+    """Load the bundle in ``folder``; ``source`` (the folder or its archive) names it in messages."""
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if _is_pickle(p)) if folder.is_dir() else []
+        hint = f" It holds {', '.join(pickles)}: {_PICKLE_ADVICE}" if pickles else ""
+        raise BundleError(
+            f"{source} is not an SCDL model bundle: it has no {META_FILE} (a bundle holds {META_FILE} and "
+            f"{WEIGHTS_FILE}).{hint}"
+        )
+    bundle = ModelBundle.from_dict(_read_meta(meta_path, f"{META_FILE} in {source}"), f"{META_FILE} in {source}")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(f"{source} has no {WEIGHTS_FILE}; the bundle is incomplete.")
+    _check_tensors(weights, bundle, source)
+    expected, actual = bundle.sha256.get(WEIGHTS_FILE), _sha256(weights)
+    if expected != actual:
+        raise BundleError(
+            f"{WEIGHTS_FILE} in {source} does not match the sha256 recorded in {META_FILE} "
+            f"(expected {expected}, got {actual}): the file was changed or damaged. Get the bundle again from its source."
+        )
+    bundle.path, bundle._weights = source, weights
+    return bundle
+
+
+def _check_tensors(weights: Path, bundle: ModelBundle, source: Path) -> None:
+    """Every tensor the described networks need, with its shape, and nothing else (header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    label = f"{WEIGHTS_FILE} in {source}"
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise BundleError(f"{label} is not a valid safetensors file ({err}); the bundle is damaged. Get it again.") from err
+    expected = {}
+    with torch.device("meta"):  # shapes only, no memory
+        for index, description in enumerate(bundle.networks):
+            try:
+                net = build_network(**description)
+            except ValueError as err:
+                raise BundleError(f"{META_FILE} in {source}: network {index}: {err}") from err
+            expected.update({f"net{index}.{key}": tuple(t.shape) for key, t in net.state_dict().items()})
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    mismatched = [f"{key} is {list(found[key])} in the file, {list(shape)} by {META_FILE}"
+                  for key, shape in expected.items() if key in found and found[key] != shape]
+    problems = [
+        f"{title}: {_first(items)}"
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+        if items
+    ]
+    if problems:
+        raise BundleError(
+            f"{label} does not match the networks described in {META_FILE}: " + "; ".join(problems)
+            + ". The weights belong to a different network; save the bundle again with scdlcore.bundle.save_bundle."
+        )
+
+
+def _read_meta(path: Path, label: str | None = None) -> dict[str, Any]:
+    label = label or str(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{label} is not readable JSON ({err}).") from err
+
+
+def _entry(meta: Mapping[str, Any], folder: Path, *, builtin: bool, version: int | None = None) -> RegistryEntry:
+    networks = meta.get("networks") or [{}]
+    return RegistryEntry(
+        name=str(meta.get("name", folder.name)),
+        version=int(version if version is not None else meta.get("version", 1)),
+        path=folder,
+        created=str(meta.get("created", "")),
+        base=str(meta.get("base", "")),
+        num_classes=int(networks[0].get("num_classes", 0)),
+        description=str(meta.get("description", "")),
+        sha256=str((meta.get("sha256") or {}).get(WEIGHTS_FILE, "")),
+        builtin=builtin,
+        meta=dict(meta),
+    )
+
+
+def _is_pickle(path: Path) -> bool:
+    """A raw pickle (protocol >= 2) or a ``torch.save`` zip (which holds ``data.pkl``)."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        if handle.read(1) == b"\x80":
+            return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(".pkl") for name in archive.namelist())
+    return False
+
+
+def _extract_archive(archive_path: Path, dest: Path) -> None:
+    """Extract model.json and the weights (flat, or inside one top folder); nothing else is written."""
+    with zipfile.ZipFile(archive_path) as archive:
+        members = {}
+        for info in archive.infolist():
+            parts = info.filename.rstrip("/").split("/")
+            if len(parts) <= 2 and parts[-1] in (META_FILE, WEIGHTS_FILE) and not info.is_dir():
+                members.setdefault(parts[-1], info)
+        for name, info in members.items():
+            with archive.open(info) as source, open(dest / name, "wb") as target:
+                shutil.copyfileobj(source, target, length=1 << 20)
+
+
+def _write_archive(folder: Path, dest: Path) -> None:
+    """Zip ``folder``'s files (flat) to ``dest`` atomically. Safetensors compress poorly: stored."""
+    tmp = folder.parent / "archive.tmp"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in (META_FILE, WEIGHTS_FILE):
+            archive.write(folder / name, arcname=name)
+    os.replace(tmp, dest)
+
+
+def _replace_folder(new: Path, dest: Path) -> None:
+    """Move the complete folder ``new`` to ``dest``; an old ``dest`` is moved aside next to ``new`` first."""
+    if dest.exists():
+        os.replace(dest, new.parent / "previous")
+    os.replace(new, dest)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    tmp = _unique_sibling(path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    """The plain network inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(net, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(net, "module", None)
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
+
+
+def _unique_sibling(path: Path) -> Path:
+    """A fresh name next to ``path`` for staging (created by the caller, so the umask applies)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _floats(values: Sequence[Any], count: int) -> tuple[float, ...]:
+    floats = tuple(float(v) for v in values)
+    if len(floats) != count:
+        raise ValueError(f"expected {count} numbers, got {list(values)}")
+    return floats
+
+
+def _first(items: list[str], limit: int = 5) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

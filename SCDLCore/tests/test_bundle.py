@@ -1,0 +1,233 @@
+"""Model bundles (save/load, refusal of bad files) and the model registry.
+
+The networks here are tiny random VNets (width 2): test fixtures, not models.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from scdlcore import bundle as bundle_module
+from scdlcore.bundle import (
+    BundleError,
+    ModelRegistry,
+    default_models_dir,
+    load_bundle,
+    save_bundle,
+)
+from scdlcore.labels import SYNAPSE13
+from scdlcore.nets import VNet
+
+META = dict(name="tiny", labels=SYNAPSE13, spacing=(6.0, 6.0, 6.0), hu_window=(-125, 275), patch_size=(32, 32, 32))
+
+
+@pytest.fixture
+def networks() -> list[VNet]:
+    torch.manual_seed(0)
+    return [VNet(num_classes=14, width=2), VNet(num_classes=14, width=2, norm="batch")]
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path, networks: list[VNet]) -> Path:
+    return save_bundle(tmp_path / "tiny", networks, base="cps", lineage={"steps": 7}, **META)
+
+
+def _tamper_weights(folder: Path) -> None:
+    """Flip one byte of tensor data (the header stays valid, the checksum does not)."""
+    path = folder / "weights.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_meta(folder: Path, **changes: object) -> None:
+    path = folder / "model.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+class _DDPStandIn(nn.Module):
+    """Stands in for DistributedDataParallel: the wrapped network is ``.module``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_round_trip_restores_weights_metadata_and_eval_mode(bundle_dir: Path, networks: list[VNet]) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert (bundle.ref, bundle.base, bundle.ensemble, bundle.lineage["steps"]) == ("tiny@1", "cps", "mean", 7)
+    assert bundle.spacing == (6.0, 6.0, 6.0) and bundle.patch_size == (32, 32, 32) and bundle.labels == SYNAPSE13
+    rebuilt = bundle.build_networks("cpu")
+    assert len(rebuilt) == 2 and not any(net.training for net in rebuilt)
+    for original, loaded in zip(networks, rebuilt):
+        for (key, expected), actual in zip(original.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(expected, actual), key
+    assert len(bundle.build_networks("cpu", count=1)) == 1
+
+
+def test_archive_holds_the_same_bundle(tmp_path: Path, networks: list[VNet]) -> None:
+    archive = save_bundle(tmp_path / "tiny.scdlmodel", networks, **META)
+    assert archive.is_file()
+    bundle = load_bundle(archive)
+    assert bundle.path == archive
+    weights = bundle.build_networks("cpu")[1].state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in networks[1].state_dict().items())
+
+
+def test_saving_unwraps_compiled_and_ddp_networks(tmp_path: Path, networks: list[VNet]) -> None:
+    wrapped = [torch.compile(networks[0]), _DDPStandIn(networks[1])]
+    folder = save_bundle(tmp_path / "wrapped", wrapped, **META)
+    keys = load_file(folder / "weights.safetensors").keys()
+    assert {key.split(".")[0] for key in keys} == {"net0", "net1"}
+    assert not any("_orig_mod" in key or ".module." in key for key in keys)
+    load_bundle(folder).build_networks("cpu")
+
+
+def test_saving_replaces_an_existing_bundle_whole(bundle_dir: Path, networks: list[VNet]) -> None:
+    save_bundle(bundle_dir, networks[:1], **{**META, "version": 2})
+    bundle = load_bundle(bundle_dir)
+    assert bundle.version == 2 and len(bundle.networks) == 1
+    assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["tiny"]  # no staging left behind
+
+
+def test_corrupt_safetensors_is_refused(bundle_dir: Path) -> None:
+    weights = bundle_dir / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BundleError, match=rf"^weights\.safetensors in {bundle_dir} is not a valid safetensors file \("):
+        load_bundle(bundle_dir)
+
+
+def test_changed_weights_fail_the_checksum(bundle_dir: Path) -> None:
+    _tamper_weights(bundle_dir)
+    with pytest.raises(BundleError, match=r"does not match the sha256 recorded in model\.json .*changed or damaged"):
+        load_bundle(bundle_dir)
+
+
+def test_model_json_not_matching_the_weights_is_refused(bundle_dir: Path) -> None:
+    meta = json.loads((bundle_dir / "model.json").read_text())
+    _edit_meta(bundle_dir, networks=[{**net, "width": 4} for net in meta["networks"]])
+    with pytest.raises(BundleError, match=r"does not match the networks described in model\.json: shape mismatch: net0\."):
+        load_bundle(bundle_dir)
+    _edit_meta(bundle_dir, networks=meta["networks"][:1])
+    with pytest.raises(BundleError, match=r"unexpected keys: net1\.decoders"):
+        load_bundle(bundle_dir)
+    _edit_meta(bundle_dir, networks=meta["networks"] * 3)
+    with pytest.raises(BundleError, match=r"missing keys: net2\."):
+        load_bundle(bundle_dir)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path: Path, networks: list[VNet]) -> None:
+    checkpoint = tmp_path / "model.pt"
+    torch.save(networks[0].state_dict(), checkpoint)
+    with pytest.raises(BundleError, match=rf"^{checkpoint} is a pickle file; SCDL loads weights only from safetensors bundles"):
+        load_bundle(checkpoint)
+    with pytest.raises(BundleError, match=r"it has no model\.json .* It holds model\.pt: SCDL loads weights only"):
+        load_bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": "monai-bundle"}, r"is not an SCDL model description \(format 'monai-bundle', expected 'scdl-bundle'\)"),
+        ({"format_version": 2}, r"has format_version 2; this SCDLCore reads format_version 1"),
+        ({"ensemble": "vote"}, r"ensemble must be one of mean, first, got 'vote'"),
+        ({"name": "a@b"}, r"name 'a@b' must be letters"),
+    ],
+)
+def test_bad_model_json_is_refused_with_its_file(bundle_dir: Path, changes: dict, message: str) -> None:
+    _edit_meta(bundle_dir, **changes)
+    with pytest.raises(BundleError, match=rf"^model\.json in {bundle_dir}.*{message}"):
+        load_bundle(bundle_dir)
+
+
+def test_foreign_folder_and_file_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BundleError, match=rf"^{tmp_path} is not an SCDL model bundle: it has no model\.json"):
+        load_bundle(tmp_path)
+    with pytest.raises(BundleError, match=r"notes\.txt is not an SCDL model bundle: expected a folder or a \.scdlmodel"):
+        load_bundle(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_bundle(tmp_path / "missing")
+
+
+def test_registry_import_list_resolve_export_remove(tmp_path: Path, bundle_dir: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    assert registry.list() == []
+    first = registry.import_(bundle_dir)
+    archive = save_bundle(tmp_path / "again.scdlmodel", first.build_networks("cpu"), **META)
+    second = registry.import_(archive)
+    assert (first.ref, second.ref) == ("tiny@1", "tiny@2")
+    assert [entry.ref for entry in registry.list()] == ["tiny@1", "tiny@2"]
+    assert registry.resolve("tiny").ref == "tiny@2" and registry.resolve("tiny@1").ref == "tiny@1"
+    assert registry.resolve(bundle_dir).path == bundle_dir
+
+    exported = registry.export("tiny@1", tmp_path)
+    assert exported == tmp_path / "tiny-v1.scdlmodel"
+    assert load_bundle(exported).sha256 == first.sha256
+
+    assert registry.remove("tiny@1") == ["tiny@1"]
+    assert [entry.ref for entry in registry.list()] == ["tiny@2"]
+    assert not (tmp_path / "registry" / "tiny" / "1").exists()
+    assert registry.remove("tiny") == ["tiny@2"]
+    assert registry.list() == [] and not (tmp_path / "registry" / "tiny" / "2").exists()
+    with pytest.raises(BundleError, match=r"No installed model 'tiny' in .*Installed: none"):
+        registry.remove("tiny")
+
+
+def test_import_with_checksum_mismatch_stores_nothing(tmp_path: Path, bundle_dir: Path) -> None:
+    _tamper_weights(bundle_dir)
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(BundleError, match="does not match the sha256"):
+        registry.import_(bundle_dir)
+    assert registry.list() == []
+    stored = [p for p in (tmp_path / "registry").rglob("*") if p.name != ".lock"] if registry.root.exists() else []
+    assert stored == []
+
+
+def test_concurrent_imports_get_distinct_versions(tmp_path: Path, bundle_dir: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    threads = [threading.Thread(target=registry.import_, args=(bundle_dir,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [entry.ref for entry in registry.list()] == ["tiny@1", "tiny@2", "tiny@3", "tiny@4"]
+
+
+def test_unknown_model_names_what_is_installed(tmp_path: Path, bundle_dir: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.import_(bundle_dir)
+    with pytest.raises(BundleError, match=r"No model 'liver9'.*Installed: tiny@1\."):
+        registry.resolve("liver9")
+    with pytest.raises(BundleError, match=r"No model 'starter'.*ships no starter model"):
+        registry.resolve("starter")
+
+
+def test_shipped_starter_model_resolves_and_cannot_be_removed(
+    tmp_path: Path, networks: list[VNet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starter = save_bundle(tmp_path / "starter_model", networks[:1], **{**META, "name": "starter"})
+    monkeypatch.setattr(bundle_module, "STARTER_MODEL_DIR", starter)
+    registry = ModelRegistry(tmp_path / "registry")
+    assert registry.resolve("starter").path == starter
+    assert [(entry.ref, entry.builtin) for entry in registry.list()] == [("starter@1", True)]
+    with pytest.raises(BundleError, match="built-in starter model .* cannot be removed"):
+        registry.remove("starter")
+    # A fine-tuned starter installed by the user becomes the next version, and the latest.
+    assert registry.import_(starter).ref == "starter@2"
+    assert registry.resolve("starter").ref == "starter@2"
+
+
+def test_models_dir_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCDL_MODELS_DIR", str(tmp_path / "models"))
+    assert default_models_dir() == tmp_path / "models"
+    assert ModelRegistry().root == tmp_path / "models"
+    monkeypatch.delenv("SCDL_MODELS_DIR")
+    assert default_models_dir().parts[-2:] == ("scdl", "models")
