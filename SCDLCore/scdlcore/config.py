@@ -28,6 +28,7 @@ __all__ = [
     "AugmentConfig",
     "Config",
     "ConfigError",
+    "DEFAULT_FINETUNE_STEPS",
     "DataConfig",
     "NetworkConfig",
     "SCDLConfig",
@@ -36,6 +37,10 @@ __all__ = [
     "config_reference",
     "load_config",
 ]
+
+
+#: Optimiser steps of ``scdl finetune`` unless told otherwise: a few minutes on a GPU.
+DEFAULT_FINETUNE_STEPS = 300
 
 
 class ConfigError(ValueError):
@@ -52,7 +57,9 @@ class DataConfig:
     hu_window: tuple[float, float] = (-125.0, 275.0)  # HU mapped to [0, 1]
     val_cases: list[str] = field(default_factory=list)  # ids of labeled cases held out for validation
     num_val_cases: int = 0  # or: hold out this many labeled cases (the last ones by id) when val_cases is empty
+    val_on_train: bool = False  # with no case held out, score the labeled training cases (fit, not generalisation)
     cache_dir: str = ""  # preprocessed-volume cache; default <output>/cache
+    rehearsal: str = ""  # another dataset folder whose labeled cases also train (fine-tuning keeps old knowledge)
 
     def __post_init__(self) -> None:
         _require(all(s > 0 for s in self.spacing), "data.spacing", "three positive numbers (mm)", self.spacing)
@@ -244,7 +251,7 @@ def load_config(path: str | Path) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
     config = Config.from_dict(raw, str(path))
-    for name in ("dataset", "cache_dir"):
+    for name in ("dataset", "cache_dir", "rehearsal"):
         value = getattr(config.data, name)
         if value and not Path(value).is_absolute():
             setattr(config.data, name, str((path.parent / value).resolve()))

@@ -1,38 +1,91 @@
 """Dataset folders: CT images and label maps described by a versioned ``dataset.json`` manifest.
 
+A dataset folder is also a *store* (:class:`DatasetStore`): the Slicer panel and ``scdl dataset``
+add corrected cases to it, list, remove and rank them, and the trainer reads it (:func:`load_dataset`).
+
 Layout (paths in the manifest are relative to the folder)::
 
     my_dataset/
-      dataset.json
-      images/case001.nii.gz      labels/case001.nii.gz     (a case without a label is unlabeled)
+      dataset.json               the manifest: the only source of truth
+      dataset.json.lock          taken by every writer
+      images/case0001.nii.gz     labels/case0001.nii.gz     (a case without a label is unlabeled)
 
 ``dataset.json``::
 
     {"format": "scdl-dataset", "version": 1, "labels": "synapse13",
-     "cases": [{"id": "case001", "image": "images/case001.nii.gz", "label": "labels/case001.nii.gz",
-                "reviewed": null}, ...]}
+     "cases": [{"id": "case0001", "image": "images/case0001.nii.gz", "label": "labels/case0001.nii.gz",
+                "reviewed": ["liver", "spleen"], "source": "slicer", "added": "2026-11-27T10:00:00+00:00",
+                "model": "abdomen@3"}, ...]}
 
 ``reviewed`` lists the organs a person checked on a partially corrected case; ``null`` means every organ of
-the label table is reviewed (a fully labeled case). Case ids are opaque (never a patient name): letters,
-digits, ``-``, ``_`` and ``.``.
+the label table is reviewed (a fully labeled case). ``source`` is free text, ``added`` the UTC time the case
+was stored, ``model`` the model version that first segmented it (or null). Case ids are opaque (never a
+patient name): letters, digits, ``-``, ``_`` and ``.``. The store re-writes every image with
+:mod:`scdlcore.io` as NIfTI, which keeps the geometry and the voxels only, so no DICOM tag (patient name,
+dates, ...) enters the folder.
+
+Crash and concurrency safety: every write holds an exclusive lock on ``dataset.json.lock``; the case files
+are written first (each atomically), the manifest last (a temporary file moved over it). Killing a writer at
+any moment leaves the manifest as it was before or after the interrupted change, and every case it lists is
+complete. A killed writer may leave files in ``images/``/``labels/`` that no case lists; the next add of the
+same id, or its removal, deletes them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
+import logging
+import math
+import os
 import re
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from . import io
+from ._filelock import file_lock
+from .io import Volume
 from .labels import LabelTable, get_label_table
 
-__all__ = ["MANIFEST_NAME", "FORMAT", "FORMAT_VERSION", "Case", "Dataset", "DatasetError", "load_dataset", "validate_case_id"]
+if TYPE_CHECKING:
+    import torch
+
+    from .bundle import ModelBundle
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "Case",
+    "Dataset",
+    "DatasetError",
+    "DatasetStore",
+    "Suggestion",
+    "load_dataset",
+    "validate_case_id",
+]
 
 MANIFEST_NAME = "dataset.json"
+LOCK_NAME = MANIFEST_NAME + ".lock"
 FORMAT = "scdl-dataset"
 FORMAT_VERSION = 1
+IMAGES_DIR, LABELS_DIR = "images", "labels"
+CASE_SUFFIX = ".nii.gz"
+LOCK_TIMEOUT_S = 120.0  # writing one large CT takes seconds; a minute's wait means something is stuck
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_AUTO_ID = re.compile(r"^case(\d+)$")
+_BODY_HU = -500.0  # body voxels for the suggestion scores, as preprocess.body_bbox finds the body
+_MOSTLY_SHARE = 0.6  # a reason names the organs holding this share of the disagreement/uncertainty
+_log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -46,7 +99,7 @@ class Case:
     Attributes:
         id: opaque case id. image: image path. label: label-map path, or None (unlabeled).
         reviewed: organ names a person checked (partial correction), or None (all organs: fully labeled).
-        extra: further recorded fields (source, when added, segmenting model...), kept as they are.
+        extra: further recorded fields (``source``, ``added``, ``model``...), kept as they are.
     """
 
     id: str
@@ -59,9 +112,31 @@ class Case:
     def is_labeled(self) -> bool:
         return self.label is not None and (self.reviewed is None or len(self.reviewed) > 0)
 
+    @property
+    def status(self) -> str:
+        """``"labeled"`` (every organ reviewed), ``"partial"`` (some organs reviewed) or ``"unlabeled"``."""
+        if not self.is_labeled:
+            return "unlabeled"
+        return "labeled" if self.reviewed is None else "partial"
+
+    @property
+    def source(self) -> str:
+        return str(self.extra.get("source") or "")
+
+    @property
+    def added(self) -> str:
+        """UTC ISO 8601 time the case was stored ("" when not recorded)."""
+        return str(self.extra.get("added") or "")
+
+    @property
+    def model(self) -> str | None:
+        """The model version (``name@N``) that first segmented the case, or None."""
+        return self.extra.get("model")
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        return {**data.pop("extra"), **data}
+        extra = data.pop("extra")
+        return {**data, **{key: value for key, value in extra.items() if key not in data}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Case:
@@ -77,7 +152,7 @@ class Case:
 
 @dataclass
 class Dataset:
-    """A loaded dataset folder."""
+    """A loaded dataset folder (read-only snapshot of its manifest)."""
 
     root: Path
     table: LabelTable
@@ -98,14 +173,53 @@ class Dataset:
         for case in self.cases:
             if case.id == case_id:
                 return case
-        raise DatasetError(f"Dataset {self.root} has no case {case_id!r}; cases: {', '.join(c.id for c in self.cases)}.")
+        known = ", ".join(c.id for c in self.cases) or "none"
+        raise DatasetError(f"Dataset {self.root} has no case {case_id!r}; cases: {known}.")
+
+    def counts(self) -> dict[str, int]:
+        """Number of cases per status: ``{"labeled": n, "partial": n, "unlabeled": n}``."""
+        counts = dict.fromkeys(("labeled", "partial", "unlabeled"), 0)
+        for case in self.cases:
+            counts[case.status] += 1
+        return counts
 
     def manifest(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, "labels": self.table.name, "cases": [c.to_dict() for c in self.cases]}
 
 
+@dataclass(frozen=True)
+class Suggestion:
+    """Why an unlabeled case is worth correcting (see :meth:`DatasetStore.suggest`).
+
+    Attributes:
+        case_id: the case.
+        score: in [0, 1], higher = a correction helps more. For ``measure="disagreement"`` the fraction of
+            body voxels where the two networks' class maps differ; for ``"entropy"`` the mean softmax entropy
+            of the body voxels over its maximum, log(C).
+        measure: ``"disagreement"`` (CPS bundles: two networks) or ``"entropy"`` (one network).
+        organs: per organ the networks found: the same measure restricted to the organ (disagreement: the
+            fraction of the voxels either network calls that organ on which they differ; entropy: mean
+            normalised entropy of the voxels predicted as that organ).
+        reason: one sentence for people, e.g. "networks disagree on 12.0% of body voxels, mostly pancreas
+            and right adrenal gland".
+    """
+
+    case_id: str
+    score: float
+    measure: str
+    organs: dict[str, float]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def load_dataset(root: str | Path) -> Dataset:
-    """Read and validate a dataset folder (the manifest and that every referenced file exists)."""
+    """Read and validate a dataset folder (the manifest and that every referenced file exists).
+
+    Raises:
+        DatasetError: not a folder, no manifest, a foreign or damaged manifest, or a case whose files are missing.
+    """
     root = Path(root)
     manifest_path = root / MANIFEST_NAME
     if not root.is_dir():
@@ -117,10 +231,13 @@ def load_dataset(root: str | Path) -> Dataset:
         )
     try:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"Cannot read dataset manifest {manifest_path}: {err}") from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise DatasetError(f"{manifest_path} is not an SCDL dataset manifest (expected \"format\": \"{FORMAT}\").")
+        raise DatasetError(
+            f"{manifest_path} is not an SCDL dataset manifest (expected \"format\": \"{FORMAT}\"); it belongs to another "
+            "program, so SCDL leaves this folder alone. Choose another folder for an SCDL dataset."
+        )
     if data.get("version") != FORMAT_VERSION:
         raise DatasetError(f"{manifest_path} has manifest version {data.get('version')!r}; this SCDL reads version {FORMAT_VERSION}.")
     try:
@@ -135,12 +252,277 @@ def load_dataset(root: str | Path) -> Dataset:
 
 def validate_case_id(case_id: str) -> str:
     """Return ``case_id`` if it is a safe opaque id, else raise DatasetError saying why."""
-    if not _CASE_ID.match(case_id or ""):
+    if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
         raise DatasetError(
             f"Invalid case id {case_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
             "(no path separators, no spaces)."
         )
     return case_id
+
+
+class DatasetStore:
+    """A dataset folder that cases are added to and removed from, safely from several processes at once.
+
+    Every read goes to the manifest on disk (another process may have changed it); every write holds the
+    folder's lock. Open an existing store with ``DatasetStore(root)``, create one with :meth:`init`.
+
+    Args:
+        root: the dataset folder.
+
+    Raises:
+        DatasetError: the folder is not an SCDL dataset (no manifest, a foreign or damaged one).
+
+    Example::
+
+        store = DatasetStore.init("my_dataset")
+        store.add("ct.nii.gz", "ct_fixed.seg.nrrd", reviewed=["liver", "spleen"], source="slicer", model="abdomen@3")
+        store.add("other_ct_dicom/")                     # unlabeled
+        print(store.counts())                            # {"labeled": 0, "partial": 1, "unlabeled": 1}
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+        self.table = load_dataset(self.root).table
+
+    @classmethod
+    def init(cls, root: str | os.PathLike, labels: str = "synapse13") -> DatasetStore:
+        """Create an empty store in ``root`` (created if missing), or open the store already there.
+
+        Args:
+            root: the folder.
+            labels: name of the label table the label maps use (see :func:`scdlcore.labels.get_label_table`).
+
+        Raises:
+            DatasetError: an unknown label table; ``root`` is a file, holds a foreign ``dataset.json``, a store with
+                another label table, or ``images/``/``labels/`` files without a manifest.
+        """
+        root = Path(root).expanduser()
+        try:
+            table = get_label_table(labels)
+        except ValueError as err:
+            raise DatasetError(str(err)) from err
+        if root.exists() and not root.is_dir():
+            raise DatasetError(f"{root} is a file; give a folder for the dataset.")
+        if not (root / MANIFEST_NAME).exists():
+            for sub in (IMAGES_DIR, LABELS_DIR):
+                if (root / sub).is_dir() and any((root / sub).iterdir()):
+                    raise DatasetError(
+                        f"{root} has files in {sub}/ but no {MANIFEST_NAME}; an SCDL dataset manages its {IMAGES_DIR}/ "
+                        f"and {LABELS_DIR}/ folders. Choose an empty or new folder."
+                    )
+            for sub in (IMAGES_DIR, LABELS_DIR):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            with _lock(root):
+                if not (root / MANIFEST_NAME).exists():
+                    _write_manifest(Dataset(root, table, []))
+        store = cls(root)
+        if store.table.name != table.name:
+            raise DatasetError(f"{root} already holds a dataset with label table {store.table.name!r}, not {table.name!r}.")
+        return store
+
+    def dataset(self) -> Dataset:
+        """The current content (see :func:`load_dataset`)."""
+        return load_dataset(self.root)
+
+    def cases(self) -> list[Case]:
+        return self.dataset().cases
+
+    def case(self, case_id: str) -> Case:
+        return self.dataset().case(case_id)
+
+    def counts(self) -> dict[str, int]:
+        """``{"labeled": n, "partial": n, "unlabeled": n}``."""
+        return self.dataset().counts()
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the label table, every case entry and the sizes of its files: it changes when the data does."""
+        dataset = self.dataset()
+        digest = hashlib.sha256(dataset.table.name.encode())
+        for case in dataset.cases:
+            sizes = [_size(dataset.path(relative)) for relative in filter(None, (case.image, case.label))]
+            digest.update(json.dumps([case.to_dict(), sizes], sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def add(
+        self,
+        image: str | os.PathLike | Volume,
+        label: str | os.PathLike | Volume | None = None,
+        *,
+        case_id: str | None = None,
+        reviewed: Sequence[str] | None = None,
+        source: str = "",
+        model: str | None = None,
+        replace: bool = False,
+    ) -> Case:
+        """Validate and store a case: the image (and label map) as NIfTI, then its manifest entry.
+
+        Args:
+            image: a CT file or DICOM series folder (anything :func:`scdlcore.io.read_image` reads), or a
+                Volume in HU.
+            label: the label map on the image's grid, with values of the store's label table: a plain map, a
+                Slicer ``.seg.nrrd`` (segments matched by terminology or name), or a Volume; None stores an
+                unlabeled case.
+            case_id: opaque id (never a patient name); None takes the next free ``caseNNNN``.
+            reviewed: organs a person checked (a partial correction, e.g. ``["liver", "spleen"]``); None or all
+                organs = fully reviewed. Needs a label.
+            source: free text saying where the case comes from (no patient names).
+            model: the model version that first segmented the case (``name@N``), or None.
+            replace: overwrite the case with this id if it exists (otherwise an existing id is refused).
+
+        Returns:
+            The stored case.
+
+        Raises:
+            DatasetError: a bad case id or organ name, an id that exists, a label map off the image's grid or
+                with values outside the label table; nothing is stored then.
+            ImageError: an unreadable image or label file.
+        """
+        if case_id is not None:
+            validate_case_id(case_id)
+            _check_free(self.dataset(), case_id, replace)  # fail before reading a large image
+        reviewed = self._check_reviewed(reviewed, has_label=label is not None)
+        volume, image_name = _read_image(image)
+        labels = None if label is None else self._read_label(label, volume, image_name)
+        with _lock(self.root):
+            dataset = self.dataset()
+            case_id = case_id or _next_id(dataset.cases)
+            _check_free(dataset, case_id, replace)
+            image_file, label_file = (f"{sub}/{case_id}{CASE_SUFFIX}" for sub in (IMAGES_DIR, LABELS_DIR))
+            io.write_image(self.root / image_file, _compact(volume))
+            _fsync(self.root / image_file)
+            if labels is not None:
+                # The image's geometry, bit for bit, so the pair always lies on one grid.
+                io.write_label(self.root / label_file, volume.with_array(labels.array), self.table)
+                _fsync(self.root / label_file)
+            case = Case(
+                id=case_id,
+                image=image_file,
+                label=None if labels is None else label_file,
+                reviewed=reviewed,
+                extra={"source": source, "added": _now(), "model": model},
+            )
+            others = [c for c in dataset.cases if c.id != case_id]
+            position = next((i for i, c in enumerate(dataset.cases) if c.id == case_id), len(others))
+            _write_manifest(Dataset(self.root, self.table, [*others[:position], case, *others[position:]]))
+            self._delete_unlisted(case_id, dataset)
+        return case
+
+    def remove(self, case_id: str) -> Case:
+        """Remove a case and its files; returns the removed entry.
+
+        Raises:
+            DatasetError: no case with this id (files a killed add left for it are deleted all the same).
+        """
+        validate_case_id(case_id)
+        with _lock(self.root):
+            dataset = self.dataset()
+            try:
+                case = dataset.case(case_id)
+            except DatasetError:
+                self._delete_unlisted(case_id, dataset)
+                raise
+            _write_manifest(Dataset(self.root, self.table, [c for c in dataset.cases if c.id != case_id]))
+            self._delete_unlisted(case_id, dataset)
+        return case
+
+    def suggest(
+        self,
+        bundle: ModelBundle,
+        device: torch.device | str,
+        *,
+        top: int | None = None,
+        overlap: float = 0.25,
+    ) -> list[Suggestion]:
+        """Rank the unlabeled cases by how much correcting them would help the model.
+
+        Bundles with two or more networks (CPS) are scored by the disagreement of their first two networks'
+        class maps; one-network bundles by the mean softmax entropy. Both are measured over the body voxels
+        (above -500 HU) on the model grid.
+
+        Args:
+            bundle: the current model.
+            device: where the networks run.
+            top: keep the ``top`` best; None = all.
+            overlap: sliding-window overlap in [0, 1); the ranking needs less than segmentation does.
+
+        Returns:
+            Suggestions, most useful first (ties by case id).
+        """
+        import torch
+
+        dataset = self.dataset()
+        cases = dataset.unlabeled
+        networks = bundle.build_networks(device, count=2)
+        suggestions = []
+        for index, case in enumerate(cases, start=1):
+            _log.info("Scoring case %s (%d/%d)", case.id, index, len(cases))
+            image = io.read_image(dataset.path(case.image))
+            with torch.inference_mode():
+                suggestions.append(_score_case(case.id, image, networks, bundle, device, overlap))
+        suggestions.sort(key=lambda s: (-s.score, s.case_id))
+        return suggestions if top is None else suggestions[:top]
+
+    def _check_reviewed(self, reviewed: Sequence[str] | None, *, has_label: bool) -> list[str] | None:
+        """Reviewed organ names in table order; None when every organ is reviewed."""
+        if reviewed is None:
+            return None
+        names = [reviewed] if isinstance(reviewed, str) else list(dict.fromkeys(reviewed))
+        if not has_label:
+            raise DatasetError("Reviewed organs were given without a label map; add the label map the person reviewed.")
+        unknown = [name for name in names if name not in self.table.names]
+        if unknown:
+            raise DatasetError(
+                f"Unknown reviewed organ(s) {', '.join(map(repr, unknown))}; organs of label table "
+                f"{self.table.name!r}: {', '.join(self.table.names)}."
+            )
+        if not names:
+            raise DatasetError("The list of reviewed organs is empty; name the organs a person checked, or add the case unlabeled.")
+        return None if set(names) == set(self.table.names) else [name for name in self.table.names if name in names]
+
+    def _read_label(self, label: str | os.PathLike | Volume, image: Volume, image_name: str) -> Volume:
+        """The label map, checked: on the image's grid, values from the table."""
+        if isinstance(label, Volume):
+            volume, name = label, "the label map volume"
+            if not np.issubdtype(volume.array.dtype, np.integer):
+                raise DatasetError(f"The label map volume holds {volume.array.dtype} values; a label map holds integers.")
+        else:
+            path = Path(label)
+            name = str(path)
+            is_segmentation = path.name.lower().endswith(".seg.nrrd")
+            volume = io.read_segmentation_labels(path, self.table) if is_segmentation else io.read_label(path)
+        if not volume.same_grid(image):
+            raise DatasetError(
+                f"Label map {name} is not on the grid of image {image_name}: the label map has {_grid(volume)}, the "
+                f"image {_grid(image)}. Export the label map on the image's grid, or resample it onto the image with "
+                "scdlcore.io.resample_label_to. Nothing was stored."
+            )
+        unknown = sorted(set(np.unique(volume.array).tolist()) - {0} - set(self.table.values))
+        if unknown:
+            raise DatasetError(
+                f"Label map {name} holds values {unknown} that are not in label table {self.table.name!r} "
+                f"(values {self.table.values}); convert them with scdlcore.labels.map_label_values. Nothing was stored."
+            )
+        return volume
+
+    def _delete_unlisted(self, case_id: str, before: Dataset) -> None:
+        """After a manifest write (lock held): delete the files of ``case_id`` that the manifest no longer lists.
+
+        These are the case's previous files (replaced or removed), its orphans from a killed add, and the
+        temporary files killed writers left (hidden files; only a lock holder writes in these folders).
+        """
+        listed = {relative for case in self.dataset().cases for relative in (case.image, case.label) if relative}
+        old = [relative for case in before.cases if case.id == case_id for relative in (case.image, case.label) if relative]
+        candidates = [*old, *(f"{sub}/{case_id}{CASE_SUFFIX}" for sub in (IMAGES_DIR, LABELS_DIR))]
+        for sub in (IMAGES_DIR, LABELS_DIR):
+            if (self.root / sub).is_dir():
+                candidates += [f"{sub}/{p.name}" for p in (self.root / sub).iterdir() if p.name.startswith(".")]
+        candidates += [p.name for p in self.root.glob(f".{MANIFEST_NAME}.*.tmp")]
+        for relative in set(candidates) - listed:
+            path = self.root / relative
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _check_cases(dataset: Dataset, manifest_path: Path) -> None:
@@ -159,3 +541,175 @@ def _check_cases(dataset: Dataset, manifest_path: Path) -> None:
         for organ in case.reviewed or []:
             if organ not in dataset.table.names:
                 raise DatasetError(f"{manifest_path}: case {case.id!r} lists unknown reviewed organ {organ!r}.")
+
+
+def _check_free(dataset: Dataset, case_id: str, replace: bool) -> None:
+    if not replace and any(case.id == case_id for case in dataset.cases):
+        raise DatasetError(
+            f"Dataset {dataset.root} already has a case {case_id!r}; give another id, or replace it "
+            "(--replace, replace=True). Nothing was stored."
+        )
+
+
+def _next_id(cases: Iterable[Case]) -> str:
+    """``caseNNNN`` after the highest such id."""
+    numbers = [int(match[1]) for case in cases if (match := _AUTO_ID.match(case.id))]
+    return f"case{max(numbers, default=0) + 1:04d}"
+
+
+def _read_image(image: str | os.PathLike | Volume) -> tuple[Volume, str]:
+    """The CT volume and its name for messages."""
+    if not isinstance(image, Volume):
+        return io.read_image(image), str(image)
+    if not np.issubdtype(image.array.dtype, np.number) or not np.isfinite(image.array).all():
+        raise DatasetError("The image volume must hold finite Hounsfield units (numbers, no NaN or infinity).")
+    return image, "the image volume"
+
+
+def _compact(volume: Volume) -> Volume:
+    """The volume as int16 when that is lossless (CT in whole HU): half the disk of float32."""
+    array = volume.array
+    limits = np.iinfo(np.int16)
+    if (
+        np.issubdtype(array.dtype, np.floating)
+        and array.min() >= limits.min
+        and array.max() <= limits.max
+        and np.array_equal(array, np.rint(array))
+    ):
+        return volume.with_array(array.astype(np.int16))
+    return volume
+
+
+def _grid(volume: Volume) -> str:
+    """A grid for messages: size (x, y, z) voxels, spacing, origin, direction."""
+
+    def numbers(values: Sequence[float]) -> str:
+        return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+    return (
+        f"size {numbers(volume.shape[::-1])} voxels, spacing {numbers(volume.spacing)} mm, "
+        f"origin {numbers(volume.origin)} mm, direction {numbers(volume.direction)}"
+    )
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """The store's write lock; waiting longer than LOCK_TIMEOUT_S is a DatasetError naming the dataset."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(file_lock(root / LOCK_NAME, timeout_s=LOCK_TIMEOUT_S))
+    except TimeoutError as err:
+        raise DatasetError(f"Dataset {root}: {err}") from err
+    with stack:
+        yield
+
+
+def _write_manifest(dataset: Dataset) -> None:
+    """Replace the manifest atomically: a synced temporary file in the same folder, then os.replace."""
+    path = dataset.root / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            json.dump(dataset.manifest(), handle, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to disk before the manifest refers to it (opened for writing: Windows needs that)."""
+    with open(path, "r+b") as handle:
+        os.fsync(handle.fileno())
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder (a DICOM series)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _score_case(
+    case_id: str, image: Volume, networks: list, bundle: ModelBundle, device: torch.device | str, overlap: float
+) -> Suggestion:
+    """Score one CT on the model grid (body voxels only); see :class:`Suggestion`."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from .preprocess import body_bbox, hu_window, resample_to_spacing
+
+    work = resample_to_spacing(image, bundle.spacing, is_label=False)
+    hu = work.array[body_bbox(work, threshold_hu=_BODY_HU)]
+    body = torch.from_numpy(hu > _BODY_HU).to(device)
+    x = torch.from_numpy(hu_window(hu, bundle.hu_window))[None, None].to(device)  # (1, 1, D, H, W)
+    probs = [
+        torch.softmax(
+            sliding_window_inference(x, bundle.patch_size, 1, lambda patch, net=net: net(patch)[0], overlap=overlap, mode="gaussian")[0],
+            dim=0,
+        )
+        for net in networks
+    ]  # each (C, D, H, W)
+    if len(probs) >= 2:
+        return _disagreement(case_id, probs[0].argmax(0), probs[1].argmax(0), body, bundle.labels)
+    return _entropy(case_id, probs[0], body, bundle.labels)
+
+
+def _disagreement(case_id: str, a: torch.Tensor, b: torch.Tensor, body: torch.Tensor, table: LabelTable) -> Suggestion:
+    """Class maps a, b (D, H, W) of two networks; body (D, H, W) bool."""
+    differ = (a != b) & body
+    score = float(differ.sum()) / max(1, int(body.sum()))
+    organs, involved = {}, {}
+    for index, name in enumerate(table.names, start=1):
+        either = ((a == index) | (b == index)) & body
+        count = int(either.sum())
+        if count:
+            involved[name] = float((either & differ).sum())
+            organs[name] = involved[name] / count
+    if score == 0:
+        reason = "networks agree on every body voxel"
+    else:
+        reason = f"networks disagree on {_percent(score)} of body voxels" + _mostly(involved, table, ", mostly ")
+    return Suggestion(case_id, score, "disagreement", organs, reason)
+
+
+def _entropy(case_id: str, probs: torch.Tensor, body: torch.Tensor, table: LabelTable) -> Suggestion:
+    """Class probabilities (C, D, H, W) of one network; body (D, H, W) bool."""
+    import torch
+
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(0) / math.log(probs.shape[0])
+    score = float(entropy[body].mean()) if bool(body.any()) else 0.0
+    predicted = probs.argmax(0)
+    organs, total = {}, {}
+    for index, name in enumerate(table.names, start=1):
+        voxels = (predicted == index) & body
+        if bool(voxels.any()):
+            organs[name] = float(entropy[voxels].mean())
+            total[name] = float(entropy[voxels].sum())
+    reason = f"mean voxel uncertainty {_percent(score)} of the maximum" + _mostly(total, table, ", highest in ")
+    return Suggestion(case_id, score, "entropy", organs, reason)
+
+
+def _mostly(amounts: dict[str, float], table: LabelTable, prefix: str) -> str:
+    """``prefix`` + the (at most 3) organs holding most of ``amounts``, e.g. "pancreas and right adrenal gland"; or ""."""
+    ranked = sorted((item for item in amounts.items() if item[1] > 0), key=lambda item: -item[1])
+    total, chosen, covered = sum(amount for _, amount in ranked), [], 0.0
+    for name, amount in ranked[:3]:
+        chosen.append(table[name].display_name.lower())
+        covered += amount
+        if covered >= _MOSTLY_SHARE * total:
+            break
+    if not chosen:
+        return ""
+    return prefix + (chosen[0] if len(chosen) == 1 else ", ".join(chosen[:-1]) + " and " + chosen[-1])
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"

@@ -105,6 +105,7 @@ class Trainer:
         cancel: set it (from another thread) to stop after the current step; SIGINT/SIGTERM set it too.
         init_weights: safetensors state dict of the base's networks to start from (fine-tuning), or None.
         bundle_meta: fields of the exported bundle's model.json that override the defaults (name, lineage...).
+        final_event: name of the closing event of a completed run ("result"; a fine-tune sends its own result).
     """
 
     def __init__(
@@ -117,10 +118,11 @@ class Trainer:
         cancel: threading.Event | None = None,
         init_weights: dict[str, torch.Tensor] | None = None,
         bundle_meta: dict[str, Any] | None = None,
+        final_event: str = "result",
     ) -> None:
         self.config, self.output = config, Path(output)
         self.json_events, self.resume, self.cancel = json_events, resume, cancel or threading.Event()
-        self.init_weights, self.bundle_meta = init_weights, bundle_meta or {}
+        self.init_weights, self.bundle_meta, self.final_event = init_weights, bundle_meta or {}, final_event
         self.rank, self.world_size = _distributed_rank()
         self.device = resolve_device(config.train.device)
         self.history: list[dict[str, Any]] = []
@@ -135,6 +137,8 @@ class Trainer:
             progress = Progress(self.config.train.steps, "train", json_lines=self.json_events, enabled=self.is_main,
                                 initial=self.step)
             try:
+                if self.step == 0 and self.init_weights is not None and self.validation and self.config.train.val_every:
+                    self.validate()  # the starting model's scores: the "before" of a fine-tune
                 while self.step < self.config.train.steps and not self.cancel.is_set():
                     losses = self.train_step()
                     self.step += 1
@@ -146,7 +150,7 @@ class Trainer:
                 progress.close()
             status = "cancelled" if cancelled else "completed"
             if self.is_main:
-                progress.emit("result" if not cancelled else "cancelled", status=status, step=self.step,
+                progress.emit(self.final_event if not cancelled else "cancelled", status=status, step=self.step,
                               best_mean_dice=self.best_mean_dice, best_step=self.best_step,
                               bundle=None if bundle is None else str(bundle))
             return TrainResult(status, self.step, self.best_mean_dice, self.best_step, self.output, bundle, self.history)
@@ -165,9 +169,14 @@ class Trainer:
         train_cases, val_cases, unlabeled_cases = split_validation(dataset, config)
         self.output.mkdir(parents=True, exist_ok=True)
         cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else self.output / "cache"
+        rehearsal = load_dataset(config.data.rehearsal) if config.data.rehearsal else None
         with _main_first(self.is_main, self.world_size):
             labeled = prepare_dataset(dataset, train_cases, config.data, cache_dir)
+            if rehearsal is not None:
+                labeled += prepare_dataset(rehearsal, rehearsal.labeled, config.data, cache_dir / "rehearsal")
             self.validation = prepare_dataset(dataset, val_cases, config.data, cache_dir)
+            if not val_cases and config.data.val_on_train:
+                self.validation = labeled
             unlabeled = prepare_dataset(dataset, unlabeled_cases, config.data, cache_dir)
         self.data_fingerprint = _fingerprint([c.id for c in train_cases + val_cases + unlabeled_cases], cache_dir)
         self.sampler = PatchSampler(labeled, unlabeled, config.train.patch_size, config.train.labeled_batch,

@@ -18,7 +18,7 @@ from .. import __version__
 __all__ = ["main", "build_parser"]
 
 #: Sub-command modules of this package, in the order ``scdl --help`` lists them.
-_COMMAND_MODULES = ("segment", "train", "evaluate", "models", "sample_data")
+_COMMAND_MODULES = ("segment", "train", "finetune", "evaluate", "models", "dataset", "sample_data", "worker")
 
 
 class UserError(Exception):

@@ -1,0 +1,144 @@
+"""``scdl dataset``: create a dataset folder, add, list and remove cases, suggest which to correct next."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..dataset import Case, DatasetStore
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "dataset",
+        help="manage a dataset folder (init, add, list, remove, suggest)",
+        description="A dataset folder holds CT images and label maps (re-written as NIfTI: geometry and voxels only, "
+        "no DICOM tags) and the dataset.json manifest. Writes are atomic and locked, so the Slicer panel and this "
+        "command can add cases at the same time.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON instead of text (for programs)")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    init = actions.add_parser("init", parents=[common], help="create an empty dataset folder (or open the one there)")
+    init.add_argument("dir", help="dataset folder (created if missing)")
+    init.add_argument("--labels", default="synapse13", help="label table of the label maps (default: synapse13)")
+
+    add = actions.add_parser("add", parents=[common], help="add a case: a CT and, optionally, its label map")
+    add.add_argument("dir", help="dataset folder")
+    add.add_argument("image", help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series")
+    add.add_argument("--label", help="label map on the image's grid (.nii.gz, .nrrd, .mha, or a Slicer .seg.nrrd); "
+                     "without it the case is unlabeled")
+    add.add_argument("--id", dest="case_id", metavar="ID", help="opaque case id, never a patient name (default: the next caseNNNN)")
+    add.add_argument("--reviewed", nargs="+", metavar="ORGAN",
+                     help="only these organs were checked (e.g. liver spleen); default: every organ")
+    add.add_argument("--source", default="", help="where the case comes from, free text (no patient names)")
+    add.add_argument("--model", help="model version that first segmented the case (NAME@VERSION)")
+    add.add_argument("--replace", action="store_true", help="overwrite the case with this id if it exists")
+
+    listing = actions.add_parser("list", parents=[common], help="the cases: labeled, partial or unlabeled")
+    listing.add_argument("dir", help="dataset folder")
+
+    remove = actions.add_parser("remove", parents=[common], help="remove a case and its files")
+    remove.add_argument("dir", help="dataset folder")
+    remove.add_argument("case_id", metavar="ID", help="case id")
+
+    suggest = actions.add_parser(
+        "suggest", parents=[common], help="rank unlabeled cases by how much correcting them would help",
+        description="Score every unlabeled case with a model: CPS bundles by the disagreement of their two networks, "
+        "one-network bundles by the entropy of the softmax; the cases where the model is least sure come first.",
+    )
+    suggest.add_argument("dir", help="dataset folder")
+    suggest.add_argument("--model", required=True,
+                         help="installed model NAME or NAME@VERSION, or a bundle folder/.scdlmodel path")
+    suggest.add_argument("--top", type=int, help="show only the N best cases (default: all)")
+    suggest.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="auto = the GPU when PyTorch sees one, else CPU (default: auto)")
+    suggest.add_argument("--models-dir", metavar="DIR", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..dataset import DatasetStore
+
+    if args.action == "init":
+        store = DatasetStore.init(args.dir, labels=args.labels)
+        _report(args.json, {"root": str(store.root), "labels": store.table.name, "counts": store.counts()},
+                f"Dataset {store.root} (label table {store.table.name}): {_summary(store.counts())}")
+        return 0
+    store = DatasetStore(args.dir)
+    if args.action == "add":
+        case = store.add(args.image, args.label, case_id=args.case_id, reviewed=args.reviewed, source=args.source,
+                         model=args.model, replace=args.replace)
+        _report(args.json, _case_dict(case), f"Added {case.id} ({case.status}{_reviewed_note(case)}) to {store.root}")
+        return 0
+    if args.action == "list":
+        _list(store, args.json)
+        return 0
+    if args.action == "remove":
+        case = store.remove(args.case_id)
+        _report(args.json, {"removed": case.id}, f"Removed {case.id} from {store.root}")
+        return 0
+    return _suggest(store, args)
+
+
+def _list(store: DatasetStore, as_json: bool) -> None:
+    dataset = store.dataset()
+    if as_json:
+        _print_json({"root": str(store.root), "labels": dataset.table.name, "counts": dataset.counts(),
+                     "fingerprint": store.fingerprint(), "cases": [_case_dict(case) for case in dataset.cases]})
+        return
+    rows = [("id", "status", "reviewed", "added", "source")]
+    for case in dataset.cases:
+        reviewed = "-" if case.status == "unlabeled" else "all" if case.reviewed is None else ", ".join(case.reviewed)
+        rows.append((case.id, case.status, reviewed, case.added or "-", case.source or "-"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1])
+    print(f"{len(dataset.cases)} case(s): {_summary(dataset.counts())} (label table {dataset.table.name})")
+
+
+def _suggest(store: DatasetStore, args: argparse.Namespace) -> int:
+    from ..bundle import ModelRegistry
+    from ..train import resolve_device
+
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}.")
+    bundle = ModelRegistry(args.models_dir).resolve(args.model)
+    suggestions = store.suggest(bundle, resolve_device(args.device), top=args.top)
+    if args.json:
+        _print_json({"model": bundle.ref, "suggestions": [s.to_dict() for s in suggestions]})
+    elif not suggestions:
+        print(f"No unlabeled case in {store.root}: nothing to suggest.")
+    else:
+        print(f"Cases to correct next, by {bundle.ref} ({suggestions[0].measure}):")
+        for rank, suggestion in enumerate(suggestions, start=1):
+            print(f"{rank:>3}. {suggestion.case_id}: {suggestion.reason}")
+    return 0
+
+
+def _case_dict(case: Case) -> dict[str, Any]:
+    return {**case.to_dict(), "status": case.status}
+
+
+def _reviewed_note(case: Case) -> str:
+    return f": {', '.join(case.reviewed)}" if case.status == "partial" and case.reviewed else ""
+
+
+def _summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {status}" for status, count in counts.items())
+
+
+def _report(as_json: bool, data: dict[str, Any], text: str) -> None:
+    if as_json:
+        _print_json(data)
+    else:
+        print(text)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))

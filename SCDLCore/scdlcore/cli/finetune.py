@@ -1,0 +1,49 @@
+"""``scdl finetune``: adapt a model to a dataset store (reviewed cases labeled, the others unlabeled)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..config import DEFAULT_FINETUNE_STEPS as DEFAULT_STEPS
+
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a model on a dataset store and register the result as a new version",
+        description="Fine-tune a model semi-supervised on a dataset store: reviewed (corrected) cases are labeled, "
+        "the other cases unlabeled. Ends by registering a new version of the model whose lineage names its parent "
+        "and the before/after Dice per organ. Ctrl-C stops cleanly (nothing registered, checkpoint kept; --resume continues).",
+    )
+    parser.add_argument("--dataset", required=True, help="dataset store folder (scdl dataset init)")
+    parser.add_argument("--model", default="starter", help="parent model: name, name@version or bundle path (default: starter)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS}; more adapts further but takes longer)")
+    parser.add_argument("--rehearsal", default="", help="another dataset folder whose labeled cases also train (keeps old knowledge)")
+    parser.add_argument("--output", help="run folder (default DATASET/runs/finetune-NAME-vVERSION)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its last checkpoint")
+    parser.add_argument("--events", action="store_true", help="JSON lines on stdout instead of a progress bar")
+    parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bundle import ModelRegistry
+    from ..finetune import finetune
+
+    result = finetune(args.model, args.dataset, registry=ModelRegistry(args.models_dir), steps=args.steps,
+                      output=args.output, device=args.device, rehearsal=args.rehearsal, resume=args.resume,
+                      json_events=args.events)
+    if result.status != "completed":
+        if not args.events:
+            print(f"Cancelled; nothing registered. Continue with: scdl finetune ... --resume (run folder {result.output})")
+        return 130
+    if not args.events:
+        print(f"Registered {result.model}")
+        print(f"{'organ':32s} {'before':>7s} {'after':>7s}")
+        for organ in sorted(set(result.before) | set(result.after)):
+            b, a = result.before.get(organ), result.after.get(organ)
+            print(f"{organ:32s} {'-' if b is None else f'{b:.3f}':>7s} {'-' if a is None else f'{a:.3f}':>7s}")
+    return 0

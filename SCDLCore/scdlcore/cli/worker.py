@@ -1,0 +1,27 @@
+"""``scdl worker``: keep a model loaded and answer JSON-lines requests on stdin (for the Slicer panel)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="serve JSON-lines requests on stdin/stdout with a loaded model (used by the Slicer panel)",
+        description="A long-lived process for programs: loads the model once, then answers one JSON request per line "
+        "(segment, add_case, finetune, cancel, status, shutdown) with JSON events carrying the request id. "
+        "See the README's 'Worker protocol' section.",
+    )
+    parser.add_argument("--model", default="starter", help="model name, name@version or bundle path (default: starter)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..worker import main
+
+    return main(args.model, args.device, args.models_dir)

@@ -1,0 +1,210 @@
+"""``scdl worker``: a long-lived process that keeps a model loaded and answers JSON-lines requests.
+
+The 3D Slicer panel starts one worker and talks to it over stdin/stdout (protocol version 1, see the
+README's "Worker protocol" section for a transcript). One request per line in, one event per line out;
+every event carries the request's ``id``. Segmentation and case additions run one at a time in a job
+thread, so ``status`` and ``cancel`` are answered while they run; fine-tuning runs ``scdl finetune`` in a
+child process whose events are forwarded with the request id, so the worker (and the model it holds)
+stays responsive and a crash of the fine-tune cannot take the worker down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .events import PROTOCOL_VERSION, Progress, to_jsonable
+
+__all__ = ["Worker"]
+
+
+class _LineWriter:
+    """A text stream whose every ``write`` of a whole line is atomic across threads."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream, self.lock = stream, threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def flush(self) -> None:
+        pass
+
+
+class Worker:
+    """Serves requests for one loaded model.
+
+    Args:
+        model: model reference (name, name@version or bundle path) resolved in ``models_dir``.
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        models_dir: the model registry folder (None: $SCDL_MODELS_DIR or the user data folder).
+        stdin, stdout: the request and event streams.
+    """
+
+    def __init__(self, model: str, device: str, models_dir: str | None, stdin: IO[str], stdout: IO[str]) -> None:
+        self.model_ref, self.device_name, self.models_dir = model, device, models_dir
+        self.stdin, self.out = stdin, _LineWriter(stdout)
+        self._job: threading.Thread | None = None
+        self._job_id: str | None = None
+        self._cancel = threading.Event()
+        self._child: subprocess.Popen | None = None
+        self._handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {
+            "segment": self._start_segment,
+            "add_case": self._start_add_case,
+            "finetune": self._start_finetune,
+            "cancel": self._cancel_request,
+            "status": self._status,
+        }
+
+    def serve(self) -> int:
+        """Load the model, announce ``ready``, answer requests until ``shutdown`` or end of input."""
+        import torch
+
+        from .bundle import ModelRegistry
+        from .infer import Predictor
+        from .train import resolve_device
+
+        try:
+            self.bundle = ModelRegistry(self.models_dir).resolve(self.model_ref)
+            self.device = resolve_device(self.device_name)
+            self.predictor = Predictor(self.bundle, self.device)
+        except (ValueError, FileNotFoundError) as err:
+            self.emit(None, "error", message=str(err), fatal=True)
+            return 2
+        cuda = self.device.type == "cuda"
+        self.emit(None, "ready", model=self.bundle.ref, device=self.device.type, torch=torch.__version__, cuda=cuda,
+                  gpu=torch.cuda.get_device_name(self.device) if cuda else None,
+                  gpu_memory_gb=round(torch.cuda.get_device_properties(self.device).total_memory / 2**30, 1) if cuda else None)
+        for line in self.stdin:
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+                request_id, command = request.get("id"), request["command"]
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                self.emit(None, "error", message=f"Not a request (a JSON object with \"id\" and \"command\"): {line.strip()[:200]}")
+                continue
+            if command == "shutdown":
+                self._stop_job()
+                self.emit(request_id, "result", message="bye")
+                return 0
+            handler = self._handlers.get(command)
+            if handler is None:
+                self.emit(request_id, "error", message=f"Unknown command {command!r}; known: {', '.join([*self._handlers, 'shutdown'])}.")
+                continue
+            handler(request_id, request)
+        self._stop_job()
+        return 0
+
+    def emit(self, request_id: str | None, event: str, **fields: Any) -> None:
+        record = {"protocol": PROTOCOL_VERSION, "id": request_id, "event": event, **fields}
+        self.out.write(json.dumps(to_jsonable(record)) + "\n")
+
+    # --- requests -------------------------------------------------------------------------------------
+    def _start_segment(self, request_id: str, request: dict[str, Any]) -> None:
+        def segment() -> dict[str, Any]:
+            from .infer import organ_volumes_ml
+
+            start = time.monotonic()
+            progress = Progress(100, "segment", json_lines=True, stream=self.out, request_id=request_id)  # type: ignore[arg-type]
+            labels = self.predictor.predict_file(request["input"], request["output"], organs=request.get("organs"),
+                                                 progress=progress, cancel=self._cancel)
+            return {"output": request["output"], "volumes_ml": organ_volumes_ml(labels, self.bundle.labels),
+                    "seconds": round(time.monotonic() - start, 2), "model": self.bundle.ref}
+
+        self._run_job(request_id, segment)
+
+    def _start_add_case(self, request_id: str, request: dict[str, Any]) -> None:
+        def add_case() -> dict[str, Any]:
+            from .dataset import DatasetStore
+
+            store = DatasetStore.init(Path(request["dataset"]), labels=self.bundle.labels.name)  # opens an existing store
+            case = store.add(request["image"], request.get("label"), case_id=request.get("case_id"),
+                             reviewed=request.get("reviewed"), source=request.get("source", "3D Slicer"), model=self.bundle.ref)
+            return {"case_id": case.id, "labeled": case.is_labeled, "counts": store.counts()}
+
+        self._run_job(request_id, add_case)
+
+    def _start_finetune(self, request_id: str, request: dict[str, Any]) -> None:
+        command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", str(request["dataset"]),
+                   "--model", str(request.get("model", self.bundle.ref)), "--steps", str(int(request.get("steps", 300))),
+                   "--device", str(request.get("device", self.device_name)), "--events"]
+        if self.models_dir:
+            command += ["--models-dir", self.models_dir]
+
+        def finetune() -> None:  # the child's own events end the request
+            self._child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for line in self._child.stdout:  # type: ignore[union-attr]
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                event.pop("id", None)
+                self.emit(request_id, event.pop("event", "log"), **{k: v for k, v in event.items() if k != "protocol"})
+            code = self._child.wait()
+            if code not in (0, 130):
+                tail = (self._child.stderr.read() or "").strip().splitlines()[-5:]  # type: ignore[union-attr]
+                raise RuntimeError(f"fine-tuning stopped with exit code {code}: {' | '.join(tail)}")
+
+        self._run_job(request_id, finetune)
+
+    def _cancel_request(self, request_id: str, request: dict[str, Any]) -> None:
+        target = request.get("target", self._job_id)
+        if target is not None and target == self._job_id:
+            self._stop_job(wait=False)
+        self.emit(request_id, "result", cancelled=target == self._job_id and target is not None)
+
+    def _status(self, request_id: str, _request: dict[str, Any]) -> None:
+        self.emit(request_id, "result", model=self.bundle.ref, device=self.device.type, busy=self._job_id)
+
+    # --- the job thread -------------------------------------------------------------------------------
+    def _run_job(self, request_id: str, work: Callable[[], dict[str, Any] | None]) -> None:
+        """Run ``work`` in the job thread; its returned fields (if any) become the request's ``result``."""
+        if self._job_id is not None:
+            self.emit(request_id, "error", message=f"Busy with request {self._job_id}; cancel it or wait for its result.")
+            return
+        self._cancel.clear()
+
+        def run() -> None:
+            from .infer import InferenceCancelled
+
+            ending: tuple[str, dict[str, Any]] | None = None
+            try:
+                fields = work()
+                if fields is not None:
+                    ending = ("result", fields)
+            except InferenceCancelled:
+                ending = ("cancelled", {})
+            except Exception as err:  # every failure becomes an error event; the worker lives on
+                ending = ("error", {"message": str(err) or type(err).__name__, "kind": type(err).__name__})
+            finally:
+                self._job_id, self._child = None, None  # free before the last event: the client may send at once
+            if ending is not None:
+                self.emit(request_id, ending[0], **ending[1])
+
+        self._job_id = request_id
+        self._job = threading.Thread(target=run, name=f"scdl-job-{request_id}", daemon=True)
+        self._job.start()
+
+    def _stop_job(self, wait: bool = True) -> None:
+        self._cancel.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.terminate()  # SIGTERM: the fine-tune stops cleanly and keeps its checkpoint
+        if wait and self._job is not None:
+            self._job.join(timeout=60)
+
+
+def main(model: str, device: str, models_dir: str | None) -> int:
+    """Entry point of ``scdl worker``; stdout carries only protocol lines (logs go to stderr)."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return Worker(model, device, models_dir, sys.stdin, sys.stdout).serve()

@@ -1,0 +1,485 @@
+"""The dataset store: add/list/remove on real CTs, refusals, crash and concurrency safety, suggestions.
+
+Writers in child processes are real ``scdl dataset`` / :class:`DatasetStore` runs; where a test needs to
+stop one at an exact step, the child wraps ``os.replace`` (every atomic write ends with one) to announce
+each step and pause. The bundles for ``suggest`` are tiny random VNets (width 2): test fixtures, not models.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scdlcore
+from scdlcore import dataset as dataset_module
+from scdlcore._filelock import file_lock
+from scdlcore.bundle import save_bundle
+from scdlcore.cli import main
+from scdlcore.dataset import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    DatasetError,
+    DatasetStore,
+    _disagreement,
+    _entropy,
+    load_dataset,
+)
+from scdlcore.io import Volume, read_image, read_label, write_image, write_label
+from scdlcore.labels import SYNAPSE13
+from scdlcore.nets import VNet
+from scdlcore.sample_data import Sample
+
+PACKAGE_PARENT = Path(scdlcore.__file__).resolve().parents[1]
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00$")
+
+# A child process that runs `scdl dataset ...` (only that sub-command: no torch import, fast start) and
+# announces every os.replace before and after it happens, pausing SCDL_TEST_DELAY seconds each time.
+_ANNOUNCING_CLI = r"""
+import argparse, os, sys, time
+delay = float(os.environ.get("SCDL_TEST_DELAY", "0"))
+real_replace = os.replace
+def replace(src, dst):
+    print("replace", os.path.basename(dst), flush=True)
+    time.sleep(delay)
+    real_replace(src, dst)
+    print("replaced", os.path.basename(dst), flush=True)
+    time.sleep(delay)
+os.replace = replace
+from scdlcore.cli import dataset
+parser = argparse.ArgumentParser()
+dataset.register(parser.add_subparsers(dest="command"))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+# A child process adding the same image three times with automatic ids; os.replace is slowed down so
+# that two such writers' read-manifest / write-manifest steps overlap unless the lock keeps them apart.
+_WRITER = r"""
+import os, sys, time
+real_replace = os.replace
+def replace(src, dst):
+    time.sleep(0.05)
+    real_replace(src, dst)
+os.replace = replace
+from scdlcore.dataset import DatasetStore
+store = DatasetStore(sys.argv[1])
+for n in range(3):
+    store.add(sys.argv[2], source=f"writer {sys.argv[3]} add {n}")
+"""
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DatasetStore:
+    return DatasetStore.init(tmp_path / "store")
+
+
+@pytest.fixture
+def ct_file(tmp_path: Path, synthetic_ct: Volume) -> Path:
+    """The (10, 20, 30) synthetic CT as a NIfTI file, in whole HU."""
+    path = tmp_path / "input" / "ct.nii.gz"
+    write_image(path, synthetic_ct.with_array(np.rint(synthetic_ct.array)))
+    return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: tiny 3D convolutions run ~30x slower when intra-op threads compete on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
+
+
+def _snapshot(root: Path) -> tuple[bytes, list[str]]:
+    """The manifest's bytes and every file under the folder: equal snapshots = nothing was stored."""
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return (root / MANIFEST_NAME).read_bytes(), files
+
+
+def _store_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for sub in ("images", "labels") for p in (root / sub).iterdir()}
+
+
+def _listed_files(root: Path) -> set[str]:
+    return {rel for case in load_dataset(root).cases for rel in (case.image, case.label) if rel}
+
+
+def test_init_creates_an_empty_versioned_store_and_reopens_it(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "store"
+    store = DatasetStore.init(root)
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert manifest == {"format": "scdl-dataset", "version": 1, "labels": "synapse13", "cases": []}
+    assert (root / "images").is_dir() and (root / "labels").is_dir()
+    assert store.counts() == {"labeled": 0, "partial": 0, "unlabeled": 0} and store.cases() == []
+    assert DatasetStore.init(root).root == root  # a second init opens the same store
+    assert DatasetStore(root).table is SYNAPSE13
+
+
+def test_add_list_remove_real_samples_in_nifti_dicom_and_nrrd(
+    store: DatasetStore, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = str(store.root)
+    abdomen, dicom, chest = samples["ct_abdomen"], samples["ct_abdomen_dicom"], samples["ct_chest_nrrd"]
+    assert dicom.image.is_dir()
+    assert main(["dataset", "add", root, str(abdomen.image), "--label", str(abdomen.label), "--source", "sample nifti",
+                 "--model", "abdomen@3"]) == 0
+    assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label), "--reviewed", "spleen", "liver",
+                 "--source", "sample dicom"]) == 0
+    assert main(["dataset", "add", root, str(chest.image), "--id", "chest-1"]) == 0
+    capsys.readouterr()
+
+    assert main(["dataset", "list", root, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["counts"] == {"labeled": 1, "partial": 1, "unlabeled": 1}
+    assert listing["fingerprint"] == store.fingerprint()
+    cases = {case["id"]: case for case in listing["cases"]}
+    assert list(cases) == ["case0001", "case0002", "chest-1"]
+    assert cases["case0001"] | {"added": None} == {
+        "id": "case0001", "image": "images/case0001.nii.gz", "label": "labels/case0001.nii.gz", "reviewed": None,
+        "source": "sample nifti", "added": None, "model": "abdomen@3", "status": "labeled",
+    }
+    assert (cases["case0002"]["status"], cases["case0002"]["reviewed"]) == ("partial", ["spleen", "liver"])
+    assert (cases["chest-1"]["status"], cases["chest-1"]["label"], cases["chest-1"]["model"]) == ("unlabeled", None, None)
+    assert all(ISO_UTC.match(case["added"]) for case in cases.values())
+    manifest_text = (store.root / MANIFEST_NAME).read_text()
+    assert str(abdomen.image.parent) not in manifest_text and "example_ct" not in manifest_text  # no input names
+
+    # Every stored image has the input's geometry and voxels; every label map lies on its image.
+    for case_id, sample in (("case0001", abdomen), ("case0002", dicom), ("chest-1", chest)):
+        original, stored = read_image(sample.image), read_image(store.root / cases[case_id]["image"])
+        assert stored.same_grid(original) and np.array_equal(stored.array, original.array), case_id
+        if sample.label is not None:
+            labels = read_label(store.root / cases[case_id]["label"], reference=stored)
+            assert np.array_equal(labels.array, read_label(sample.label).array), case_id
+
+    assert main(["dataset", "list", root]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["id", "status", "reviewed", "added", "source"]
+    assert table[2].startswith("case0002  partial    spleen, liver  ") and table[2].endswith("  sample dicom")
+    assert table[-1] == "3 case(s): 1 labeled, 1 partial, 1 unlabeled (label table synapse13)"
+
+    assert main(["dataset", "remove", root, "case0001"]) == 0
+    assert capsys.readouterr().out.strip() == f"Removed case0001 from {root}"
+    assert [case.id for case in load_dataset(root).cases] == ["case0002", "chest-1"]
+    assert _store_files(store.root) == {"images/case0002.nii.gz", "labels/case0002.nii.gz", "images/chest-1.nii.gz"}
+    data = load_dataset(root)  # the read-only view the trainer uses
+    assert [c.id for c in data.labeled] == ["case0002"] and [c.id for c in data.unlabeled] == ["chest-1"]
+
+
+def test_stored_image_holds_only_geometry_and_voxels(store: DatasetStore, samples: dict[str, Sample]) -> None:
+    case = store.add(samples["ct_abdomen_dicom"].image)
+    raw = gzip.open(store.root / case.image).read()
+    header_size, vox_offset = struct.unpack("<i", raw[:4])[0], struct.unpack("<f", raw[108:112])[0]
+    assert (header_size, vox_offset) == (348, 352.0)
+    assert raw[148:228] == bytes(80)  # empty description
+    assert raw[348:352] == bytes(4)  # no header extension (where DICOM tags could hide)
+    assert len(raw) == 352 + 20 * 512 * 512 * 2  # whole-HU CT stored losslessly as int16, nothing else
+
+
+def test_partial_review_is_stored_in_table_order_and_all_organs_mean_null(
+    store: DatasetStore, synthetic_ct: Volume, synthetic_labels: Volume
+) -> None:
+    partial = store.add(synthetic_ct, synthetic_labels, reviewed=["liver", "spleen", "liver"], source="slicer")
+    full = store.add(synthetic_ct, synthetic_labels, reviewed=list(reversed(SYNAPSE13.names)))
+    unreviewed_default = store.add(synthetic_ct, synthetic_labels)
+    unlabeled = store.add(synthetic_ct)
+    assert (partial.id, partial.reviewed, partial.status) == ("case0001", ["spleen", "liver"], "partial")
+    assert (full.reviewed, full.status, unreviewed_default.reviewed) == (None, "labeled", None)
+    assert (unlabeled.label, unlabeled.status) == (None, "unlabeled")
+    entries = json.loads((store.root / MANIFEST_NAME).read_text())["cases"]
+    assert [entry["reviewed"] for entry in entries] == [["spleen", "liver"], None, None, None]
+    assert store.counts() == {"labeled": 2, "partial": 1, "unlabeled": 1}
+    assert load_dataset(store.root).case("case0001").source == "slicer"
+
+
+@pytest.mark.parametrize("case_id", ["../evil", "a/b", "a\\b", "/abs", "has space", ".hidden", "", "x" * 129])
+def test_case_ids_with_path_separators_or_odd_characters_are_refused(
+    store: DatasetStore, ct_file: Path, case_id: str
+) -> None:
+    before = _snapshot(store.root)
+    message = (
+        f"Invalid case id {case_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+        "(no path separators, no spaces)."
+    )
+    with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+        store.add(ct_file, case_id=case_id)
+    assert _snapshot(store.root) == before
+
+
+def test_label_map_with_unknown_values_is_refused_naming_values_and_file(
+    store: DatasetStore, ct_file: Path, synthetic_labels: Volume, tmp_path: Path
+) -> None:
+    bad = synthetic_labels.array.copy()
+    bad[0, 0, :3] = [14, 200, 14]
+    label_file = tmp_path / "input" / "bad_labels.nii.gz"
+    write_label(label_file, synthetic_labels.with_array(bad))
+    before = _snapshot(store.root)
+    message = (
+        f"Label map {label_file} holds values [14, 200] that are not in label table 'synapse13' "
+        "(values [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]); convert them with scdlcore.labels.map_label_values. "
+        "Nothing was stored."
+    )
+    with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+        store.add(ct_file, label_file, case_id="bad")
+    assert _snapshot(store.root) == before
+
+
+def test_label_map_on_another_grid_is_refused_naming_both_files(store: DatasetStore, samples: dict[str, Sample]) -> None:
+    image, label = samples["ct_chest_nrrd"].image, samples["ct_abdomen"].label
+    before = _snapshot(store.root)
+    message = (
+        f"Label map {label} is not on the grid of image {image}: the label map has size (122, 101, 112) voxels, "
+        "spacing (3, 3, 3) mm, origin (177.956, -11.319, 94.3018) mm, direction (-1, 0, 0, 0, -1, 0, 0, 0, 1), the "
+        "image size (128, 128, 34) voxels, spacing (3.04688, 3.04688, 10) mm, origin (193.096, 216.396, -340.25) mm, "
+        "direction (-1, 0, 0, 0, -1, 0, 0, 0, 1). Export the label map on the image's grid, or resample it onto the "
+        "image with scdlcore.io.resample_label_to. Nothing was stored."
+    )
+    with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+        store.add(image, label)
+    assert _snapshot(store.root) == before
+
+
+def test_bad_reviewed_organs_and_existing_ids_are_refused(
+    store: DatasetStore, synthetic_ct: Volume, synthetic_labels: Volume
+) -> None:
+    store.add(synthetic_ct, synthetic_labels, case_id="c1")
+    before = _snapshot(store.root)
+    refusals = {
+        "Unknown reviewed organ(s) 'livr'; organs of label table 'synapse13': " + ", ".join(SYNAPSE13.names) + ".":
+            dict(label=synthetic_labels, reviewed=["liver", "livr"]),
+        "Reviewed organs were given without a label map; add the label map the person reviewed.":
+            dict(reviewed=["liver"]),
+        "The list of reviewed organs is empty; name the organs a person checked, or add the case unlabeled.":
+            dict(label=synthetic_labels, reviewed=[]),
+        f"Dataset {store.root} already has a case 'c1'; give another id, or replace it (--replace, replace=True). "
+        "Nothing was stored.": dict(case_id="c1"),
+    }
+    for message, kwargs in refusals.items():
+        with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+            store.add(synthetic_ct, **kwargs)
+        assert _snapshot(store.root) == before
+
+
+def test_replace_overwrites_a_case_and_deletes_the_files_it_no_longer_needs(
+    store: DatasetStore, synthetic_ct: Volume, synthetic_labels: Volume
+) -> None:
+    store.add(synthetic_ct, synthetic_labels, case_id="c1")
+    store.add(synthetic_ct, case_id="c2")
+    fingerprint = store.fingerprint()
+    assert store.fingerprint() == fingerprint  # stable while nothing changes
+    time.sleep(1.1)  # "added" has one-second resolution
+    replaced = store.add(synthetic_ct, case_id="c1", replace=True, source="again")
+    assert [case.id for case in store.cases()] == ["c1", "c2"]  # the case keeps its place
+    assert (replaced.status, store.case("c1").source) == ("unlabeled", "again")
+    assert _store_files(store.root) == {"images/c1.nii.gz", "images/c2.nii.gz"}  # the old label map is gone
+    assert store.fingerprint() != fingerprint
+
+
+def test_folders_that_are_not_ours_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    empty_message = (
+        f"{empty} is not an SCDL dataset folder: it has no {MANIFEST_NAME}. Create one with `scdl dataset init {empty}` "
+        "and add cases with `scdl dataset add`, or write the manifest as the README's 'Dataset folders' section shows."
+    )
+    with pytest.raises(DatasetError, match=f"^{re.escape(empty_message)}$"):
+        DatasetStore(empty)
+
+    foreign = tmp_path / "nnunet"
+    foreign.mkdir()
+    nnunet_json = json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "numTraining": 3})
+    (foreign / MANIFEST_NAME).write_text(nnunet_json)
+    message = (
+        f"{foreign / MANIFEST_NAME} is not an SCDL dataset manifest (expected \"format\": \"scdl-dataset\"); it belongs "
+        "to another program, so SCDL leaves this folder alone. Choose another folder for an SCDL dataset."
+    )
+    for attempt in (DatasetStore, DatasetStore.init, load_dataset):
+        with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+            attempt(foreign)
+    assert (foreign / MANIFEST_NAME).read_text() == nnunet_json and sorted(p.name for p in foreign.iterdir()) == [MANIFEST_NAME]
+
+    (foreign / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(DatasetError, match=f"^Cannot read dataset manifest {re.escape(str(foreign / MANIFEST_NAME))}: "):
+        DatasetStore(foreign)
+
+    stray = tmp_path / "stray"
+    (stray / "images").mkdir(parents=True)
+    (stray / "images" / "scan.nii.gz").write_bytes(b"user data")
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(stray))} has files in images/ but no {MANIFEST_NAME}"):
+        DatasetStore.init(stray)
+
+    assert main(["dataset", "list", str(empty)]) == 2
+    assert capsys.readouterr().err.strip() == f"scdl dataset: error: {empty_message}"
+    assert main(["dataset", "list", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith(f"scdl dataset: error: Dataset folder {tmp_path / 'missing'} does not exist")
+
+
+def test_a_held_lock_makes_a_writer_wait_then_fail_clearly(
+    store: DatasetStore, synthetic_ct: Volume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataset_module, "LOCK_TIMEOUT_S", 0.3)
+    before = _snapshot(store.root)
+    with file_lock(store.root / LOCK_NAME):  # another open file: excluded like another process
+        start = time.monotonic()
+        with pytest.raises(DatasetError, match=f"^Dataset {re.escape(str(store.root))}: .*{LOCK_NAME} is locked by another program"):
+            store.add(synthetic_ct)
+        assert time.monotonic() - start >= 0.3
+    assert _snapshot(store.root) == before
+    assert store.add(synthetic_ct).id == "case0001"  # released: writing works again
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
+    store: DatasetStore, samples: dict[str, Sample], synthetic_ct: Volume
+) -> None:
+    sample = samples["ct_abdomen"]
+    keep = store.add(synthetic_ct, case_id="keep")
+    expected_labels = read_label(sample.label).array
+    command = [sys.executable, "-c", _ANNOUNCING_CLI, "dataset", "add", str(store.root), str(sample.image),
+               "--label", str(sample.label), "--id", "victim", "--replace"]
+    env = {**_env(), "SCDL_TEST_DELAY": "0.1"}
+    kills = 0
+    while True:  # kill the k-th run right after its k-th announcement, until a run finishes
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        steps = 0
+        for line in process.stdout:  # type: ignore[union-attr]
+            steps += line.startswith("replace")
+            if steps == kills + 1:
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait()
+        process.stdout.close()  # type: ignore[union-attr]
+        _check_valid(store.root, keep.id, expected_labels)
+        if process.returncode == 0:
+            break
+        assert process.returncode == -signal.SIGKILL
+        kills += 1
+    assert kills >= 6  # image, label and manifest: killed before and after each replace
+    assert _store_files(store.root) == _listed_files(store.root)  # the finished add cleaned the orphans
+    assert not list(store.root.glob(f".{MANIFEST_NAME}*"))
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+def test_sigkill_at_random_moments_leaves_a_valid_store(
+    store: DatasetStore, samples: dict[str, Sample], synthetic_ct: Volume
+) -> None:
+    sample = samples["ct_abdomen"]
+    keep = store.add(synthetic_ct, case_id="keep")
+    expected_labels = read_label(sample.label).array
+    command = [sys.executable, "-c", _ANNOUNCING_CLI, "dataset", "add", str(store.root), str(sample.image),
+               "--label", str(sample.label), "--id", "victim", "--replace"]  # no delay: a plain `scdl dataset add`
+    start = time.monotonic()
+    subprocess.run(command, check=True, env=_env(), capture_output=True)
+    duration = time.monotonic() - start
+    rng = random.Random(0)
+    for _ in range(3):
+        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 1.0) * duration)  # the second half: after the imports, while writing
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        _check_valid(store.root, keep.id, expected_labels)
+    store.remove("victim")
+    assert _store_files(store.root) == {"images/keep.nii.gz"}
+
+
+def test_two_processes_adding_concurrently_lose_nothing(store: DatasetStore, ct_file: Path) -> None:
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(store.root), str(ct_file), str(n)], env=_env(),
+                         stderr=subprocess.PIPE, text=True)
+        for n in range(2)
+    ]
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    cases = store.cases()
+    assert sorted(case.id for case in cases) == [f"case{n:04d}" for n in range(1, 7)]
+    assert sorted(case.source for case in cases) == sorted(f"writer {w} add {n}" for w in range(2) for n in range(3))
+    assert _store_files(store.root) == _listed_files(store.root)
+    for case in cases:
+        assert read_image(store.root / case.image).shape == (10, 20, 30)
+
+
+def test_disagreement_and_entropy_scores_by_hand() -> None:
+    body = torch.ones((10, 10, 10), dtype=torch.bool)
+    a = torch.zeros((10, 10, 10), dtype=torch.int64)
+    a[:4] = SYNAPSE13.class_index("liver")
+    a[4, :5] = SYNAPSE13.class_index("pancreas")
+    b = a.clone()
+    b[4, :5] = 0  # pancreas (50 voxels): network b misses it
+    b[0, 0, :2] = SYNAPSE13.class_index("adrenal_gland_right")  # 2 liver voxels become adrenal
+    scored = _disagreement("c", a, b, body, SYNAPSE13)
+    assert scored.score == pytest.approx(52 / 1000)
+    assert scored.organs == pytest.approx({"liver": 2 / 400, "pancreas": 1.0, "adrenal_gland_right": 1.0})
+    assert scored.reason == "networks disagree on 5.2% of body voxels, mostly pancreas"
+    agree = _disagreement("c", a, a, body, SYNAPSE13)
+    assert (agree.score, agree.reason) == (0.0, "networks agree on every body voxel")
+
+    uniform = torch.full((SYNAPSE13.num_classes, 4, 4, 4), 1 / SYNAPSE13.num_classes)
+    certain = torch.zeros_like(uniform)
+    certain[SYNAPSE13.class_index("spleen")] = 1.0
+    body = torch.ones((4, 4, 4), dtype=torch.bool)
+    assert _entropy("u", uniform, body, SYNAPSE13).score == pytest.approx(1.0)
+    sure = _entropy("s", certain, body, SYNAPSE13)
+    assert (sure.score, sure.organs, sure.reason) == (0.0, {"spleen": 0.0}, "mean voxel uncertainty 0.0% of the maximum")
+
+
+def test_suggest_ranks_unlabeled_cases_with_reasons(
+    store: DatasetStore, samples: dict[str, Sample], tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    store.add(samples["ct_abdomen"].image, case_id="abdomen")
+    store.add(samples["ct_chest_nrrd"].image, case_id="chest")
+    store.add(samples["ct_abdomen"].image, samples["ct_abdomen"].label, case_id="labeled")  # not ranked
+    torch.manual_seed(0)
+    networks = [VNet(num_classes=14, width=2), VNet(num_classes=14, width=2)]
+    # 14 mm: each sample fits one 32^3 window, so the test runs six forward passes.
+    meta = dict(labels=SYNAPSE13, spacing=(14.0, 14.0, 14.0), hu_window=(-125, 275), patch_size=(32, 32, 32))
+    cps = save_bundle(tmp_path / "cps", networks, name="tiny", base="cps", **meta)
+    single = save_bundle(tmp_path / "single", networks[:1], name="tiny1", **meta)
+
+    assert main(["dataset", "suggest", str(store.root), "--model", str(cps), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "tiny@1"
+    ranked = result["suggestions"]
+    assert sorted(s["case_id"] for s in ranked) == ["abdomen", "chest"]
+    assert ranked[0]["score"] >= ranked[1]["score"]
+    for suggestion in ranked:
+        assert suggestion["measure"] == "disagreement" and 0 <= suggestion["score"] <= 1
+        assert set(suggestion["organs"]) <= set(SYNAPSE13.names)
+        assert re.fullmatch(r"networks disagree on \d+\.\d% of body voxels(, mostly [a-z ]+?((, [a-z ]+?)* and [a-z ]+)?)?"
+                            r"|networks agree on every body voxel", suggestion["reason"]), suggestion["reason"]
+        assert suggestion["reason"].startswith("networks agree") or f"{100 * suggestion['score']:.1f}%" in suggestion["reason"]
+
+    assert main(["dataset", "suggest", str(store.root), "--model", str(single), "--device", "cpu", "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Cases to correct next, by tiny1@1 (entropy):" and len(lines) == 2
+    assert re.fullmatch(r"  1\. (abdomen|chest): mean voxel uncertainty \d+\.\d% of the maximum(, highest in .+)?", lines[1])
+
+
+def _check_valid(root: Path, keep_id: str, expected_labels: np.ndarray) -> None:
+    """The store opens; the untouched case is intact; the victim, if listed, is complete."""
+    dataset = load_dataset(root)
+    ids = [case.id for case in dataset.cases]
+    assert ids in ([keep_id], [keep_id, "victim"]), ids
+    read_image(dataset.path(dataset.case(keep_id).image))
+    if "victim" in ids:
+        victim = dataset.case("victim")
+        image = read_image(dataset.path(victim.image))
+        assert np.array_equal(read_label(dataset.path(victim.label), reference=image).array, expected_labels)  # type: ignore[arg-type]

@@ -1,0 +1,144 @@
+"""The annotation loop end to end on real CT: dataset store -> fine-tune -> new model version; the worker.
+
+The model is the intensity-threshold stand-in of ``conftest.threshold_bundle`` (hand-set weights, not a
+trained model): what is checked is the loop's plumbing (lineage, registration, cancel, resume, protocol),
+not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from scdlcore.bundle import ModelRegistry, load_bundle
+from scdlcore.dataset import DatasetStore
+from scdlcore.finetune import finetune
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAST = {"train.patch_size": [32, 32, 32], "train.labeled_batch": 1, "train.unlabeled_batch": 1}
+
+
+@pytest.fixture(scope="module")
+def store(samples, tmp_path_factory) -> Path:
+    """ct_abdomen reviewed for liver and spleen only (a partial correction), ct_chest_cta unlabeled."""
+    root = tmp_path_factory.mktemp("store") / "dataset"
+    store = DatasetStore.init(root)
+    abdomen = samples["ct_abdomen"]
+    store.add(abdomen.image, abdomen.label, case_id="abdomen", reviewed=["liver", "spleen"], source="test")
+    store.add(samples["ct_chest_cta"].image, case_id="chest", source="test")
+    return root
+
+
+@pytest.fixture
+def registry(threshold_bundle, tmp_path) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "models")
+    registry.import_(threshold_bundle)
+    return registry
+
+
+def test_finetune_registers_a_new_version_naming_its_parent(store, registry, tmp_path):
+    result = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu", overrides=FAST)
+
+    assert (result.status, result.model) == ("completed", "threshold@2")
+    child = registry.info("threshold@2")
+    assert child.lineage["parent"] == "threshold@1"
+    assert child.lineage["steps"] == 4 and len(child.lineage["data_fingerprint"]) == 16
+    assert child.metrics["validation"] == "training cases"
+    assert set(child.metrics["before_dice"]) == set(child.metrics["after_dice"]) == {"liver", "spleen"}
+    assert all(0.0 <= v <= 1.0 for v in [*child.metrics["before_dice"].values(), *child.metrics["after_dice"].values()])
+    assert registry.info("threshold").ref == "threshold@2", "the new version is the latest"
+
+
+def test_cancelled_finetune_registers_nothing_and_resumes(store, registry, tmp_path):
+    cancel = threading.Event()
+    cancel.set()  # stop at once: the run writes its checkpoint and returns
+    first = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu",
+                     cancel=cancel, overrides=FAST)
+    assert (first.status, first.model) == ("cancelled", None)
+    assert [entry.ref for entry in registry.list() if entry.name == "threshold"] == ["threshold@1"]
+
+    resumed = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu",
+                       resume=True, overrides=FAST)
+    assert (resumed.status, resumed.model) == ("completed", "threshold@2")
+
+
+def test_sigkilled_finetune_resumes_to_completion(store, registry, tmp_path):
+    command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", str(store), "--model", "threshold",
+               "--steps", "40", "--device", "cpu", "--output", str(tmp_path / "run"), "--events"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(registry))
+    for line in process.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["step"] >= 6:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    assert checkpoint.is_file(), "a checkpoint is written every 4 steps of a 40-step fine-tune"
+
+    done = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600, env=_env(registry))
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0]["event"] == "progress" and events[0]["step"] > 1, "resumed, not restarted"
+    assert events[-1]["event"] == "result" and events[-1]["model"] == "threshold@2"
+    assert load_bundle(registry.root / "threshold" / "2").lineage["steps"] == 40
+
+
+def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, registry, tmp_path):
+    worker = subprocess.Popen([sys.executable, "-m", "scdlcore", "worker", "--model", "threshold", "--device", "cpu"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(registry))
+
+    def send(**request) -> None:
+        worker.stdin.write(json.dumps({"protocol": 1, **request}) + "\n")
+        worker.stdin.flush()
+
+    def events_until(request_id: str, ends=("result", "error", "cancelled")) -> list[dict]:
+        seen = []
+        for line in worker.stdout:
+            event = json.loads(line)
+            seen.append(event)
+            if event["id"] == request_id and event["event"] in ends:
+                return seen
+        raise AssertionError(f"worker ended before answering {request_id}: {worker.stderr.read()[-2000:]}")
+
+    ready = json.loads(worker.stdout.readline())
+    assert ready == {**ready, "protocol": 1, "id": None, "event": "ready", "model": "threshold@1", "device": "cpu", "cuda": False}
+
+    output = tmp_path / "ct.seg.nrrd"
+    send(id="s1", command="segment", input=str(samples["ct_abdomen"].image), output=str(output))
+    transcript = events_until("s1")
+    assert all(event["id"] == "s1" for event in transcript)
+    assert [e["event"] for e in transcript].count("progress") >= 3
+    assert transcript[-1]["event"] == "result" and transcript[-1]["volumes_ml"]["liver"] > 100
+    assert output.is_file()
+
+    send(id="s2", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "b.nii.gz"))
+    send(id="c1", command="cancel", target="s2")
+    ends = [e for e in events_until("s2") if e["event"] in ("result", "cancelled", "error")]
+    assert {(e["id"], e["event"]) for e in ends} >= {("c1", "result"), ("s2", "cancelled")}
+
+    send(id="a1", command="add_case", dataset=str(tmp_path / "dataset"), image=str(samples["ct_chest_nrrd"].image), label=None)
+    added = events_until("a1")[-1]
+    assert added["event"] == "result", added
+    assert added["labeled"] is False and added["counts"]["unlabeled"] == 1
+
+    send(id="x1", command="no_such_command")
+    assert "Unknown command 'no_such_command'" in events_until("x1")[-1]["message"]
+    send(id="q1", command="status")
+    assert events_until("q1")[-1]["busy"] is None
+    send(id="z1", command="shutdown")
+    assert events_until("z1")[-1]["event"] == "result"
+    assert worker.wait(timeout=60) == 0
+
+
+def _env(registry: ModelRegistry) -> dict[str, str]:
+    env = dict(os.environ)
+    env["SCDL_MODELS_DIR"] = str(registry.root)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "SCDLCore"), env.get("PYTHONPATH")]))
+    return env
