@@ -119,6 +119,7 @@ class SCDLConfig:
     unlabeled: bool = True  # [choice] proxy loss on unlabeled tokens too (weighted by detached agreement, ramped)
     anchor: str = "batch"  # [choice] batch: per-batch SAC centres (released) | ema: EMA memory of centres
     anchor_momentum: float = 0.9
+    prior: bool = False  # the released prior path: class-prior features added before the output conv (kept in the exported model)
 
     def __post_init__(self) -> None:
         _choice(self.p2e, ("tokens", "classes"), "scdl.p2e")
@@ -130,7 +131,7 @@ class SCDLConfig:
 
     def module_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :class:`scdlcore.scdl.SCDLModule`."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("enabled", "weight")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("enabled", "weight", "prior")}
 
 
 @dataclass

@@ -55,7 +55,7 @@ def finetune_config(bundle: ModelBundle, dataset_dir: Path, *, steps: int, devic
             "val_cases": reviewed[-1:] if len(reviewed) >= MIN_CASES_TO_HOLD_OUT else [],
             "val_on_train": len(reviewed) < MIN_CASES_TO_HOLD_OUT,
         },
-        "network": {"arch": network["arch"], "width": network["width"], "norm": network["norm"]},
+        "network": {"width": network["width"], "norm": network["norm"]},  # a prior-path net comes back through scdl.prior
         "ssl": {"base": bundle.base},
         "scdl": scdl or {"enabled": True},
         "train": {"steps": steps, "patch_size": list(bundle.patch_size), "lr": 0.005, "device": device,

@@ -53,6 +53,8 @@ class SCDLModule(nn.Module):
         unlabeled: also apply the proxy loss to unlabeled tokens, weighted by the detached agreement b.
         anchor: ``"batch"``: SAC centres from the current batch (released); ``"ema"``: an EMA memory of centres.
         anchor_momentum: EMA momentum of the centre memory.
+        prior: build the optional prior path (:meth:`prior`), which then becomes part of the segmentation
+            network (see :class:`scdlcore.nets.SCDLPriorVNet`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class SCDLModule(nn.Module):
         unlabeled: bool = True,
         anchor: str = "batch",
         anchor_momentum: float = 0.9,
+        prior: bool = False,
     ) -> None:
         super().__init__()
         if p2e not in P2E_MODES:
@@ -103,6 +106,7 @@ class SCDLModule(nn.Module):
         self.projection = nn.Sequential(*layers)
         self.proxy_mean = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.1)
         self.proxy_raw_std = nn.Parameter(torch.full((num_classes, embed_dim), -2.0))  # softplus(-2) ~ 0.13
+        self.prior_projection = nn.Conv3d(embed_dim, width, kernel_size=1) if prior else None
         self.register_buffer("anchor_memory", torch.zeros(num_classes, embed_dim))
         self.register_buffer("anchor_seen", torch.zeros(num_classes, dtype=torch.bool))
 
@@ -158,6 +162,21 @@ class SCDLModule(nn.Module):
             return self.proxy_mean.sum() * 0.0
         cosine = (centres * F.normalize(self.proxy_mean, dim=-1)).sum(dim=1)
         return (1.0 - cosine)[in_batch].mean()
+
+    def prior(self, feat: torch.Tensor) -> torch.Tensor:
+        """The prior path (released MagicNet/Synapse variant): ``feat`` plus class-prior features.
+
+        Each token's prior is r_t = normalize(sum_c P[t, c] mu_c); the G^3 grid of priors is mapped to w channels by a
+        1x1x1 convolution, upsampled trilinearly to the feature map and added. feat (B, w, D, H, W) -> same shape.
+        """
+        if self.prior_projection is None:
+            raise RuntimeError("This SCDL module was built without the prior path (prior=False).")
+        z = self.project(self.tokens(feat))
+        e2p, _, _ = self.assignment(z.float())
+        priors = F.normalize(e2p @ self.proxy_mean, dim=-1)  # (B, L, E)
+        grid = priors.transpose(1, 2).reshape(feat.shape[0], -1, self.grid, self.grid, self.grid)
+        upsampled = F.interpolate(self.prior_projection(grid.to(feat.dtype)), size=feat.shape[2:], mode="trilinear", align_corners=False)
+        return feat + upsampled
 
     @staticmethod
     def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,12 @@ from typing import Any
 
 from torch import nn
 
+from .scdl_prior import SCDLPriorVNet
 from .vnet import VNet
 
-__all__ = ["VNet", "NETWORKS", "build_network", "network_description"]
+__all__ = ["NETWORKS", "SCDLPriorVNet", "VNet", "build_network", "network_description"]
 
-NETWORKS: dict[str, type[nn.Module]] = {"vnet": VNet}
+NETWORKS: dict[str, type[nn.Module]] = {"vnet": VNet, "vnet_scdl_prior": SCDLPriorVNet}
 
 
 def build_network(arch: str, **kwargs: Any) -> nn.Module:
@@ -32,6 +33,7 @@ def build_network(arch: str, **kwargs: Any) -> nn.Module:
 
 def network_description(net: nn.Module) -> Mapping[str, Any]:
     """The ``{"arch", **kwargs}`` description that :func:`build_network` turns back into ``net``."""
-    if isinstance(net, VNet):
-        return {"arch": "vnet", "in_channels": net.in_channels, "num_classes": net.num_classes, "width": net.width, "norm": net.norm}
+    for arch, cls in NETWORKS.items():
+        if type(net) is cls:
+            return {"arch": arch, **net.description()}
     raise ValueError(f"No description for network type {type(net).__name__}.")

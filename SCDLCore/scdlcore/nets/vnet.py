@@ -57,6 +57,10 @@ class VNet(nn.Module):
             self.decoders.append(_conv_stack(widths[stage], widths[stage], blocks, norm))
         self.head = nn.Conv3d(width, num_classes, kernel_size=1)
 
+    def description(self) -> dict:
+        """Constructor arguments, for :func:`scdlcore.nets.network_description`."""
+        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "width": self.width, "norm": self.norm}
+
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """Embedding ``feat (B, width, D, H, W)`` of ``image (B, in_channels, D, H, W)``."""
         skips = []

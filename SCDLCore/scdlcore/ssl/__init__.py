@@ -19,24 +19,33 @@ __all__ = ["Batch", "CPS", "MeanTeacher", "SSLBase", "Supervised", "build_base",
 
 def build_base(config: Config, num_classes: int) -> SSLBase:
     """Networks (and SCDL modules if enabled) for ``config.ssl.base``, initialised from the current RNG."""
-    def network():
-        return build_network(config.network.arch, in_channels=1, num_classes=num_classes, width=config.network.width, norm=config.norm)
+    prior = config.scdl.enabled and config.scdl.prior
 
-    def scdl_modules(count: int) -> list[SCDLModule] | None:
+    def network():
+        sizes = {"in_channels": 1, "num_classes": num_classes, "width": config.network.width, "norm": config.norm}
+        if prior:  # the SCDL module lives inside the network, which uses it for the prior path
+            return build_network("vnet_scdl_prior", scdl=config.scdl.module_kwargs(), **sizes)
+        return build_network(config.network.arch, **sizes)
+
+    def scdl_modules(networks: list) -> list[SCDLModule] | None:
         if not config.scdl.enabled:
             return None
-        return [SCDLModule(config.network.width, num_classes, **config.scdl.module_kwargs()) for _ in range(count)]
+        if prior:
+            return [net.scdl for net in networks]
+        return [SCDLModule(config.network.width, num_classes, **config.scdl.module_kwargs()) for _ in networks]
 
     common = {"scdl_weight": config.scdl.weight, "top_k": config.ssl.top_k}
     if config.ssl.base == "cps":
-        return CPS(network(), network(), cps_weight=config.ssl.cps_weight, scdl=scdl_modules(2), **common)
+        pair = [network(), network()]
+        return CPS(*pair, cps_weight=config.ssl.cps_weight, scdl=scdl_modules(pair), **common)
+    student = network()
     if config.ssl.base == "mean_teacher":
         return MeanTeacher(
-            network(),
+            student,
             consistency_weight=config.ssl.consistency_weight,
             ema_decay=config.ssl.ema_decay,
             noise_std=config.ssl.noise_std,
-            scdl=scdl_modules(1),
+            scdl=scdl_modules([student]),
             **common,
         )
-    return Supervised(network(), scdl=scdl_modules(1), **common)
+    return Supervised(student, scdl=scdl_modules([student]), **common)
