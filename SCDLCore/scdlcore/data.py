@@ -204,13 +204,13 @@ def _preprocess(dataset: Dataset, case: Case, config: DataConfig) -> PreparedCas
     image_path = dataset.path(case.image)
     image = io.read_image(image_path)
     label = io.read_label(dataset.path(case.label), reference=image) if case.label else None
-    crop = preprocess.body_bbox(image)
-    image = _crop_volume(image, crop)
+    box = preprocess.body_bbox(image)
+    image = preprocess.crop(image, box)
     resampled = preprocess.resample_to_spacing(image, config.spacing, is_label=False)
     windowed = preprocess.hu_window(resampled.array, config.hu_window).astype(np.float16)
     prepared = PreparedCase(id=case.id, image=windowed)
     if label is not None and case.is_labeled:
-        label = preprocess.resample_to_spacing(_crop_volume(label, crop), config.spacing, is_label=True)
+        label = preprocess.resample_to_spacing(preprocess.crop(label, box), config.spacing, is_label=True)
         try:
             classes = dataset.table.values_to_classes(label.array)
         except ValueError as err:
@@ -220,14 +220,6 @@ def _preprocess(dataset: Dataset, case: Case, config: DataConfig) -> PreparedCas
             prepared.valid = _partial_valid(classes, [dataset.table.class_index(n) for n in case.reviewed], config.spacing)
         prepared.class_indices = _class_indices(classes, prepared.valid, case.id)
     return prepared
-
-
-def _crop_volume(volume, crop):
-    """Crop a Volume to array slices, moving its origin to the new first voxel."""
-    start = np.array([s.start for s in crop][::-1], dtype=float)  # (x, y, z) index of the new first voxel
-    direction = np.array(volume.direction, dtype=float).reshape(3, 3)
-    origin = np.array(volume.origin) + direction @ (start * np.array(volume.spacing))
-    return type(volume)(np.ascontiguousarray(volume.array[crop]), volume.spacing, tuple(origin), volume.direction)
 
 
 def _partial_valid(classes: np.ndarray, reviewed: list[int], spacing: Sequence[float]) -> np.ndarray:

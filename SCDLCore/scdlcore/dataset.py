@@ -183,6 +183,14 @@ class Dataset:
             counts[case.status] += 1
         return counts
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the label table, every case entry and the sizes of its files: it changes when the data does."""
+        digest = hashlib.sha256(self.table.name.encode())
+        for case in self.cases:
+            sizes = [_size(self.path(relative)) for relative in filter(None, (case.image, case.label))]
+            digest.update(json.dumps([case.to_dict(), sizes], sort_keys=True).encode())
+        return digest.hexdigest()
+
     def manifest(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, "labels": self.table.name, "cases": [c.to_dict() for c in self.cases]}
 
@@ -335,13 +343,8 @@ class DatasetStore:
         return self.dataset().counts()
 
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of the label table, every case entry and the sizes of its files: it changes when the data does."""
-        dataset = self.dataset()
-        digest = hashlib.sha256(dataset.table.name.encode())
-        for case in dataset.cases:
-            sizes = [_size(dataset.path(relative)) for relative in filter(None, (case.image, case.label))]
-            digest.update(json.dumps([case.to_dict(), sizes], sort_keys=True).encode())
-        return digest.hexdigest()
+        """See :meth:`Dataset.fingerprint`."""
+        return self.dataset().fingerprint()
 
     def add(
         self,
@@ -492,8 +495,8 @@ class DatasetStore:
             volume = io.read_segmentation_labels(path, self.table) if is_segmentation else io.read_label(path)
         if not volume.same_grid(image):
             raise DatasetError(
-                f"Label map {name} is not on the grid of image {image_name}: the label map has {_grid(volume)}, the "
-                f"image {_grid(image)}. Export the label map on the image's grid, or resample it onto the image with "
+                f"Label map {name} is not on the grid of image {image_name}: the label map has {volume.describe_grid()}, the "
+                f"image {image.describe_grid()}. Export the label map on the image's grid, or resample it onto the image with "
                 "scdlcore.io.resample_label_to. Nothing was stored."
             )
         unknown = sorted(set(np.unique(volume.array).tolist()) - {0} - set(self.table.values))
@@ -578,18 +581,6 @@ def _compact(volume: Volume) -> Volume:
     ):
         return volume.with_array(array.astype(np.int16))
     return volume
-
-
-def _grid(volume: Volume) -> str:
-    """A grid for messages: size (x, y, z) voxels, spacing, origin, direction."""
-
-    def numbers(values: Sequence[float]) -> str:
-        return "(" + ", ".join(f"{v:g}" for v in values) + ")"
-
-    return (
-        f"size {numbers(volume.shape[::-1])} voxels, spacing {numbers(volume.spacing)} mm, "
-        f"origin {numbers(volume.origin)} mm, direction {numbers(volume.direction)}"
-    )
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ from .bundle import ModelBundle
 from .events import Progress
 from .io import Volume, read_image, write_label
 from .labels import LabelTable
-from .preprocess import body_bbox, hu_window, resample_to_spacing
+from .preprocess import body_bbox, crop, hu_window, resample_to_spacing
 
 __all__ = ["InferenceCancelled", "Predictor", "check_organs", "organ_volumes_ml"]
 
@@ -149,7 +149,7 @@ class Predictor:
         lut = self._value_lut(organs)
         _report(progress, 0.0, "preprocess")
         box = body_bbox(volume) if self.body_crop else tuple(slice(0, n) for n in volume.shape)
-        cropped = _crop(volume, box)  # type: ignore[arg-type]
+        cropped = crop(volume, box)  # type: ignore[arg-type]
         work = resample_to_spacing(cropped, self.bundle.spacing, is_label=False)
         image = torch.from_numpy(hu_window(work.array, self.bundle.hu_window))
         _report(progress, _PREPROCESS_END, "sliding_window")
@@ -258,13 +258,6 @@ def _report(progress: Progress | None, fraction: float, phase: str, *, only_if_a
     done = round(fraction * progress.total)
     if not (only_if_advanced and done == progress.done):
         progress.update(done, phase=phase)
-
-
-def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
-    """The sub-volume ``volume.array[box]`` (a view) with the origin of its first voxel."""
-    start_xyz = [axis.start for axis in reversed(box)]
-    origin = volume.ijk_to_lps @ np.array([*start_xyz, 1.0])
-    return Volume(volume.array[box], volume.spacing, tuple(origin[:3]), volume.direction)
 
 
 def _index_map(source: Volume, target: Volume) -> tuple[np.ndarray, np.ndarray]:

@@ -133,6 +133,13 @@ class Volume:
         """
         return not _grid_differences(self, other, tol)
 
+    def describe_grid(self) -> str:
+        """The grid for messages: size (x, y, z) in voxels, spacing, origin, direction."""
+        return (
+            f"size {_xyz(self.shape[::-1])} voxels, spacing {_xyz(self.spacing)} mm, "
+            f"origin {_xyz(self.origin)} mm (LPS), direction {_xyz(self.direction)}"
+        )
+
     def with_array(self, array: np.ndarray) -> Volume:
         """A volume with the same geometry and a new array of the same shape."""
         if array.shape != self.shape:

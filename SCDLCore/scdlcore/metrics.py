@@ -334,7 +334,7 @@ def evaluate_files(
     if not pred.same_grid(ref):
         raise ValueError(
             f"Prediction {pred_path} and reference {ref_path} are not on the same grid: "
-            f"{_describe_grid(pred)} vs {_describe_grid(ref)}. Resample the prediction onto the reference "
+            f"{pred.describe_grid()} vs {ref.describe_grid()}. Resample the prediction onto the reference "
             "(nearest neighbour, e.g. scdlcore.io.resample_label_to) before evaluating."
         )
     return evaluate_labels(pred.array, ref.array, ref.spacing_zyx, table, paper_mode=paper_mode)
@@ -442,18 +442,6 @@ def _parse_spacing(spacing_zyx: Sequence[float], ndim: int) -> tuple[float, ...]
             f"spacing_zyx must be {ndim} positive voxel sizes in mm in array order (z, y, x), got {spacing_zyx}."
         )
     return spacing
-
-
-def _describe_grid(volume: Volume) -> str:
-    """Size, spacing, origin and direction of a ``scdlcore.io.Volume``, for error messages."""
-
-    def numbers(values: Sequence[float]) -> str:
-        return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
-
-    return (
-        f"size {numbers(volume.shape[::-1])} (x, y, z), spacing {numbers(volume.spacing)} mm, "
-        f"origin {numbers(volume.origin)} mm, direction {numbers(volume.direction)}"
-    )
 
 
 def _nanmean(values: Any) -> float:

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from scdlcore.io import Volume, resample_volume
 
-__all__ = ["body_bbox", "hu_window", "resample_to_reference", "resample_to_spacing"]
+__all__ = ["body_bbox", "crop", "hu_window", "resample_to_reference", "resample_to_spacing"]
 
 
 def hu_window(array: np.ndarray, window: tuple[float, float] = (-125.0, 275.0)) -> np.ndarray:
@@ -98,6 +98,17 @@ def resample_to_reference(volume: Volume, reference: Volume, *, is_label: bool) 
         direction=reference.direction,
         is_label=is_label,
     )
+
+
+def crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
+    """The sub-volume ``volume.array[box]`` (a view), its origin moved to the centre of its first voxel.
+
+    Args:
+        volume: any volume. box: slices in array order (z, y, x), as :func:`body_bbox` returns.
+    """
+    start_xyz = [axis.start or 0 for axis in reversed(box)]
+    origin = volume.ijk_to_lps @ np.array([*start_xyz, 1.0])
+    return Volume(volume.array[box], volume.spacing, tuple(origin[:3]), volume.direction)
 
 
 def body_bbox(

@@ -178,7 +178,7 @@ class Trainer:
             if not val_cases and config.data.val_on_train:
                 self.validation = labeled
             unlabeled = prepare_dataset(dataset, unlabeled_cases, config.data, cache_dir)
-        self.data_fingerprint = _fingerprint([c.id for c in train_cases + val_cases + unlabeled_cases], cache_dir)
+        self.data_fingerprint = dataset.fingerprint()[:16]
         self.sampler = PatchSampler(labeled, unlabeled, config.train.patch_size, config.train.labeled_batch,
                                     config.train.unlabeled_batch, config.train.rare_class_prob, config.train.seed, self.rank)
         self.augmenter = Augmenter(config.augment, config.train.seed, self.rank)
@@ -455,13 +455,6 @@ def _dice(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None) -> float 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.default_rng([seed, rank, step, 3]).integers(2**62))
-
-
-def _fingerprint(case_ids: list[str], cache_dir: Path) -> str:
-    import hashlib
-
-    keys = sorted(p.name for p in cache_dir.glob("*.npz")) if cache_dir.is_dir() else []
-    return hashlib.sha256(json.dumps([sorted(case_ids), keys]).encode()).hexdigest()[:16]
 
 
 def _read_history(path: Path, up_to_step: int) -> list[dict[str, Any]]:

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+from scdl_test_support import sample_cache_dir, samples  # noqa: F401  (shared fixtures)
 
 from scdlcore.io import Volume
-from scdlcore.sample_data import Sample, fetch_all
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Geometry of the synthetic volumes: non-cubic, anisotropic, oblique, off-centre.
 SYNTHETIC_SHAPE = (10, 20, 30)  # (D, H, W)
 SYNTHETIC_SPACING = (0.7, 1.3, 2.9)  # (x, y, z) mm
-
-
-@pytest.fixture(scope="session")
-def sample_cache_dir() -> Path:
-    """``SCDL_CACHE_DIR`` if set, else the git-ignored ``.scdl-test-cache`` at the repository root."""
-    return Path(os.environ.get("SCDL_CACHE_DIR") or REPO_ROOT / ".scdl-test-cache")
-
-
-@pytest.fixture(scope="session")
-def samples(sample_cache_dir: Path) -> dict[str, Sample]:
-    """Every real sample, downloaded at most once per cache."""
-    return fetch_all(sample_cache_dir)
 
 
 @pytest.fixture

@@ -247,8 +247,8 @@ def test_label_map_on_another_grid_is_refused_naming_both_files(store: DatasetSt
     before = _snapshot(store.root)
     message = (
         f"Label map {label} is not on the grid of image {image}: the label map has size (122, 101, 112) voxels, "
-        "spacing (3, 3, 3) mm, origin (177.956, -11.319, 94.3018) mm, direction (-1, 0, 0, 0, -1, 0, 0, 0, 1), the "
-        "image size (128, 128, 34) voxels, spacing (3.04688, 3.04688, 10) mm, origin (193.096, 216.396, -340.25) mm, "
+        "spacing (3, 3, 3) mm, origin (177.956, -11.319, 94.3018) mm (LPS), direction (-1, 0, 0, 0, -1, 0, 0, 0, 1), the "
+        "image size (128, 128, 34) voxels, spacing (3.04688, 3.04688, 10) mm, origin (193.096, 216.396, -340.25) mm (LPS), "
         "direction (-1, 0, 0, 0, -1, 0, 0, 0, 1). Export the label map on the image's grid, or resample it onto the "
         "image with scdlcore.io.resample_label_to. Nothing was stored."
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scdl_test_support import threshold_vnet
 
 from scdlcore.bundle import ModelBundle, load_bundle, save_bundle
 from scdlcore.events import Progress
@@ -26,29 +27,6 @@ from scdlcore.overview import save_overview
 from scdlcore.preprocess import hu_window, resample_to_reference, resample_to_spacing
 
 SPLEEN, LIVER = SYNAPSE13["spleen"].value, SYNAPSE13["liver"].value
-
-
-def threshold_vnet() -> VNet:
-    """VNet (width 2) passing the windowed intensity x to the head: spleen where x > 0.25, liver where x > 0.75.
-
-    Only the first encoder conv and the last decoder conv carry the signal (identity taps); the
-    last up-sampling is zeroed, so the deeper random layers do not reach the output.
-    """
-    torch.manual_seed(0)
-    net = VNet(num_classes=14, width=2)
-    with torch.no_grad():
-        for conv in (net.encoders[0][0], net.decoders[-1][0]):
-            conv.weight.zero_()
-            conv.bias.zero_()
-            conv.weight[0, 0, 1, 1, 1] = 1.0
-        net.ups[-1][0].weight.zero_()  # with zero bias and a fresh BatchNorm, the deep path adds 0
-        net.ups[-1][0].bias.zero_()
-        net.head.weight.zero_()
-        net.head.bias.fill_(-20.0)  # organs other than the two stay far below background
-        net.head.bias[0] = 0.0
-        net.head.weight[1, 0], net.head.bias[1] = 40.0, -10.0  # spleen: 40 (x - 0.25)
-        net.head.weight[6, 0], net.head.bias[6] = 80.0, -40.0  # liver: beats spleen for x > 0.75
-    return net
 
 
 def _threshold(hu: np.ndarray) -> np.ndarray:
