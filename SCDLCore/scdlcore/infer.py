@@ -152,14 +152,14 @@ class Predictor:
         cropped = crop(volume, box)  # type: ignore[arg-type]
         work = resample_to_spacing(cropped, self.bundle.spacing, is_label=False)
         image = torch.from_numpy(hu_window(work.array, self.bundle.hu_window))
-        _report(progress, _PREPROCESS_END, "sliding_window")
+        _report(progress, _PREPROCESS_END, "infer")
         probs = self.sliding_window(image, progress=progress, cancel=cancel)
         del image
-        _report(progress, _WINDOWS_END, "resample")
+        _report(progress, _WINDOWS_END, "postprocess")
         output = np.zeros(volume.shape, dtype=np.uint8 if max(self.bundle.labels.values) < 256 else np.uint16)
         with torch.inference_mode():
             _probs_to_grid(probs, _index_map(cropped, work), lut, output[box])  # type: ignore[index]
-        _report(progress, 1.0, "done")
+        _report(progress, 1.0, "write")
         return volume.with_array(output)
 
     def sliding_window(
@@ -199,7 +199,7 @@ class Predictor:
                     weight[window] += self._gaussian
                 done = (first + len(batch)) / len(starts)
                 fraction = _PREPROCESS_END + done * (_WINDOWS_END - _PREPROCESS_END)
-                _report(progress, fraction, "sliding_window", only_if_advanced=True)
+                _report(progress, fraction, "infer", only_if_advanced=True)
             probs /= weight
         return probs[:, : shape[0], : shape[1], : shape[2]]
 
@@ -251,13 +251,15 @@ def organ_volumes_ml(labels: Volume, table: LabelTable) -> dict[str, float]:
     return {label.name: float(counts[label.value]) * voxel_ml for label in table.labels}
 
 
-def _report(progress: Progress | None, fraction: float, phase: str, *, only_if_advanced: bool = False) -> None:
-    """Advance ``progress`` to ``fraction`` of its total (inside a loop: only when the unit count changes)."""
+def _report(progress: Progress | None, fraction: float, stage: str, *, only_if_advanced: bool = False) -> None:
+    """Advance ``progress`` to ``fraction`` of its total in ``stage`` (preprocess, infer, postprocess, write);
+    inside a loop only when the unit count changes."""
     if progress is None:
         return
     done = round(fraction * progress.total)
     if not (only_if_advanced and done == progress.done):
-        progress.update(done, phase=phase)
+        progress.stage = stage
+        progress.update(done)
 
 
 def _index_map(source: Volume, target: Volume) -> tuple[np.ndarray, np.ndarray]:

@@ -138,7 +138,9 @@ def test_progress_events_and_cancel(sphere: Volume, coarse_bundle: ModelBundle) 
     stream = io.StringIO()
     Predictor(coarse_bundle, "cpu").predict_volume(sphere, progress=Progress(100, "segment", json_lines=True, stream=stream))
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert events[-1]["step"] == 100 and events[-1]["phase"] == "done"
+    assert events[-1]["step"] == 100 and events[-1]["stage"] == "write"
+    stages = list(dict.fromkeys(e["stage"] for e in events))
+    assert stages == ["preprocess", "infer", "postprocess", "write"], "the Slicer panel's named states"
     assert [e["step"] for e in events] == sorted(e["step"] for e in events)
     cancel = threading.Event()
     cancel.set()
