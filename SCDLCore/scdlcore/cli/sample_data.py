@@ -20,11 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--list", action="store_true", help="describe the samples without fetching them")
     parser.add_argument("--image-path", action="store_true", help="with NAME: print only the image path (for scripts)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--dataset", metavar="DIR",
+                        help="also write a training dataset folder of the samples (labeled: ct_abdomen, ct_abdomen_dicom; "
+                        "unlabeled: ct_chest_cta) for trying `scdl train`")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sample_data import SampleDataError, fetch_all, fetch_sample, list_samples
+    from ..sample_data import SampleDataError, fetch_all, fetch_sample, list_samples, make_sample_dataset
     from . import UserError
 
     if args.list:
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         samples = [fetch_sample(args.name)] if args.name else list(fetch_all().values())
     except SampleDataError as err:
         raise UserError(str(err)) from err
+    if args.dataset:
+        print(f"dataset folder: {make_sample_dataset(args.dataset, fetch_all())}")
     if args.json:
         print(json.dumps([{"name": s.name, "image": str(s.image), "label": s.label and str(s.label),
                            "licence": s.licence} for s in samples], indent=2))
