@@ -128,8 +128,10 @@ class Worker:
             from .dataset import DatasetStore
 
             store = DatasetStore.init(Path(request["dataset"]), labels=self.bundle.labels.name)  # opens an existing store
-            case = store.add(request["image"], request.get("label"), case_id=request.get("case_id"),
-                             reviewed=request.get("reviewed"), source=request.get("source", "3D Slicer"), model=self.bundle.ref)
+            label = request.get("label")
+            case = store.add(request["image"], label, case_id=request.get("case_id"),
+                             reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
+                             source=request.get("source", "3D Slicer"), model=self.bundle.ref)
             return {"case_id": case.id, "labeled": case.is_labeled, "counts": store.counts()}
 
         self._run_job(request_id, add_case)

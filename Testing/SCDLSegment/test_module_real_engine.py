@@ -1,0 +1,69 @@
+"""SCDLSegment.py against the REAL engine: ``python -m scdlcore worker`` and ``scdl finetune`` as child processes.
+
+Slicer itself is the STAND-IN of slicer_standin.py (not Slicer); the engine is the real one, with the
+intensity-threshold stand-in model of ``Testing/conftest.py`` (hand-set weights, not a trained model). This
+checks that the panel's client and the engine agree on the protocol, the dataset store and model versions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from scdlsegment_testing import REPO_ROOT
+from slicer_standin import SlicerStandIn
+from SCDLSegmentLib.engine import EngineCommand
+from SCDLSegmentLib.settings import Device
+
+from scdlcore.bundle import ModelRegistry
+from scdlcore.dataset import DatasetStore
+
+
+@pytest.fixture
+def standin(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return SlicerStandIn(tmp_path / "slicer-temp", environment=dict(os.environ))
+
+
+@pytest.fixture
+def logic(standin, monkeypatch, threshold_bundle, tmp_path):
+    standin.install(monkeypatch)
+    module = standin.import_module()
+    ModelRegistry(tmp_path / "models").import_(threshold_bundle)
+    engine = EngineCommand(python=sys.executable, python_path=(str(REPO_ROOT / "SCDLCore"),), model_dir=str(tmp_path / "models"))
+    logic = module.SCDLSegmentLogic(engine=engine, settingsStore=standin.settings)
+    yield logic
+    logic.shutdown()
+
+
+def abdomen_like_ct(standin):
+    """(D, H, W) = (24, 40, 48) CT at 6 mm: air, a body of fat (-100 HU), a 'spleen' block (60 HU) and dense bone (400 HU)."""
+    image = np.full((24, 40, 48), -1000, dtype=np.int16)
+    image[2:22, 4:36, 4:44] = -100
+    image[6:14, 10:20, 10:24] = 60
+    image[8:12, 24:30, 28:36] = 400
+    ijk_to_ras = np.array([[-6.0, 0, 0, 100.0], [0, -6.0, 0, 80.0], [0, 0, 6.0, -50.0], [0, 0, 0, 1]])
+    return standin.scene.AddNode(standin.modules["slicer"].vtkMRMLScalarVolumeNode("CT", image, ijk_to_ras))
+
+
+def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
+    volume = abdomen_like_ct(standin)
+
+    outcome = logic.segment(volume, "threshold", Device.CPU, timeout_s=120)
+    assert outcome.error is None, outcome.error
+    assert outcome.volumes_ml["spleen"] == pytest.approx(8 * 10 * 14 * 0.216, rel=0.3)  # 6 mm voxels: 0.216 mL
+
+    dataset = tmp_path / "dataset"
+    result = logic.submitCase(volume, outcome.segmentationNode, ["spleen", "liver"], dataset, "threshold", Device.CPU)
+    logic.submitCase(volume, None, [], dataset, "threshold", Device.CPU)
+    store = DatasetStore(dataset)
+    case = store.case(result["case_id"])
+    assert case.reviewed == ["spleen", "liver"] and case.model == "threshold@1"
+    assert store.counts() == {"labeled": 0, "partial": 1, "unlabeled": 1}
+
+    tuned = logic.finetune(dataset, "threshold", steps=2, timeout_s=600)
+    assert tuned.error is None, tuned.error
+    assert tuned.model == "threshold@2" and set(tuned.before) == {"spleen", "liver"}
+    assert [model.ref for model in logic.listModels() if model.ref.startswith("threshold")] == ["threshold@1", "threshold@2"]
