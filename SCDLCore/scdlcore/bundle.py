@@ -63,6 +63,7 @@ __all__ = [
     "ModelRegistry",
     "RegistryEntry",
     "default_models_dir",
+    "update_bundle_metadata",
     "load_bundle",
     "save_bundle",
 ]
@@ -348,6 +349,20 @@ def load_bundle(path: str | Path) -> ModelBundle:
         f"{path} is not an SCDL model bundle: expected a folder or a {ARCHIVE_SUFFIX} archive holding "
         f"{META_FILE} and {WEIGHTS_FILE}."
     )
+
+
+def update_bundle_metadata(path: str | Path, **fields: Any) -> ModelBundle:
+    """Rewrite model.json fields (lineage, metrics, description...) of a bundle FOLDER; the weights stay as they are.
+
+    The new model.json is validated and written atomically; returns the reloaded bundle.
+    """
+    bundle = load_bundle(path)
+    if bundle.path is None or not Path(bundle.path).is_dir():
+        raise BundleError(f"{path}: only a bundle folder's metadata can be updated, not an archive's.")
+    data = {**bundle.to_dict(), **fields}
+    ModelBundle.from_dict(data, f"updated {META_FILE} of {path}")._validate(f"bundle {path}")
+    _write_json(Path(bundle.path) / META_FILE, data)
+    return load_bundle(path)
 
 
 @dataclass(frozen=True)

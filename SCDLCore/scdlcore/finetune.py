@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .bundle import ModelBundle, ModelRegistry
+from .bundle import ModelBundle, ModelRegistry, load_bundle, update_bundle_metadata
 from .config import DEFAULT_FINETUNE_STEPS, Config, SCDLConfig
 from .dataset import load_dataset
 from .train import Trainer
@@ -116,7 +116,7 @@ def finetune(
     after = next((h["dice"] for h in validations if h["step"] == result.best_step), before)
     if result.status != "completed" or result.bundle is None:
         return FinetuneResult(result.status, None, before, after, output)
-    _record_lineage(result.bundle, parent, trainer, before, after, config, lineage)
+    _record_lineage(result.bundle, trainer, before, after, config, lineage)
     registered = registry.register(result.bundle)
     if json_events:
         from .events import Progress
@@ -125,22 +125,14 @@ def finetune(
     return FinetuneResult("completed", registered.ref, before, after, output)
 
 
-def _record_lineage(bundle_dir: Path, parent: ModelBundle, trainer: Trainer, before: dict, after: dict, config: Config,
+def _record_lineage(bundle_dir: Path, trainer: Trainer, before: dict, after: dict, config: Config,
                     lineage: dict[str, Any]) -> None:
-    """Rewrite the exported bundle's lineage and metrics (before/after Dice, what was validated on)."""
-    from .bundle import load_bundle, save_bundle
-
+    """Write the exported bundle's lineage and metrics (before/after Dice, what was validated on)."""
     exported = load_bundle(bundle_dir)
-    metrics = {
-        **exported.metrics,
-        "before_dice": before,
-        "after_dice": after,
-        "validation": "held-out reviewed case " + config.data.val_cases[0] if config.data.val_cases else "training cases",
-    }
-    save_bundle(
-        bundle_dir, exported.build_networks("cpu"), name=exported.name, labels=exported.labels,
-        spacing=exported.spacing, hu_window=exported.hu_window, patch_size=exported.patch_size,
-        base=exported.base, ensemble=exported.ensemble, scdl=exported.scdl,
+    held_out = config.data.val_cases
+    update_bundle_metadata(
+        bundle_dir,
         lineage={**exported.lineage, **lineage, "data_fingerprint": trainer.data_fingerprint, "steps": trainer.step},
-        metrics=metrics, description=exported.description,
+        metrics={**exported.metrics, "before_dice": before, "after_dice": after,
+                 "validation": f"held-out reviewed case {held_out[0]}" if held_out else "training cases"},
     )
