@@ -172,11 +172,11 @@ class Trainer:
         rehearsal = load_dataset(config.data.rehearsal) if config.data.rehearsal else None
         with _main_first(self.is_main, self.world_size):
             labeled = prepare_dataset(dataset, train_cases, config.data, cache_dir)
-            if rehearsal is not None:
-                labeled += prepare_dataset(rehearsal, rehearsal.labeled, config.data, cache_dir / "rehearsal")
             self.validation = prepare_dataset(dataset, val_cases, config.data, cache_dir)
             if not val_cases and config.data.val_on_train:
-                self.validation = labeled
+                self.validation = list(labeled)  # this dataset's own labeled cases, not the rehearsal ones
+            if rehearsal is not None:
+                labeled += prepare_dataset(rehearsal, rehearsal.labeled, config.data, cache_dir / "rehearsal")
             unlabeled = prepare_dataset(dataset, unlabeled_cases, config.data, cache_dir)
         self.data_fingerprint = dataset.fingerprint()[:16]
         self.sampler = PatchSampler(labeled, unlabeled, config.train.patch_size, config.train.labeled_batch,

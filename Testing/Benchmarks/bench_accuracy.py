@@ -1,0 +1,640 @@
+"""Accuracy on another patient's real CT: supervised, CPS + GA, Mean Teacher + GA, each with and without SCDL.
+
+One command trains every configuration with the same network, budget and seeds, in-process and one after
+another (``scdlcore.train.Trainer``), and scores each run on a labeled CT that no run ever sees:
+
+- labeled (training): ``ct_abdomen`` (sample A of the data notes, 3 mm, TotalSegmentator labels);
+- unlabeled: ``ct_chest_cta`` (C, chest CT angiography) and ``ct_chest_nrrd`` (F, a 3D Slicer chest CT);
+- test: ``ct_abdomen_dicom`` (B): another patient, another scanner (PET/CT), TotalSegmentator labels.
+
+Each configuration is a dict of dotted config overrides applied to ONE base config (the trainer's defaults,
+CPS + GA + SCDL, with this benchmark's budget): see :func:`configurations`. It includes the naive floor of
+ACCURACY.md (plain supervised, uniform crops, no augmentation) and an ablation of SCDL's open choices.
+Each run exports its last weights as a bundle (``RUN/model``; no model selection: nothing of B takes part
+in training), :class:`scdlcore.infer.Predictor` segments B from that bundle, and :mod:`scdlcore.metrics`
+scores it on B's native grid: Dice and HD95 (mm) per organ, the mean over the organs present in B's
+reference, and the mean over its minority organs (under 1% of its foreground). SCDL's effect is reported as
+the paired difference (same seed) of mean Dice, mean +- std over seeds.
+
+The labels of A and B are TotalSegmentator model outputs, not manual ground truth; the tables say so.
+
+Data: the first run builds a self-contained data folder (``--data``; default ``WORK/data``) from the
+sample CTs of :mod:`scdlcore.sample_data` and reuses it afterwards, offline. The GPU machine has no network,
+so build it here and carry it there (see ``gpu_check.sh``)::
+
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --data .bench-data --prepare-only
+
+Usage::
+
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --smoke --out /tmp/acc   # CPU, 2 configurations, ~2 min
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --device cuda --data .bench-data
+        # every configuration, 3 seeds, VNet-16, 3000 steps of 96^3 at 3 mm -> Testing/Benchmarks/results/accuracy.*
+
+Results: ``accuracy.md`` (Markdown tables), ``accuracy.json`` (every run's scores) and ``accuracy.png``
+(per-organ Dice bars) in ``--out`` (default ``Testing/Benchmarks/results/`` for a non-smoke CUDA run, else a
+new temporary folder). ``--smoke`` never writes into ``results/``: its numbers only show that the pipeline runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from scdlcore.config import Config
+from scdlcore.dataset import MANIFEST_NAME, DatasetStore
+from scdlcore.io import Volume
+from scdlcore.sample_data import fetch_sample
+
+__all__ = [
+    "DATA_MANIFEST",
+    "RESULTS_DIR",
+    "TEST_SAMPLE",
+    "UNLABELED_STORE_SPACING_MM",
+    "BenchData",
+    "Configuration",
+    "OrganSummary",
+    "RunCancelled",
+    "add_budget_arguments",
+    "base_config",
+    "configurations",
+    "format_mean_std",
+    "machine_name",
+    "output_folder",
+    "prepare_data",
+    "resolve_budget",
+    "score_bundle",
+    "summarise",
+    "train_run",
+]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DATA_MANIFEST = "bench-data.json"
+DATA_FORMAT = "scdl-bench-data"
+#: The unlabeled chest CTA (C) is stored resampled to this spacing: it is 10.5 MB at its 1.5 mm and 1.3 MB at 3 mm,
+#: and the data folder travels to the GPU machine beside SimpleITK's 52 MB wheel under a 64 MiB limit. The
+#: benchmarks train at 3 mm (or coarser), where the trainer would resample it anyway.
+UNLABELED_STORE_SPACING_MM = 3.0
+TEST_SAMPLE = "ct_abdomen_dicom"
+CARRIED_SAMPLES = ("ct_abdomen", TEST_SAMPLE, "ct_chest_nrrd")
+CTA_FILE = "ct_chest_cta.nii.gz"
+SMOKE_CONFIGS = ("cps_ga", "cps_ga_scdl")
+#: (configuration, the one it is compared with, what the difference measures); paired by seed.
+COMPARISONS = (
+    ("cps_ga_scdl", "cps_ga", "SCDL on CPS + GA: (c) - (b)"),
+    ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
+    ("cps_ga", "supervised", "CPS + GA over supervised: (b) - (a)"),
+    ("supervised", "floor", "augmentation + rare-class crops over the naive floor: (a) - floor"),
+    ("scdl_p2e_classes", "cps_ga_scdl", "ablation: p2e over classes (released) - over tokens"),
+    ("scdl_labeled_only", "cps_ga_scdl", "ablation: SCDL on labeled tokens only - labeled + unlabeled"),
+    ("scdl_grid_fine", "cps_ga_scdl", "ablation: fine token grid (32 per 96^3) - coarse (12 per 96^3)"),
+    ("scdl_anchor_ema", "cps_ga_scdl", "ablation: EMA class anchors - per-batch anchors"),
+)
+
+
+class Configuration(NamedTuple):
+    """A benchmark configuration: a label for tables and the dotted overrides of the base config."""
+
+    label: str
+    overrides: dict[str, Any]
+
+
+class RunCancelled(RuntimeError):
+    """A training run stopped early (SIGINT/SIGTERM, e.g. a time limit): no bundle to score."""
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """The benchmark data folder (see :func:`prepare_data`): everything the benchmarks read, offline.
+
+    Layout::
+
+        bench-data.json                 what the folder holds (written last: its presence means complete)
+        samples/ct_abdomen/             verbatim sample cache entries with their manifests and licences
+        samples/ct_abdomen_dicom/       (SCDL_CACHE_DIR=<folder> serves them to any scdlcore code)
+        samples/ct_chest_nrrd/
+        ct_chest_cta.nii.gz             C resampled to UNLABELED_STORE_SPACING_MM, int16 HU
+        LICENSE-ct_chest_cta
+    """
+
+    root: Path
+
+    def train_store(self, folder: Path) -> Path:
+        """A dataset store of the training CTs in ``folder`` (built once): A labeled, C and F unlabeled."""
+        if not (folder / MANIFEST_NAME).is_file():
+            store = DatasetStore.init(folder)
+            abdomen = fetch_sample("ct_abdomen", cache_dir=self.root)
+            store.add(abdomen.image, abdomen.label, case_id="ct_abdomen", source="scdlcore sample ct_abdomen (TotalSegmentator labels)")
+            self.add_unlabeled(store)
+        return folder
+
+    def add_unlabeled(self, store: DatasetStore) -> None:
+        """Add C and F to a dataset store as unlabeled cases."""
+        store.add(self.root / CTA_FILE, case_id="ct_chest_cta",
+                  source=f"scdlcore sample ct_chest_cta at {UNLABELED_STORE_SPACING_MM:g} mm or coarser")
+        store.add(fetch_sample("ct_chest_nrrd", cache_dir=self.root).image, case_id="ct_chest_nrrd",
+                  source="scdlcore sample ct_chest_nrrd")
+
+    def test_case(self) -> tuple[Volume, Volume]:
+        """B: its CT (D, H, W) in HU and its Synapse-13 reference labels on the same grid."""
+        from scdlcore.io import read_image, read_label
+
+        sample = fetch_sample(TEST_SAMPLE, cache_dir=self.root)
+        image = read_image(sample.image)
+        return image, read_label(sample.label, reference=image)
+
+
+class OrganSummary(NamedTuple):
+    """Scores of one segmented CT, restricted to the organs present in its reference.
+
+    Attributes:
+        mean_dice: mean Dice over the organs present in the reference.
+        minority_mean_dice: mean Dice over the minority organs (under 1% of the reference foreground).
+        mean_hd95: mean HD95 (mm) over the present organs that were found (a missed organ has none).
+        dice, hd95: per present organ (HD95 NaN for a missed organ).
+        missed: present organs not predicted at all. false_positives: absent organs that were predicted.
+        minority: the minority organs.
+    """
+
+    mean_dice: float
+    minority_mean_dice: float
+    mean_hd95: float
+    dice: dict[str, float]
+    hd95: dict[str, float]
+    missed: list[str]
+    false_positives: list[str]
+    minority: list[str]
+
+
+def configurations(patch_edge: int) -> dict[str, Configuration]:
+    """Every configuration, by name, as overrides of :func:`base_config` (CPS + GA + SCDL with its defaults).
+
+    Args:
+        patch_edge: the patch edge in voxels; the SCDL token grids scale with it (12 and 32 tokens per axis
+            for a 96^3 patch, i.e. tokens of 8 and 3 voxels).
+    """
+    no_unlabeled = {"train.unlabeled_batch": 0}
+    return {
+        "floor": Configuration("naive floor: supervised, uniform crops, no augmentation", {
+            "ssl.base": "supervised", "scdl.enabled": False, "augment.enabled": False, "train.rare_class_prob": 0.0,
+            **no_unlabeled}),
+        "supervised": Configuration("(a) supervised (labeled only)", {
+            "ssl.base": "supervised", "scdl.enabled": False, **no_unlabeled}),
+        "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
+        "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),
+        "mt_ga": Configuration("(d) Mean Teacher + GA", {"ssl.base": "mean_teacher", "scdl.enabled": False}),
+        "mt_ga_scdl": Configuration("(d) Mean Teacher + GA + SCDL", {"ssl.base": "mean_teacher"}),
+        "scdl_p2e_classes": Configuration("(c) with scdl.p2e = classes", {"scdl.p2e": "classes"}),
+        "scdl_labeled_only": Configuration("(c) with scdl.unlabeled = off", {"scdl.unlabeled": False}),
+        "scdl_grid_fine": Configuration(f"(c) with scdl.grid = {_token_grid(patch_edge, 32)}",
+                                        {"scdl.grid": _token_grid(patch_edge, 32)}),
+        "scdl_anchor_ema": Configuration("(c) with scdl.anchor = ema", {"scdl.anchor": "ema"}),
+    }
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by the accuracy and annotation-loop benchmarks (defaults resolved by ``--smoke``)."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny CPU check that the pipeline runs: 6 steps, width 2, patch 32, spacing 6 mm (numbers meaningless)")
+    parser.add_argument("--steps", type=int, help="optimiser steps per run (default 3000; smoke 6)")
+    parser.add_argument("--width", type=int, help="VNet width (default 16; smoke 2)")
+    parser.add_argument("--patch", type=int, help="cubic patch edge in voxels, a multiple of 16 (default 96; smoke 32)")
+    parser.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                        help="model spacing: one value (isotropic) or x y z in mm (default 3; smoke 6)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (training and segmentation)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the networks on CUDA (the trainer's default); --no-compile for short runs")
+    parser.add_argument("--work", type=Path, help="folder for the runs (default: a new temporary folder, kept)")
+    parser.add_argument("--data", type=Path, help="benchmark data folder, built when missing (default: WORK/data)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: Testing/Benchmarks/results for a non-smoke CUDA run, else a new temporary folder)")
+
+
+def resolve_budget(args: argparse.Namespace, prefix: str) -> None:
+    """Fill the unset budget options (smoke or full defaults), the device and the work/data folders, in place."""
+    from scdlcore.train import resolve_device
+
+    smoke = args.smoke
+    args.steps = args.steps or (6 if smoke else 3000)
+    args.width = args.width or (2 if smoke else 16)
+    args.patch = args.patch or (32 if smoke else 96)
+    spacing = args.spacing or [6.0 if smoke else 3.0]
+    if len(spacing) not in (1, 3) or min(spacing) <= 0:
+        raise SystemExit(f"--spacing takes one or three positive values in mm, got {spacing}.")
+    args.spacing = tuple(spacing * 3 if len(spacing) == 1 else spacing)
+    args.device = resolve_device(args.device)
+    args.work = args.work or Path(tempfile.mkdtemp(prefix=f"scdl-{prefix}-"))
+    args.data = args.data or args.work / "data"
+
+
+def base_config(args: argparse.Namespace, train: Path) -> Config:
+    """The one base config: the trainer's defaults (CPS + GA + SCDL) with the benchmark's data and budget.
+
+    No validation and no model selection (``train.val_every = 0``): runs export their last weights, and the
+    test CT never takes part in training.
+
+    Args:
+        args: the resolved budget options (see :func:`add_budget_arguments`). train: the training dataset store.
+    """
+    return Config().with_overrides({
+        "data.dataset": str(train),
+        "data.spacing": list(args.spacing),
+        "data.cache_dir": str(args.work / "cache"),
+        "network.width": args.width,
+        "scdl.grid": _token_grid(args.patch, 12),
+        "train.steps": args.steps,
+        "train.patch_size": [args.patch] * 3,
+        "train.device": str(args.device),
+        "train.val_every": 0,
+        "train.checkpoint_every": args.steps,
+        "train.compile": args.compile,
+    })
+
+
+def train_run(config: Config, output: Path) -> tuple[Path, float]:
+    """Train one run in-process; returns its exported bundle folder and the training wall time (s).
+
+    Raises:
+        FileExistsError: ``output`` exists (runs never mix; give a new --work).
+        RunCancelled: the run was stopped by a signal before its last step.
+    """
+    from scdlcore.train import Trainer
+
+    if output.exists():
+        raise FileExistsError(f"Run folder {output} already exists; give a new --work folder.")
+    start = time.perf_counter()
+    trainer = Trainer(config, output)
+    result = trainer.run()
+    seconds = time.perf_counter() - start
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if result.status != "completed" or result.bundle is None:
+        raise RunCancelled(f"Run {output.name} stopped at step {result.step} of {config.train.steps}.")
+    return result.bundle, seconds
+
+
+def score_bundle(bundle_dir: Path, image: Volume, reference: Volume, device: torch.device) -> Any:
+    """Segment ``image`` with a bundle (``Predictor``) and score it against ``reference`` on its native grid.
+
+    Returns:
+        ``scdlcore.metrics.EvaluationResult`` (Dice, HD95 and ASD in mm per organ of the bundle's label table).
+    """
+    from scdlcore.bundle import load_bundle
+    from scdlcore.infer import Predictor
+    from scdlcore.metrics import evaluate_labels
+
+    bundle = load_bundle(bundle_dir)
+    predicted = Predictor(bundle, device).predict_volume(image)
+    return evaluate_labels(predicted.array, reference.array, reference.spacing_zyx, bundle.labels)
+
+
+def summarise(result: Any) -> OrganSummary:
+    """The scores of an ``EvaluationResult`` over the organs present in its reference (see :class:`OrganSummary`)."""
+    present = {name: s for name, s in result.organs.items() if s.reference_voxels > 0}
+    hd95 = [s.hd95_mm for s in present.values() if not math.isnan(s.hd95_mm)]
+    return OrganSummary(
+        mean_dice=float(np.mean([s.dice for s in present.values()])) if present else math.nan,
+        minority_mean_dice=result.minority_mean_dice,
+        mean_hd95=float(np.mean(hd95)) if hd95 else math.nan,
+        dice={name: s.dice for name, s in present.items()},
+        hd95={name: s.hd95_mm for name, s in present.items()},
+        missed=[name for name, s in present.items() if s.predicted_voxels == 0],
+        false_positives=[name for name, s in result.organs.items() if s.reference_voxels == 0 and s.predicted_voxels > 0],
+        minority=list(result.minority_organs),
+    )
+
+
+def prepare_data(folder: Path) -> BenchData:
+    """The benchmark data folder: built once from the sample CTs (downloaded with pip if not cached), then reused.
+
+    Raises:
+        FileExistsError: ``folder`` is not empty and has no ``bench-data.json`` (an interrupted build).
+        ValueError: its ``bench-data.json`` is not this benchmark's.
+        scdlcore.sample_data.SampleDataError: the samples cannot be fetched (no network and no cache).
+    """
+    folder = Path(folder)
+    manifest = folder / DATA_MANIFEST
+    if not manifest.is_file():
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} is not empty and holds no {DATA_MANIFEST} (an interrupted build?); "
+                                  "delete it or give another --data folder.")
+        _build_data(folder)
+    elif json.loads(manifest.read_text(encoding="utf-8")).get("format") != DATA_FORMAT:
+        raise ValueError(f"{manifest} is not a benchmark data manifest (format {DATA_FORMAT!r}); give another --data folder.")
+    return BenchData(folder)
+
+
+def output_folder(args: argparse.Namespace, prefix: str) -> Path:
+    """Where results go: --out, else results/ for a non-smoke CUDA run, else a new temporary folder.
+
+    Raises:
+        SystemExit: a smoke run asked to write into results/ (smoke numbers are not results).
+    """
+    if args.out is None:
+        if args.smoke or args.device.type != "cuda":
+            return Path(tempfile.mkdtemp(prefix=f"scdl-{prefix}-results-"))
+        return RESULTS_DIR
+    if args.smoke and args.out.resolve().is_relative_to(RESULTS_DIR):
+        raise SystemExit(f"--smoke writes no results into {RESULTS_DIR}; give another --out (e.g. /tmp/{prefix}).")
+    return args.out
+
+
+def machine_name(device: torch.device) -> str:
+    """The GPU's name (and CUDA version), or the CPU's model and thread count."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def format_mean_std(values: Sequence[float], digits: int = 3, signed: bool = False) -> str:
+    """``mean +- std`` over the finite values (std with ddof 1; only the mean for one value; ``-`` for none)."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "-"
+    sign = "+" if signed else ""
+    text = f"{np.mean(finite):{sign}.{digits}f}"
+    return text + (f" ± {np.std(finite, ddof=1):.{digits}f}" if len(finite) > 1 else "")
+
+
+def main() -> None:
+    args = _parse()
+    data = prepare_data(args.data)
+    if args.prepare_only:
+        print(f"Benchmark data ready in {data.root} ({_folder_mib(data.root):.1f} MiB).")
+        return
+    out = output_folder(args, "accuracy")
+    configs = configurations(args.patch)
+    base = base_config(args, data.train_store(args.work / "train"))
+    image, reference = data.test_case()
+    print(f"Work folder {args.work}; results to {out}; {len(args.configs)} configurations x {args.seeds} seeds "
+          f"on {machine_name(args.device)}", flush=True)
+    runs: list[dict[str, Any]] = []
+    stopped = None
+    try:
+        for seed in range(args.seeds):
+            for name in args.configs:
+                runs.append(_run_one(name, configs[name], seed, base, args, image, reference))
+                _write_results(runs, configs, args, out, stopped)
+    except RunCancelled as err:
+        stopped = str(err)
+    _write_results(runs, configs, args, out, stopped)
+    if runs:
+        print((out / "accuracy.md").read_text(encoding="utf-8"))
+    print(f"Results in {out}", flush=True)
+    if stopped:
+        raise SystemExit(f"Stopped early: {stopped}")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    names = list(configurations(96))
+    parser.add_argument("--configs", nargs="+", choices=names, metavar="NAME",
+                        help=f"configurations to run, in this order (default: all; smoke: {' '.join(SMOKE_CONFIGS)}). "
+                        f"Names: {', '.join(names)}")
+    parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per configuration (default 3; smoke 1)")
+    parser.add_argument("--prepare-only", action="store_true", help="build the --data folder and stop")
+    add_budget_arguments(parser)
+    args = parser.parse_args()
+    if args.prepare_only:
+        if args.data is None:
+            parser.error("--prepare-only needs --data FOLDER.")
+        return args
+    resolve_budget(args, "accuracy")
+    args.configs = args.configs or list(SMOKE_CONFIGS if args.smoke else names)
+    args.seeds = args.seeds or (1 if args.smoke else 3)
+    return args
+
+
+def _run_one(name: str, config: Configuration, seed: int, base: Config, args: argparse.Namespace, image: Volume,
+             reference: Volume) -> dict[str, Any]:
+    """Train, segment B and score one (configuration, seed)."""
+    print(f"=== {name} seed {seed}: {config.label}", flush=True)
+    run_config = base.with_overrides({**config.overrides, "train.seed": seed})
+    bundle, seconds = train_run(run_config, args.work / "runs" / f"{name}-seed{seed}")
+    start = time.perf_counter()
+    result = score_bundle(bundle, image, reference, args.device)
+    summary = summarise(result)
+    print(f"    trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: mean Dice {summary.mean_dice:.3f}, "
+          f"minority {summary.minority_mean_dice:.3f}, mean HD95 {summary.mean_hd95:.1f} mm", flush=True)
+    return {"config": name, "seed": seed, "overrides": config.overrides, "train_seconds": seconds,
+            "bundle": str(bundle), "summary": summary._asdict(), "scores": result.to_dict()}
+
+
+def _write_results(runs: list[dict[str, Any]], configs: dict[str, Configuration], args: argparse.Namespace, out: Path,
+                   stopped: str | None) -> None:
+    """accuracy.md, accuracy.json and accuracy.png from the runs so far (rewritten after every run)."""
+    from scdlcore.events import to_jsonable
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = _meta(args, stopped)
+    (out / "accuracy.json").write_text(json.dumps(to_jsonable({**meta, "runs": runs}), indent=1) + "\n", encoding="utf-8")
+    if not runs:
+        return
+    (out / "accuracy.md").write_text(_markdown(runs, configs, meta) + "\n", encoding="utf-8")
+    _plot(runs, configs, meta, out / "accuracy.png")
+
+
+def _meta(args: argparse.Namespace, stopped: str | None) -> dict[str, Any]:
+    return {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": machine_name(args.device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "smoke": args.smoke,
+        "budget": {"steps": args.steps, "width": args.width, "patch": args.patch, "spacing_mm": list(args.spacing),
+                   "seeds": args.seeds, "compile": args.compile, "device": str(args.device)},
+        "data": {"labeled": "ct_abdomen (A)", "unlabeled": ["ct_chest_cta (C)", "ct_chest_nrrd (F)"],
+                 "test": f"{TEST_SAMPLE} (B)", "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
+                 "unlabeled_store_spacing_mm": UNLABELED_STORE_SPACING_MM},
+        "stopped_early": stopped,
+    }
+
+
+def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any]) -> str:
+    by_config = _by_config(runs)
+    first = runs[0]["summary"]
+    organs, minority = list(first["dice"]), first["minority"]
+    budget = meta["budget"]
+    spacing = " x ".join(f"{s:g}" for s in budget["spacing_mm"])
+    seeds = "seed 0" if budget["seeds"] == 1 else f"seeds 0-{budget['seeds'] - 1}"
+    lines = [
+        "# Accuracy on another patient's CT: one labeled CT, semi-supervised bases, SCDL",
+        "",
+        "**Reference labels of the training CT (A) and the test CT (B) are TotalSegmentator model outputs, not manual "
+        "ground truth.**" + (" **Smoke run: tiny budget, the numbers are meaningless.**" if meta["smoke"] else ""),
+        "",
+        f"- Command: `{meta['command']}`",
+        f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}",
+        f"- Budget, the same for every configuration: VNet-{budget['width']}, {budget['steps']} steps, patches of "
+        f"{budget['patch']}^3 (2 labeled + 2 unlabeled; supervised and floor: 2 labeled only), spacing {spacing} mm, "
+        f"{seeds}, torch.compile {'on' if budget['compile'] and 'cuda' in budget['device'] else 'off'}; each run's last "
+        "weights (no model selection).",
+        f"- Data: labeled ct_abdomen (A, 3 mm); unlabeled ct_chest_cta (C, stored at {UNLABELED_STORE_SPACING_MM:g} mm) "
+        f"and ct_chest_nrrd (F). Test: {TEST_SAMPLE} (B, 512x512x20 at 0.98 x 0.98 x 2 mm, another patient and scanner, "
+        "never used in training).",
+        f"- Scores: Dice and HD95 (mm) on B's native grid, from each run's exported bundle (`scdlcore.infer.Predictor`). "
+        f"Means over the {len(organs)} organs present in B's reference; minority organs (< 1% of B's reference "
+        f"foreground): {', '.join(minority) or 'none'}. HD95 means skip missed organs (counted in 'missed').",
+    ]
+    if meta["stopped_early"]:
+        lines.append(f"- **Stopped early** ({meta['stopped_early']}): only the runs listed below finished.")
+    if min(budget["spacing_mm"]) < UNLABELED_STORE_SPACING_MM:
+        lines.append(f"- Note: C was stored at {UNLABELED_STORE_SPACING_MM:g} mm, coarser than this run's spacing.")
+    lines += ["", "## Summary (mean ± std over seeds)", "",
+              "| configuration | overrides of the base (CPS + GA + SCDL) | seeds | mean Dice | minority Dice | mean HD95 (mm) "
+              "| missed organs (per run) | false-positive organs (per run) | mean Dice - floor (same seed) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, entries in by_config.items():
+        summaries = [e["summary"] for e in entries]
+        mean = [s["mean_dice"] for s in summaries]
+        over_floor = [a["mean_dice"] - b["mean_dice"] for a, b in _paired(by_config, name, "floor")]
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in configs[name].overrides.items()) or "(none: the base)"
+        lines.append(
+            f"| {configs[name].label} | {overrides} | {len(entries)} | {format_mean_std(mean)} | "
+            f"{format_mean_std([s['minority_mean_dice'] for s in summaries])} | "
+            f"{format_mean_std([s['mean_hd95'] for s in summaries], 1)} | "
+            f"{np.mean([len(s['missed']) for s in summaries]):.1f} | {np.mean([len(s['false_positives']) for s in summaries]):.1f} | "
+            f"{format_mean_std(over_floor, signed=True) if name != 'floor' else '-'} |")
+    lines += ["", "## Dice per organ (mean ± std over seeds; * minority organ)", "", *_organ_table(by_config, configs, organs, minority, "dice", 3)]
+    lines += ["", "## HD95 per organ, mm (mean over the seeds that found the organ; - never found)", "",
+              *_organ_table(by_config, configs, organs, minority, "hd95", 1)]
+    lines += ["", "## Paired differences (same seed), mean ± std over seeds", "",
+              "| comparison | seeds | mean Dice | minority Dice | reading |", "|---|---|---|---|---|"]
+    for name, other, what in COMPARISONS:
+        pairs = _paired(by_config, name, other)
+        if not pairs:
+            continue
+        dice = [a["mean_dice"] - b["mean_dice"] for a, b in pairs]
+        minor = [a["minority_mean_dice"] - b["minority_mean_dice"] for a, b in pairs]
+        lines.append(f"| {what} | {len(pairs)} | {format_mean_std(dice, signed=True)} | "
+                     f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |")
+    return "\n".join(lines)
+
+
+def _organ_table(by_config: dict[str, list[dict[str, Any]]], configs: dict[str, Configuration], organs: list[str],
+                 minority: list[str], key: str, digits: int) -> list[str]:
+    header = " | ".join(name + ("*" if name in minority else "") for name in organs)
+    lines = [f"| configuration | {header} |", "|---|" + "---|" * len(organs)]
+    for name, entries in by_config.items():
+        cells = [format_mean_std([e["summary"][key][organ] for e in entries], digits) for organ in organs]
+        lines.append(f"| {configs[name].label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _reading(differences: list[float]) -> str:
+    """Plain words for a paired difference: is it outside the seed-to-seed spread?"""
+    if len(differences) < 2:
+        return "one seed: no spread to judge it by"
+    mean, std = float(np.mean(differences)), float(np.std(differences, ddof=1))
+    if abs(mean) <= std:
+        return "within one std of zero: not distinguishable from seed noise"
+    return ("better" if mean > 0 else "worse") + f" by more than one std ({len(differences)} seeds)"
+
+
+def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any], path: Path) -> None:
+    """Grouped bars: Dice per organ present in B (and the two means), one bar per configuration, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_config = _by_config(runs)
+    first = runs[0]["summary"]
+    groups = [*first["dice"], "mean", "minority mean"]
+
+    def values(entry: dict[str, Any], group: str) -> float:
+        summary = entry["summary"]
+        return {"mean": summary["mean_dice"], "minority mean": summary["minority_mean_dice"]}.get(group, summary["dice"].get(group, math.nan))
+
+    figure, axes = plt.subplots(figsize=(max(9.0, 1.2 * len(groups)), 5))
+    width = 0.8 / len(by_config)
+    x = np.arange(len(groups))
+    for index, (name, entries) in enumerate(by_config.items()):
+        per_group = [[v for entry in entries if not math.isnan(v := values(entry, group))] for group in groups]
+        means = [np.mean(v) if v else 0.0 for v in per_group]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_group] if len(entries) > 1 else None
+        axes.bar(x + (index - (len(by_config) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=configs[name].label)
+    axes.set_xticks(x, [g.replace("_", " ") for g in groups], rotation=30, ha="right", fontsize=8)
+    axes.set(ylim=(0, 1), ylabel="Dice on B (native grid)")
+    axes.set_title(f"Dice on {TEST_SAMPLE} (another patient; TotalSegmentator reference labels) - {meta['machine']}", fontsize=9)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _by_config(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(run["config"], []).append(run)
+    return grouped
+
+
+def _paired(by_config: dict[str, list[dict[str, Any]]], name: str, other: str) -> list[tuple[dict, dict]]:
+    """Summaries of ``name`` and ``other`` with the same seed."""
+    others = {e["seed"]: e["summary"] for e in by_config.get(other, [])}
+    return [(e["summary"], others[e["seed"]]) for e in by_config.get(name, []) if e["seed"] in others]
+
+
+def _token_grid(patch_edge: int, per_96: int) -> int:
+    """SCDL tokens per axis for a patch edge, keeping the token size of ``per_96`` tokens on a 96-voxel patch."""
+    return max(1, round(patch_edge * per_96 / 96))
+
+
+def _build_data(folder: Path) -> None:
+    """Write the data folder (see :class:`BenchData`) from the fetched samples; the manifest goes last."""
+    from scdlcore.io import read_image, write_image
+    from scdlcore.sample_data import fetch_all
+
+    samples = fetch_all()
+    print(f"Building the benchmark data folder {folder} from the sample CTs ...", flush=True)
+    for name in CARRIED_SAMPLES:
+        shutil.copytree(samples[name].image.parent, folder / "samples" / name)  # the cache entry: files, manifest, licence
+    cta = samples["ct_chest_cta"]
+    write_image(folder / CTA_FILE, _coarsened(read_image(cta.image)))
+    shutil.copyfile(cta.image.parent / "LICENSE", folder / "LICENSE-ct_chest_cta")
+    manifest = {"format": DATA_FORMAT, "version": 1, "test_sample": TEST_SAMPLE,
+                "cases": {name: samples[name].description for name in (*CARRIED_SAMPLES, "ct_chest_cta")},
+                "ct_chest_cta": f"{CTA_FILE}: resampled to {UNLABELED_STORE_SPACING_MM:g} mm (linear), int16 HU",
+                "reference_labels": "TotalSegmentator model outputs, not manual ground truth"}
+    (folder / DATA_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
+def _coarsened(image: Volume) -> Volume:
+    """``image`` resampled (linear) so that no axis is finer than UNLABELED_STORE_SPACING_MM, as int16 HU."""
+    from scdlcore.preprocess import resample_to_spacing
+
+    spacing = [max(s, UNLABELED_STORE_SPACING_MM) for s in image.spacing]
+    coarse = resample_to_spacing(image, spacing, is_label=False)
+    return coarse.with_array(np.round(coarse.array).astype(np.int16))
+
+
+def _folder_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+if __name__ == "__main__":
+    main()
