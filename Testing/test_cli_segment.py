@@ -15,6 +15,7 @@ import pytest
 import slicerio
 import torch
 
+from scdlcore import bundle as bundle_module
 from scdlcore.cli import main
 from scdlcore.io import Volume, read_image, read_label, write_image
 from scdlcore.labels import SYNAPSE13
@@ -161,6 +162,13 @@ def test_bad_input_and_organ_names_are_user_errors(threshold_bundle: Path, tmp_p
     assert "Unknown organ 'livr' in label table 'synapse13'; did you mean 'liver'?" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_shipped_starter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the registry commands: hide the starter model shipped with the package."""
+    monkeypatch.setattr(bundle_module, "STARTER_MODEL_DIR", tmp_path / "no-shipped-starter")
+
+
+@pytest.mark.usefixtures("no_shipped_starter")
 def test_models_commands_round_trip(samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     registry = ["--models-dir", str(tmp_path / "models")]
     assert main(["models", "import", str(threshold_bundle), *registry]) == 0
@@ -186,6 +194,7 @@ def test_models_commands_round_trip(samples, threshold_bundle: Path, tmp_path: P
     assert capsys.readouterr().out == f"Installed threshold@1 in {tmp_path / 'models' / 'threshold' / '1'}\n"
 
 
+@pytest.mark.usefixtures("no_shipped_starter")
 def test_models_import_with_bad_checksum_stores_nothing(threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bundle = Path(shutil.copytree(threshold_bundle, tmp_path / "bundle"))
     meta = json.loads((bundle / "model.json").read_text())

@@ -95,7 +95,8 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {baseline / r['ms_per_step']:.2f}x | {r['peak_gib']:.2f} |")
+        ratio = f"{baseline / r['ms_per_step']:.2f}x" if device.type == "cuda" else "n/a (same settings on CPU)"
+        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {ratio} | {r['peak_gib']:.2f} |")
     if device.type != "cuda":
         lines.append("\nOn CPU both rows run fp32 eager (bf16, channels_last and compile apply to CUDA only), and the memory column "
                      "is the process's peak RSS, so the rows only check that the step runs; ratios matter on the GPU.")
