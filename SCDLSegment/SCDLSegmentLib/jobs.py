@@ -17,7 +17,21 @@ __all__ = ["CommandJob", "FinetuneJob", "FinetuneOutcome"]
 LogHandler = Callable[[str], None]
 
 
-class CommandJob:
+class _ChildJob:
+    """What every job shares: its child process, started once, polled from the panel's timer."""
+
+    process: ChildProcess
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    def start(self) -> _ChildJob:
+        self.process.start()
+        return self
+
+
+class CommandJob(_ChildJob):
     """An engine command that prints one JSON document (``--json`` listings); ``on_done(data, error)``.
 
     Args:
@@ -33,14 +47,6 @@ class CommandJob:
         self._on_done, self._on_log = on_done, on_log
         self._data: Any = None
         self._error: str | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.process.running
-
-    def start(self) -> CommandJob:
-        self.process.start()
-        return self
 
     def poll(self) -> None:
         for event in self.process.events():
@@ -74,7 +80,7 @@ class FinetuneOutcome:
     cancelled: bool = False
 
 
-class FinetuneJob:
+class FinetuneJob(_ChildJob):
     """A ``scdl finetune --events`` run.
 
     Args:
@@ -91,14 +97,6 @@ class FinetuneJob:
         self._on_event, self._on_done, self._on_log = on_event, on_done, on_log
         self._result: dict[str, Any] = {}
         self._error: str | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.process.running
-
-    def start(self) -> FinetuneJob:
-        self.process.start()
-        return self
 
     def cancel(self) -> None:
         """Kill the training process tree."""
