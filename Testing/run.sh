@@ -30,6 +30,9 @@ case "${1:-}" in
     image="$("$venv/bin/scdl" sample-data ct_abdomen --image-path)"
     "$venv/bin/scdl" segment "$image" -o "$out/ct_abdomen.seg.nrrd" --overview "$out/ct_abdomen_overview.png"
     echo "Segmentation: $out/ct_abdomen.seg.nrrd (open it in 3D Slicer); overview: $out/ct_abdomen_overview.png"
+    if [[ -n "${DISPLAY:-}" ]] && command -v xdg-open >/dev/null; then
+      xdg-open "$out/ct_abdomen_overview.png" >/dev/null 2>&1 &
+    fi
     ;;
   tests)
     ensure_environment
