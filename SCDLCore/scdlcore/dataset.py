@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     import torch
 
     from .bundle import ModelBundle
+    from .infer import Predictor
 
 __all__ = [
     "FORMAT",
@@ -453,15 +454,17 @@ class DatasetStore:
         """
         import torch
 
+        from .infer import Predictor
+
         dataset = self.dataset()
         cases = dataset.unlabeled
-        networks = bundle.build_networks(device, count=2)
+        predictor = Predictor(bundle, device, overlap=overlap, ensemble="mean")  # every network, each scored alone
         suggestions = []
         for index, case in enumerate(cases, start=1):
             _log.info("Scoring case %s (%d/%d)", case.id, index, len(cases))
             image = io.read_image(dataset.path(case.image))
             with torch.inference_mode():
-                suggestions.append(_score_case(case.id, image, networks, bundle, device, overlap))
+                suggestions.append(_score_case(case.id, image, predictor))
         suggestions.sort(key=lambda s: (-s.score, s.case_id))
         return suggestions if top is None else suggestions[:top]
 
@@ -628,26 +631,18 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _score_case(
-    case_id: str, image: Volume, networks: list, bundle: ModelBundle, device: torch.device | str, overlap: float
-) -> Suggestion:
-    """Score one CT on the model grid (body voxels only); see :class:`Suggestion`."""
+def _score_case(case_id: str, image: Volume, predictor: Predictor) -> Suggestion:
+    """Score one CT on the model grid (body voxels only), each network on its own; see :class:`Suggestion`."""
     import torch
-    from monai.inferers import sliding_window_inference
 
     from .preprocess import body_bbox, hu_window, resample_to_spacing
 
+    bundle = predictor.bundle
     work = resample_to_spacing(image, bundle.spacing, is_label=False)
     hu = work.array[body_bbox(work, threshold_hu=_BODY_HU)]
-    body = torch.from_numpy(hu > _BODY_HU).to(device)
-    x = torch.from_numpy(hu_window(hu, bundle.hu_window))[None, None].to(device)  # (1, 1, D, H, W)
-    probs = [
-        torch.softmax(
-            sliding_window_inference(x, bundle.patch_size, 1, lambda patch, net=net: net(patch)[0], overlap=overlap, mode="gaussian")[0],
-            dim=0,
-        )
-        for net in networks
-    ]  # each (C, D, H, W)
+    body = torch.from_numpy(hu > _BODY_HU).to(predictor.device)
+    x = torch.from_numpy(hu_window(hu, bundle.hu_window))  # (D, H, W)
+    probs = [predictor.sliding_window(x, networks=[net]) for net in predictor.networks[:2]]  # each (C, D, H, W)
     if len(probs) >= 2:
         return _disagreement(case_id, probs[0].argmax(0), probs[1].argmax(0), body, bundle.labels)
     return _entropy(case_id, probs[0], body, bundle.labels)

@@ -167,6 +167,7 @@ class Predictor:
         image: torch.Tensor,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        networks: Sequence[torch.nn.Module] | None = None,
     ) -> torch.Tensor:
         """Class probabilities of a preprocessed image on the model grid.
 
@@ -174,6 +175,8 @@ class Predictor:
             image: HU-windowed image (D, H, W) in [0, 1], on any device; smaller than a patch is fine.
             progress: advanced over the sliding-window phase (5% to 90% of ``progress.total``).
             cancel: checked between window batches.
+            networks: the networks whose logits are averaged; default the predictor's ensemble (one network of a
+                CPS pair gives that network's own opinion, as the case suggestions need).
 
         Returns:
             probs (C, D, H, W), float32 on ``self.device``.
@@ -193,7 +196,7 @@ class Predictor:
                     raise InferenceCancelled("Segmentation cancelled.")
                 batch = starts[first : first + self.sw_batch_size]
                 windows = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in batch]
-                weighted = self._forward(torch.stack([x[window] for window in windows])[:, None])
+                weighted = self._forward(torch.stack([x[window] for window in windows])[:, None], networks or self.networks)
                 for window, patch_probs in zip(windows, weighted):
                     probs[(slice(None), *window)] += patch_probs
                     weight[window] += self._gaussian
@@ -203,12 +206,12 @@ class Predictor:
             probs /= weight
         return probs[:, : shape[0], : shape[1], : shape[2]]
 
-    def _forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """Gaussian-weighted softmax of the (averaged) networks: (B, 1, d, h, w) -> (B, C, d, h, w) float32."""
+    def _forward(self, patches: torch.Tensor, networks: Sequence[torch.nn.Module]) -> torch.Tensor:
+        """Gaussian-weighted softmax of the averaged ``networks``: (B, 1, d, h, w) -> (B, C, d, h, w) float32."""
         if self.device.type == "cuda":
             patches = patches.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            logits = sum(net(patches)[0].float() for net in self.networks) / len(self.networks)
+            logits = sum(net(patches)[0].float() for net in networks) / len(networks)
         return torch.softmax(logits, dim=1) * self._gaussian
 
     def _value_lut(self, organs: Sequence[str] | None) -> torch.Tensor:
