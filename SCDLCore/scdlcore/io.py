@@ -50,6 +50,7 @@ __all__ = [
     "read_label",
     "read_segmentation_labels",
     "resample_label_to",
+    "resample_onto",
     "resample_volume",
     "write_image",
     "write_label",
@@ -289,13 +290,21 @@ def resample_label_to(label: Volume, reference: Volume) -> Volume:
     Returns:
         The label map on the reference grid, same dtype as ``label.array``, shape ``reference.shape``.
     """
+    return resample_onto(label, reference, is_label=True)
+
+
+def resample_onto(volume: Volume, reference: Volume, *, is_label: bool) -> Volume:
+    """``volume`` resampled by physical position onto exactly ``reference``'s grid (shape, spacing, origin, direction).
+
+    Nearest neighbour and the input dtype for labels (voxels outside become 0), linear float32 for images.
+    """
     return resample_volume(
-        label,
+        volume,
         shape=reference.shape,
         spacing=reference.spacing,
         origin=reference.origin,
         direction=reference.direction,
-        is_label=True,
+        is_label=is_label,
     )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from scdlcore.io import Volume, resample_volume
+from scdlcore.io import Volume, resample_onto, resample_volume
 
 __all__ = ["body_bbox", "crop", "hu_window", "resample_to_reference", "resample_to_spacing"]
 
@@ -90,14 +90,7 @@ def resample_to_reference(volume: Volume, reference: Volume, *, is_label: bool) 
         A volume with exactly ``reference``'s shape, spacing, origin and direction; nearest neighbour
         and the input dtype for labels, linear float32 for images.
     """
-    return resample_volume(
-        volume,
-        shape=reference.shape,
-        spacing=reference.spacing,
-        origin=reference.origin,
-        direction=reference.direction,
-        is_label=is_label,
-    )
+    return resample_onto(volume, reference, is_label=is_label)
 
 
 def crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
