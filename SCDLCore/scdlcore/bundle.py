@@ -271,13 +271,16 @@ def save_bundle(
     lineage: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     description: str = "",
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a bundle atomically: a folder, or an archive when ``path`` ends in ``.scdlmodel``.
 
     DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers are removed first, so the
     keys are the plain network's. An existing bundle at ``path`` is replaced only once the new one
     is complete. Arguments after ``networks`` are the model.json fields (see :class:`ModelBundle`);
-    ``labels`` may be a :class:`LabelTable` or its ``to_dict()``.
+    ``labels`` may be a :class:`LabelTable` or its ``to_dict()``. ``weights_dtype`` (e.g.
+    ``torch.float16``) stores the floating-point tensors at that precision, halving a bundle that
+    must stay small; loading casts them back to the networks' float32.
 
     Returns:
         ``path``.
@@ -302,7 +305,7 @@ def save_bundle(
     )
     bundle._validate(f"bundle {path}")
     state = {
-        f"net{index}.{key}": tensor.detach().to("cpu", copy=True).contiguous()  # a copy: no shared storage
+        f"net{index}.{key}": _stored(tensor, weights_dtype)
         for index, net in enumerate(plain)
         for key, tensor in net.state_dict().items()
     }
@@ -752,6 +755,12 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _stored(tensor: torch.Tensor, weights_dtype: torch.dtype | None) -> torch.Tensor:
+    """A CPU copy (no shared storage) of a state-dict tensor, floating point cast to ``weights_dtype`` if given."""
+    dtype = weights_dtype if weights_dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.detach().to("cpu", dtype=dtype, copy=True).contiguous()
 
 
 def _unwrap(net: nn.Module) -> nn.Module:

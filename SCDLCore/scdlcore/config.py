@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "config_reference",
     "load_config",
+    "parse_override",
 ]
 
 
@@ -231,6 +232,17 @@ class Config:
                 raise ConfigError(f"Override {dotted!r}: expected SECTION.KEY with SECTION in {', '.join(data)}.")
             data[section][key] = value
         return Config.from_dict(data, "overrides")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"SECTION.KEY=VALUE"`` (the value in JSON; a bare word is a string) as ``("SECTION.KEY", value)``."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"Override {item!r}: expected SECTION.KEY=VALUE.")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value  # ssl.base=cps
 
 
 def load_config(path: str | Path) -> Config:

@@ -78,6 +78,22 @@ def test_round_trip_restores_weights_metadata_and_eval_mode(bundle_dir: Path, ne
     assert len(bundle.build_networks("cpu", count=1)) == 1
 
 
+def test_half_precision_weights_halve_the_file_and_load_as_float32(tmp_path: Path, networks: list[VNet]) -> None:
+    full = save_bundle(tmp_path / "full", networks, **META) / "weights.safetensors"
+    half = save_bundle(tmp_path / "half", networks, weights_dtype=torch.float16, **META)
+    stored = load_file(half / "weights.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16, torch.int64}  # num_batches_tracked stays an integer
+    assert (half / "weights.safetensors").stat().st_size < 0.6 * full.stat().st_size
+    rebuilt = load_bundle(half).build_networks("cpu")
+    for original, loaded in zip(networks, rebuilt):
+        for key, expected in original.state_dict().items():
+            actual = loaded.state_dict()[key]
+            assert actual.dtype == expected.dtype, key
+            torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3)
+    image = torch.randn(1, 1, 32, 32, 32)
+    torch.testing.assert_close(rebuilt[0](image)[0], networks[0].eval()(image)[0], atol=2e-2, rtol=2e-2)
+
+
 def test_archive_holds_the_same_bundle(tmp_path: Path, networks: list[VNet]) -> None:
     archive = save_bundle(tmp_path / "tiny.scdlmodel", networks, **META)
     assert archive.is_file()

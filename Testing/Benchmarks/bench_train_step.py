@@ -4,8 +4,10 @@ Both configurations run the trainer's own ``optimisation_step`` on the same rand
 unlabeled patches, C classes) in the same process, so the ratio is what the defaults buy:
 
 - ``baseline``: fp32, deterministic cuDNN, eager, contiguous (NCDHW) memory - the reference's setting;
-- ``defaults``: the trainer's defaults - bf16 autocast, channels_last_3d, cudnn.benchmark, torch.compile
-  (the last three on CUDA only).
+- ``eager``: bf16 autocast, channels_last_3d, cudnn.benchmark, no compile (``train.compile: false``);
+- ``defaults``: the trainer's defaults - the same plus torch.compile (on CUDA only, like the other three).
+
+Rows are printed as they are measured; the compile row's warm-up includes the compilation.
 
 Usage::
 
@@ -31,7 +33,15 @@ from scdlcore.ssl import Batch, build_base
 from scdlcore.train import optimisation_step
 
 
-def measure(device: torch.device, fast: bool, args: argparse.Namespace) -> dict[str, float]:
+#: (row name, fast settings, torch.compile)
+VARIANTS = (
+    ("baseline (fp32, deterministic, eager)", False, False),
+    ("bf16, channels_last_3d, eager", True, False),
+    ("defaults (bf16, channels_last_3d, compile)", True, True),
+)
+
+
+def measure(device: torch.device, fast: bool, compile: bool, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     config = Config().with_overrides({"network.width": args.width, "scdl.grid": max(args.patch // 8, 1)})
     base = build_base(config, args.classes).to(device)
@@ -46,6 +56,7 @@ def measure(device: torch.device, fast: bool, args: argparse.Namespace) -> dict[
     if fast and on_cuda:
         base.to(memory_format=torch.channels_last_3d)
         images = images.contiguous(memory_format=torch.channels_last_3d)
+    if compile and on_cuda:
         for network in base.networks:
             network.compile()
     optimizer = torch.optim.SGD([p for p in base.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
@@ -55,8 +66,12 @@ def measure(device: torch.device, fast: bool, args: argparse.Namespace) -> dict[
     def step() -> None:
         optimisation_step(base, optimizer, batch, 0.5, amp=amp)
 
+    warmup_start = time.perf_counter()
     for _ in range(args.warmup):
         step()
+    if on_cuda:
+        torch.cuda.synchronize()
+    warmup_seconds = time.perf_counter() - warmup_start
     if on_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -67,7 +82,7 @@ def measure(device: torch.device, fast: bool, args: argparse.Namespace) -> dict[
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"ms_per_step": seconds * 1000, "steps_per_s": 1 / seconds, "peak_gib": peak}
+    return {"ms_per_step": seconds * 1000, "steps_per_s": 1 / seconds, "peak_gib": peak, "warmup_s": warmup_seconds}
 
 
 def main() -> None:
@@ -83,25 +98,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    results = {name: measure(device, fast, args) for name, fast in (("baseline (fp32, deterministic, eager)", False),
-                                                                     ("defaults (bf16, channels_last_3d, compile)", True))}
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    baseline = next(iter(results.values()))["ms_per_step"]
     lines = [
         f"CPS + GA + SCDL training step: {args.labeled}+{args.unlabeled} patches of {args.patch}^3, {args.classes} classes, width {args.width}",
         f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up",
         "",
-        "| configuration | ms/step | steps/s | speed-up | peak memory (GiB) |",
-        "|---|---|---|---|---|",
+        "| configuration | ms/step | steps/s | speed-up | peak memory (GiB) | warm-up (s) |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    print("\n".join(lines), flush=True)
+    results: dict[str, dict[str, float]] = {}
+    for name, fast, compile in VARIANTS:
+        r = results[name] = measure(device, fast, compile, args)
+        baseline = results[VARIANTS[0][0]]["ms_per_step"]
         ratio = f"{baseline / r['ms_per_step']:.2f}x" if device.type == "cuda" else "n/a (same settings on CPU)"
-        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {ratio} | {r['peak_gib']:.2f} |")
+        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {ratio} | {r['peak_gib']:.2f} | {r['warmup_s']:.1f} |")
+        print(lines[-1], flush=True)
     if device.type != "cuda":
-        lines.append("\nOn CPU both rows run fp32 eager (bf16, channels_last and compile apply to CUDA only), and the memory column "
+        lines.append("\nOn CPU every row runs fp32 eager (bf16, channels_last and compile apply to CUDA only), and the memory column "
                      "is the process's peak RSS, so the rows only check that the step runs; ratios matter on the GPU.")
     table = "\n".join(lines)
-    print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 __all__ = ["register", "run"]
 
@@ -26,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import config_reference, load_config
+    from ..config import config_reference, load_config, parse_override
 
     if args.print_config:
         print(config_reference())
@@ -35,19 +34,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("scdl train needs --config FILE and --output DIR (or --print-config).")
     from ..train import Trainer
 
-    config = load_config(args.config).with_overrides(dict(_parse_override(item) for item in args.set))
+    config = load_config(args.config).with_overrides(dict(parse_override(item) for item in args.set))
     result = Trainer(config, args.output, json_events=args.events, resume=args.resume).run()
     if not args.events:
         best = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.3f} at step {result.best_step}"
         print(f"{result.status} at step {result.step}; best validation mean Dice {best}; bundle: {result.bundle or 'none'}")
     return 0 if result.status == "completed" else 130
 
-
-def _parse_override(item: str) -> tuple[str, object]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE.")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value  # a bare word is a string: --set ssl.base=cps
