@@ -42,14 +42,17 @@ import datetime
 import gc
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,6 +79,7 @@ __all__ = [
     "format_mean_std",
     "machine_name",
     "output_folder",
+    "portable_command",
     "prepare_data",
     "resolve_budget",
     "score_bundle",
@@ -94,6 +98,8 @@ TEST_SAMPLE = "ct_abdomen_dicom"
 CARRIED_SAMPLES = ("ct_abdomen", TEST_SAMPLE, "ct_chest_nrrd")
 CTA_FILE = "ct_chest_cta.nii.gz"
 SMOKE_CONFIGS = ("cps_ga", "cps_ga_scdl")
+#: Configurations named so are the ablation of SCDL's open choices: run after (a)-(d) when time is short.
+ABLATION_PREFIX = "scdl_"
 #: (configuration, the one it is compared with, what the difference measures); paired by seed.
 COMPARISONS = (
     ("cps_ga_scdl", "cps_ga", "SCDL on CPS + GA: (c) - (b)"),
@@ -369,6 +375,12 @@ def machine_name(device: torch.device) -> str:
     return f"{model} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def portable_command(args: argparse.Namespace) -> str:
+    """This invocation's command line, its work and results folders written as WORK and OUT (no machine paths)."""
+    folders = {str(args.work): "WORK", str(args.out): "OUT"}
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *(folders.get(a, a) for a in sys.argv[1:])])
+
+
 def format_mean_std(values: Sequence[float], digits: int = 3, signed: bool = False) -> str:
     """``mean +- std`` over the finite values (std with ddof 1; only the mean for one value; ``-`` for none)."""
     finite = [v for v in values if not math.isnan(v)]
@@ -389,23 +401,93 @@ def main() -> None:
     configs = configurations(args.patch)
     base = base_config(args, data.train_store(args.work / "train"))
     image, reference = data.test_case()
+    # The comparisons (a)-(d) over every seed first, then the ablation; seed-major within each, so pairs finish together.
+    groups = ([n for n in args.configs if not n.startswith(ABLATION_PREFIX)], [n for n in args.configs if n.startswith(ABLATION_PREFIX)])
+    tasks = [(name, seed) for group in groups for seed in range(args.seeds) for name in group]
     print(f"Work folder {args.work}; results to {out}; {len(args.configs)} configurations x {args.seeds} seeds "
-          f"on {machine_name(args.device)}", flush=True)
-    runs: list[dict[str, Any]] = []
-    stopped = None
-    try:
-        for seed in range(args.seeds):
-            for name in args.configs:
-                runs.append(_run_one(name, configs[name], seed, base, args, image, reference))
-                _write_results(runs, configs, args, out, stopped)
-    except RunCancelled as err:
-        stopped = str(err)
-    _write_results(runs, configs, args, out, stopped)
-    if runs:
+          f"on {machine_name(args.device)}, {args.jobs} at a time", flush=True)
+    outcome = Outcome()
+
+    def record(task: tuple[str, int], run: dict[str, Any] | None, error: str | None) -> None:
+        if run is not None:
+            outcome.runs.append(run)
+            outcome.runs.sort(key=lambda r: (r["seed"], args.configs.index(r["config"])))
+        else:
+            outcome.failed.append(f"{task[0]} seed {task[1]}: {error}")
+            print(f"=== {task[0]} seed {task[1]} FAILED: {error}", flush=True)
+        _write_results(outcome, configs, args, out)
+
+    runner = _run_in_pool if args.jobs > 1 else _run_in_process
+    outcome.not_run = runner(tasks, lambda task: (task[0], configs[task[0]], task[1], base, args, image, reference),
+                             record, args.jobs, args.time_limit)
+    _write_results(outcome, configs, args, out)
+    if outcome.runs:
         print((out / "accuracy.md").read_text(encoding="utf-8"))
     print(f"Results in {out}", flush=True)
-    if stopped:
-        raise SystemExit(f"Stopped early: {stopped}")
+    if outcome.failed or outcome.not_run:
+        raise SystemExit(f"{len(outcome.failed)} runs failed or stopped, {len(outcome.not_run)} not run (time limit).")
+
+
+@dataclass
+class Outcome:
+    """What a benchmark invocation produced: finished runs, failed or stopped ones, ones never started."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    not_run: list[str] = field(default_factory=list)
+
+
+Task = tuple[str, int]
+Record = Callable[[Task, "dict[str, Any] | None", "str | None"], None]
+
+
+def _run_in_process(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record, jobs: int,
+                    time_limit: float | None) -> list[str]:
+    """Run the tasks one after another in this process; returns those not started for the time limit."""
+    start, longest = time.monotonic(), 0.0
+    for index, task in enumerate(tasks):
+        if time_limit is not None and time.monotonic() - start + longest > time_limit:
+            return [f"{name} seed {seed}" for name, seed in tasks[index:]]
+        began = time.monotonic()
+        try:
+            record(task, _run_one(*arguments(task)), None)
+        except RunCancelled as err:
+            record(task, None, str(err))
+            return [f"{name} seed {seed}" for name, seed in tasks[index + 1 :]]
+        longest = max(longest, time.monotonic() - began)
+    return []
+
+
+def _run_in_pool(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record, jobs: int,
+                 time_limit: float | None) -> list[str]:
+    """Run up to ``jobs`` tasks at once in spawned processes (small networks leave a big GPU mostly idle).
+
+    A task starts only while the time limit leaves room for the longest run so far of its configuration
+    (of any configuration before one of its own finished). Returns the tasks never started.
+    """
+    start = time.monotonic()
+    pending, running = deque(tasks), {}
+    longest: dict[str, float] = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, _ = pending[0]
+                estimate = longest.get(name, max(longest.values(), default=0.0))
+                if time_limit is not None and time.monotonic() - start + estimate > time_limit:
+                    break
+                task = pending.popleft()
+                running[pool.submit(_run_one, *arguments(task))] = (task, time.monotonic())
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task, began = running.pop(future)
+                longest[task[0]] = max(longest.get(task[0], 0.0), time.monotonic() - began)
+                try:
+                    record(task, future.result(), None)
+                except Exception as err:  # a run's failure is reported; the others go on
+                    record(task, None, f"{type(err).__name__}: {err}")
+    return [f"{name} seed {seed}" for name, seed in pending]
 
 
 def _parse() -> argparse.Namespace:
@@ -416,6 +498,10 @@ def _parse() -> argparse.Namespace:
                         f"Names: {', '.join(names)}")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per configuration (default 3; smoke 1)")
     parser.add_argument("--prepare-only", action="store_true", help="build the --data folder and stop")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each in its own process (default 1: one after another, in this process)")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="start no run that would likely end after this many seconds; unstarted runs are listed as not run")
     add_budget_arguments(parser)
     args = parser.parse_args()
     if args.prepare_only:
@@ -437,19 +523,19 @@ def _run_one(name: str, config: Configuration, seed: int, base: Config, args: ar
     start = time.perf_counter()
     result = score_bundle(bundle, image, reference, args.device)
     summary = summarise(result)
-    print(f"    trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: mean Dice {summary.mean_dice:.3f}, "
+    print(f"=== {name} seed {seed}: trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: mean Dice {summary.mean_dice:.3f}, "
           f"minority {summary.minority_mean_dice:.3f}, mean HD95 {summary.mean_hd95:.1f} mm", flush=True)
     return {"config": name, "seed": seed, "overrides": config.overrides, "train_seconds": seconds,
-            "bundle": str(bundle), "summary": summary._asdict(), "scores": result.to_dict()}
+            "bundle": bundle.relative_to(args.work).as_posix(), "summary": summary._asdict(), "scores": result.to_dict()}
 
 
-def _write_results(runs: list[dict[str, Any]], configs: dict[str, Configuration], args: argparse.Namespace, out: Path,
-                   stopped: str | None) -> None:
+def _write_results(outcome: Outcome, configs: dict[str, Configuration], args: argparse.Namespace, out: Path) -> None:
     """accuracy.md, accuracy.json and accuracy.png from the runs so far (rewritten after every run)."""
     from scdlcore.events import to_jsonable
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = _meta(args, stopped)
+    runs = outcome.runs
+    meta = _meta(args, outcome)
     (out / "accuracy.json").write_text(json.dumps(to_jsonable({**meta, "runs": runs}), indent=1) + "\n", encoding="utf-8")
     if not runs:
         return
@@ -457,19 +543,21 @@ def _write_results(runs: list[dict[str, Any]], configs: dict[str, Configuration]
     _plot(runs, configs, meta, out / "accuracy.png")
 
 
-def _meta(args: argparse.Namespace, stopped: str | None) -> dict[str, Any]:
+def _meta(args: argparse.Namespace, outcome: Outcome) -> dict[str, Any]:
     return {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": portable_command(args),
         "machine": machine_name(args.device),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "smoke": args.smoke,
         "budget": {"steps": args.steps, "width": args.width, "patch": args.patch, "spacing_mm": list(args.spacing),
-                   "seeds": args.seeds, "compile": args.compile, "device": str(args.device)},
+                   "seeds": args.seeds, "compile": args.compile, "device": str(args.device), "jobs": args.jobs,
+                   "time_limit_s": args.time_limit},
         "data": {"labeled": "ct_abdomen (A)", "unlabeled": ["ct_chest_cta (C)", "ct_chest_nrrd (F)"],
                  "test": f"{TEST_SAMPLE} (B)", "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
                  "unlabeled_store_spacing_mm": UNLABELED_STORE_SPACING_MM},
-        "stopped_early": stopped,
+        "failed": outcome.failed,
+        "not_run": outcome.not_run,
     }
 
 
@@ -499,8 +587,10 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         f"Means over the {len(organs)} organs present in B's reference; minority organs (< 1% of B's reference "
         f"foreground): {', '.join(minority) or 'none'}. HD95 means skip missed organs (counted in 'missed').",
     ]
-    if meta["stopped_early"]:
-        lines.append(f"- **Stopped early** ({meta['stopped_early']}): only the runs listed below finished.")
+    if meta["failed"]:
+        lines.append(f"- **Failed or stopped runs** (not in the tables): {'; '.join(meta['failed'])}.")
+    if meta["not_run"]:
+        lines.append(f"- **Not run** (the time limit left no room): {', '.join(meta['not_run'])}.")
     if min(budget["spacing_mm"]) < UNLABELED_STORE_SPACING_MM:
         lines.append(f"- Note: C was stored at {UNLABELED_STORE_SPACING_MM:g} mm, coarser than this run's spacing.")
     lines += ["", "## Summary (mean ± std over seeds)", "",

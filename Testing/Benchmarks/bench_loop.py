@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -153,7 +152,7 @@ def _write_results(models: dict[str, dict[str, Any]], args: argparse.Namespace, 
 
     half = image.shape[0] // 2
     meta = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": bench.portable_command(args),
         "machine": bench.machine_name(args.device),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),

@@ -1,74 +1,169 @@
-"""Train, export and evaluate the bundled starter model, reproducibly.
+"""Train, export and score the bundled starter model, reproducibly.
 
-1. builds the sample dataset (``scdl sample-data --dataset``), 2. trains ``starter_cpu.yaml`` (or resumes
-it; ``--run`` names the run folder), 3. exports network A of the CPS pair as the bundle ``starter`` (one
-network keeps the bundle under 16 MB), 4. segments the held-out CT (``ct_abdomen_dicom``) and the training
-CT with it and scores both on their native grids, 5. records those scores in ``model.json`` and installs
-the bundle into ``SCDLCore/scdlcore/resources/starter_model``.
+1. trains ``starter.yaml`` (``--set`` overrides single keys) on the benchmark's training data: ``ct_abdomen``
+   labeled, ``ct_chest_cta`` and ``ct_chest_nrrd`` unlabeled (``bench_accuracy.BenchData``; ``ct_abdomen_dicom``
+   is held out and never trained on), resuming an interrupted run;
+2. exports network A of the CPS pair as the bundle ``starter`` with float16 weights (one network at half
+   precision keeps the bundle under 16 MB);
+3. segments the held-out CT and the training CT with the bundle, exactly as ``scdl segment`` and ``scdl evaluate``
+   do, and records the per-organ scores in its ``model.json`` (``metrics.native_grid``).
 
-Usage: ``python Testing/StarterModel/make_starter_model.py --work /tmp/starter``
+Train on the GPU machine (its data folder carried there; see ``Testing/Benchmarks/gpu_check.sh``)::
+
+    python Testing/StarterModel/make_starter_model.py --work /tmp/starter --data .bench-data --out $OUT/starter
+
+then, here, score the returned bundle on the CPU and install it into the package::
+
+    python Testing/StarterModel/make_starter_model.py --rescore RETURNED_BUNDLE --data .bench-data
+
+``--out`` defaults to the package's ``scdlcore/resources/starter_model``.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from scdlcore.bundle import STARTER_MODEL_DIR, load_bundle, save_bundle, update_bundle_metadata
+from scdlcore.config import Config, load_config, parse_override
 from scdlcore.events import to_jsonable
-from scdlcore.config import load_config
 from scdlcore.infer import Predictor
 from scdlcore.metrics import evaluate_files
-from scdlcore.sample_data import fetch_all, make_sample_dataset
-from scdlcore.train import Trainer
+from scdlcore.sample_data import fetch_sample
+from scdlcore.train import Trainer, resolve_device
 
 HERE = Path(__file__).resolve().parent
-DESCRIPTION = (
-    "Provisional starter model trained on a 2-core CPU: CPS + GA + SCDL, VNet width 8, 3 mm, on ONE labeled CT "
-    "(ct_abdomen) with TotalSegmentator reference labels, plus one unlabeled CT. Expect little on other patients; "
-    "adapt it to your scans with the annotation loop."
-)
+sys.path.insert(0, str(HERE.parent / "Benchmarks"))  # the benchmark's data folder: the same training data
+import bench_accuracy as bench  # noqa: E402
+
+#: (case, role) scored into model.json.
+SCORED_CASES = ((bench.TEST_SAMPLE, "held_out"), ("ct_abdomen", "training"))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True, help="folder for the dataset and the training run")
-    parser.add_argument("--run", type=Path, help="an existing run folder of this config to export (default WORK/run)")
-    args = parser.parse_args()
-    samples = fetch_all()
-    dataset = make_sample_dataset(args.work / "dataset", samples)
-    run = args.run or args.work / "run"
-    config = load_config(HERE / "starter_cpu.yaml").with_overrides({"data.dataset": str(dataset)})
-    if not (run / "model" / "model.json").is_file():
-        Trainer(config, run, resume=(run / "checkpoints" / "last.safetensors").is_file()).run()
+    args = _parse()
+    data = bench.prepare_data(args.data)
+    bundle = args.rescore or _train_and_export(args, data)
+    if args.rescore and args.out.resolve() != args.rescore.resolve():
+        shutil.rmtree(args.out, ignore_errors=True)
+        shutil.copytree(args.rescore, args.out)
+        bundle = args.out
+    score(bundle, data, resolve_device(args.device))
+    print(f"Starter bundle {bundle} ({sum(p.stat().st_size for p in bundle.iterdir()) / 2**20:.1f} MiB)")
 
-    trained = load_bundle(run / "model")
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, help="folder for the training dataset, cache and run (needed to train)")
+    parser.add_argument("--config", type=Path, default=HERE / "starter.yaml", help="training config (default starter.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config key")
+    parser.add_argument("--data", type=Path, help="benchmark data folder, built when missing (default WORK/data)")
+    parser.add_argument("--out", type=Path, default=STARTER_MODEL_DIR, help="where the bundle goes (default: the package's)")
+    parser.add_argument("--rescore", type=Path, metavar="BUNDLE",
+                        help="no training: score this bundle on --device and write it, with its scores, to --out")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="stop training after this long and ship the weights reached, if past half the steps "
+                        "(the bundle records where it stopped)")
+    parser.add_argument("--device", default="cpu", help="device for scoring (default cpu: the numbers users reproduce)")
+    args = parser.parse_args()
+    if not args.rescore and not args.work:
+        parser.error("training needs --work FOLDER (or give --rescore BUNDLE).")
+    if args.data is None:
+        if args.work is None:
+            parser.error("--rescore needs --data FOLDER (the benchmark data folder).")
+        args.data = args.work / "data"
+    return args
+
+
+def _train_and_export(args: argparse.Namespace, data: bench.BenchData) -> Path:
+    config = load_config(args.config).with_overrides({
+        "data.dataset": str(data.train_store(args.work / "train")),
+        "data.cache_dir": str(args.work / "cache"),
+        **dict(parse_override(item) for item in args.set),
+    })
+    run = args.work / "run"
+    start = time.perf_counter()
+    cancel = threading.Event()
+    if args.time_limit:
+        timer = threading.Timer(args.time_limit, cancel.set)
+        timer.daemon = True
+        timer.start()
+    trainer = Trainer(config, run, resume=(run / "checkpoints" / "last.safetensors").is_file(), cancel=cancel)
+    result = trainer.run()
+    bundle, stopped = result.bundle, None
+    if result.status != "completed" and cancel.is_set() and result.step >= config.train.steps // 2:
+        stopped = f"stopped by its time limit at step {result.step} of {config.train.steps}"
+        print(f"Training {stopped}: shipping the weights reached.", flush=True)
+        bundle = trainer.finish()
+    if bundle is None:
+        raise SystemExit(f"Training stopped at step {result.step} of {config.train.steps}; run again to resume.")
+    return export_starter(bundle, args.out, config, time.perf_counter() - start, stopped)
+
+
+def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float, stopped: str | None = None) -> Path:
+    """Network A of a trained bundle as the starter bundle, float16 weights, with what it was trained on.
+
+    ``stopped`` says where a run cut short by its time limit stopped (recorded in the description and lineage).
+    """
+    trained = load_bundle(trained_dir)
+    device = resolve_device(config.train.device)
+    method = {"cps": "CPS", "mean_teacher": "Mean Teacher", "supervised": "supervised"}[trained.base] + " + GA"
+    method += " + SCDL" if config.scdl.enabled else ""
+    description = (
+        f"Starter model: {method}, VNet width {config.network.width}, {config.data.spacing[0]:g} mm voxels, "
+        f"{trained.lineage['steps']} steps{f' ({stopped})' if stopped else ''} on {bench.machine_name(device)}. Trained on ONE labeled CT (ct_abdomen) whose "
+        "reference labels are TotalSegmentator model outputs, plus two unlabeled chest CTs: a starting point, not a "
+        "clinical model. Adapt it to your scans with the annotation loop (submit corrected cases, fine-tune)."
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        starter = save_bundle(
+        staged = save_bundle(
             Path(tmp) / "starter", trained.build_networks("cpu", count=1), name="starter", labels=trained.labels,
             spacing=trained.spacing, hu_window=trained.hu_window, patch_size=trained.patch_size, base=trained.base,
-            scdl=trained.scdl, metrics=trained.metrics, description=DESCRIPTION,
-            lineage={**trained.lineage, "trained_on": "ct_abdomen (labeled) + ct_chest_cta (unlabeled), TotalSegmentator 2.18.0 "
-                     "sample CTs", "machine": f"CPU ({platform.machine()}), torch {torch.__version__}"},
+            scdl=trained.scdl, metrics=trained.metrics, description=description, weights_dtype=torch.float16,
+            lineage={**trained.lineage,
+                     "trained_on": "ct_abdomen (labeled; TotalSegmentator reference labels) + ct_chest_cta and "
+                                   "ct_chest_nrrd (unlabeled), scdlcore sample CTs; ct_abdomen_dicom held out",
+                     "machine": bench.machine_name(device), "torch": torch.__version__,
+                     "train_seconds": round(seconds, 1), "config": _portable(config),
+                     **({"stopped_early": stopped} if stopped else {})},
         )
-        predictor = Predictor(load_bundle(starter), torch.device("cpu"))
-        scores = {}
-        for name, role in (("ct_abdomen_dicom", "held_out"), ("ct_abdomen", "training")):
-            output = Path(tmp) / f"{name}.nii.gz"
-            predictor.predict_file(samples[name].image, output)
-            result = evaluate_files(output, samples[name].label, trained.labels)
-            scores[role] = {"case": name, **to_jsonable(result.to_dict())}
-            print(f"{role} case {name}:\n{result.format_table()}\n")
-        update_bundle_metadata(starter, metrics={**trained.metrics, "native_grid": scores,
-                                                 "reference_labels": "TotalSegmentator outputs, not manual annotations"})
-        shutil.rmtree(STARTER_MODEL_DIR, ignore_errors=True)
-        shutil.copytree(starter, STARTER_MODEL_DIR)
-    print(f"installed {STARTER_MODEL_DIR} ({sum(p.stat().st_size for p in STARTER_MODEL_DIR.iterdir()) / 2**20:.1f} MiB)")
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(staged, out)
+    return out
+
+
+def _portable(config: Config) -> dict:
+    """The config as recorded in model.json: without the training machine's folders."""
+    recorded = to_jsonable(config.to_dict())
+    recorded["data"].update(dataset="(the training store above)", cache_dir="")
+    return recorded
+
+
+def score(bundle_dir: Path, data: bench.BenchData, device: torch.device) -> None:
+    """Segment the held-out and the training CT as ``scdl segment`` does, score them as ``scdl evaluate``
+    does, and record the scores in the bundle's model.json."""
+    bundle = load_bundle(bundle_dir)
+    predictor = Predictor(bundle, device)
+    scores = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, role in SCORED_CASES:
+            sample = fetch_sample(case, cache_dir=data.root)
+            output = Path(tmp) / f"{case}.seg.nrrd"
+            predictor.predict_file(sample.image, output)
+            result = evaluate_files(output, sample.label, bundle.labels)
+            scores[role] = {"case": case, **to_jsonable(result.to_dict())}
+            print(f"{role} case {case} ({device}):\n{result.format_table()}\n", flush=True)
+    update_bundle_metadata(bundle_dir, metrics={
+        **{key: value for key, value in bundle.metrics.items() if key != "native_grid"},
+        "native_grid": scores, "scored_on": str(device),
+        "reference_labels": "TotalSegmentator outputs, not manual annotations"})
 
 
 if __name__ == "__main__":

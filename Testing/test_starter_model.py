@@ -1,0 +1,51 @@
+"""The bundled starter model, as a user meets it: registered by default, and its recorded scores reproducible.
+
+``model.json`` records the per-organ Dice of the held-out CT (``ct_abdomen_dicom``, never trained on), scored on
+the CPU by ``Testing/StarterModel/make_starter_model.py``. Here the same CT goes through the user's commands,
+``scdl segment`` then ``scdl evaluate``, on the CPU, and every organ's Dice must match the recorded one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from scdlcore.bundle import ModelRegistry
+from scdlcore.cli import main
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelRegistry:
+    """An empty user registry: the starter must come from the package alone."""
+    monkeypatch.setenv("SCDL_MODELS_DIR", str(tmp_path / "registry"))
+    return ModelRegistry()
+
+
+def test_the_starter_is_registered_by_default_and_says_what_it_is(registry: ModelRegistry) -> None:
+    assert [(entry.ref, entry.builtin) for entry in registry.list()] == [("starter@1", True)]
+    starter = registry.resolve("starter")
+    assert "TotalSegmentator" in starter.description and "annotation loop" in starter.description
+    assert "ct_abdomen_dicom held out" in starter.lineage["trained_on"]
+    assert starter.metrics["scored_on"] == "cpu"
+
+
+def test_segmenting_the_held_out_ct_reproduces_the_recorded_dice(
+    registry: ModelRegistry, samples, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recorded = registry.resolve("starter").metrics["native_grid"]["held_out"]
+    sample = samples[recorded["case"]]
+    segmentation = tmp_path / "held_out.seg.nrrd"
+    assert main(["segment", str(sample.image), "-o", str(segmentation), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(segmentation), str(sample.label), "--json", str(tmp_path / "scores.json")]) == 0
+    measured = json.loads((tmp_path / "scores.json").read_text())["summary"]
+    assert "starter@1" in capsys.readouterr().out
+    for organ, scores in recorded["organs"].items():
+        expected, actual = scores["dice"], measured["organs"][organ]["dice"]
+        if expected is None:  # absent from both reference and prediction
+            assert actual is None, organ
+        else:  # float32 CPU arithmetic may differ in the last bits between processors
+            assert math.isclose(actual, expected, abs_tol=2e-3), f"{organ}: Dice {actual} here, {expected} in model.json"
+    assert math.isclose(measured["mean_dice"], recorded["mean_dice"], abs_tol=2e-3)
