@@ -439,6 +439,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         for organ in organs:
             right.plot([h["step"] for h in validation], [h["dice"].get(organ) for h in validation], linewidth=0.8, label=organ)
         right.legend(fontsize=6, ncol=2)
+    else:
+        right.text(0.5, 0.5, "no validation in this run\n(train.val_every = 0 or no held-out case)", ha="center",
+                   va="center", transform=right.transAxes, color="0.4")
     right.set(xlabel="step", ylabel="Dice", title="Validation Dice (model grid)", ylim=(0, 1))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

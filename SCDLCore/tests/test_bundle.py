@@ -253,15 +253,3 @@ def test_models_dir_comes_from_the_environment(tmp_path: Path, monkeypatch: pyte
     assert ModelRegistry().root == tmp_path / "models"
     monkeypatch.delenv("SCDL_MODELS_DIR")
     assert default_models_dir().parts[-2:] == ("scdl", "models")
-
-
-def test_the_shipped_starter_model_is_listed_verified_and_documented(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.undo()  # the real package folder
-    registry = ModelRegistry(tmp_path / "registry")
-    assert [(entry.ref, entry.builtin) for entry in registry.list()] == [("starter@1", True)]
-    starter = registry.resolve("starter")  # loads and checks the sha256 of its weights
-    assert starter.labels.name == "synapse13" and len(starter.build_networks("cpu")) == 1
-    assert (bundle_module.STARTER_MODEL_DIR / "weights.safetensors").stat().st_size < 16 * 2**20
-    held_out = starter.metrics["native_grid"]["held_out"]
-    assert held_out["case"] == "ct_abdomen_dicom" and 0.0 <= held_out["mean_dice"] <= 1.0
-    assert "TotalSegmentator" in starter.metrics["reference_labels"] and "Provisional" in starter.description
