@@ -121,7 +121,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "results": results}, indent=2))
+        args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": args.out.name}, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@
 #   PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --data .bench-data --prepare-only   # 7 MiB
 # then one device run: command "bash Testing/Benchmarks/gpu_check.sh", carry [".whl", ".bench-data"], timeout_s 570.
 # The working tree travels too and everything must stay under 64 MiB: delete the bundled starter model's two files
-# from the working tree for that run (9 MiB; the run makes its successor).
+# from the working tree for that run (10 MiB; the run makes its successor).
 # Rehearsal on a CPU machine before spending GPU time (tiny sizes, same steps, ~4 minutes on 2 cores):
 #   OUT=/tmp/gpu-check REHEARSAL=1 GPU_CHECK_SECONDS=400 bash Testing/Benchmarks/gpu_check.sh
 set -uo pipefail
