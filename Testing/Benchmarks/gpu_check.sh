@@ -17,6 +17,8 @@
 # then one device run: command "bash Testing/Benchmarks/gpu_check.sh", carry [".whl", ".bench-data"], timeout_s 570.
 # The working tree travels too and everything must stay under 64 MiB: delete the bundled starter model's two files
 # from the working tree for that run (10 MiB; the run makes its successor).
+# GPU_CHECK_PART=ablation runs only the ablation of SCDL's open choices (10 runs at once, about 5 to 6 minutes on an
+# H100), the part the 2026-11-27 run had no time for.
 # Rehearsal on a CPU machine before spending GPU time (tiny sizes, same steps, ~4 minutes on 2 cores):
 #   OUT=/tmp/gpu-check REHEARSAL=1 GPU_CHECK_SECONDS=400 bash Testing/Benchmarks/gpu_check.sh
 set -uo pipefail
@@ -51,6 +53,20 @@ main() {
   python3 -c "import sys, torch, monai, SimpleITK; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| CUDA', torch.version.cuda, '| monai', monai.__version__, '| SimpleITK', SimpleITK.Version_VersionString())" || return 2
 
+  if [[ "${GPU_CHECK_PART:-all}" == ablation ]]; then
+    ablation_run
+  else
+    full_run
+  fi
+
+  if (( ${#failed[@]} )); then
+    printf '=== FAILED: %s\n' "${failed[@]}"
+    return 1
+  fi
+  echo "=== all parts passed"
+}
+
+full_run() {  # the starters, the accuracy benchmark beside them, then the timing benchmarks
   starter scdl "$OUT/starter" "${starter_size[@]}"
   starter cps "$work/extras/starter_cps" --set scdl.enabled=false "${starter_size[@]}"
   part "accuracy: 10 configurations x 3 seeds, $accuracy_steps steps, $jobs at a time" $((train_until - SECONDS + 20)) \
@@ -66,12 +82,13 @@ main() {
   left=$((budget - SECONDS))
   part "segment 512x512x300 CT" $((left > 40 ? left : 40)) \
     python3 Testing/Benchmarks/bench_segment.py --device "$device" "${segment_size[@]}" --out "$work/extras/segment_gpu.md"
+}
 
-  if (( ${#failed[@]} )); then
-    printf '=== FAILED: %s\n' "${failed[@]}"
-    return 1
-  fi
-  echo "=== all parts passed"
+ablation_run() {  # SCDL's open choices only, paired with the base on seeds 0-1
+  part "ablation: 4 choices + the base x 2 seeds, $accuracy_steps steps" $((budget - SECONDS)) \
+    python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
+      --configs cps_ga_scdl scdl_p2e_classes scdl_labeled_only scdl_grid_fine scdl_anchor_ema --seeds 2 \
+      --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs 10 --time-limit $((budget - SECONDS - 30))
 }
 
 declare -A starter_pid starter_started
