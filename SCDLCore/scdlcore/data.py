@@ -33,7 +33,7 @@ from .dataset import Case, Dataset
 __all__ = ["PreparedCase", "prepare_case", "prepare_dataset", "PatchSampler", "Augmenter"]
 
 _log = logging.getLogger(__name__)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: body crop searched on 4 mm blocks
 _MAX_INDICES_PER_CLASS = 20000
 PARTIAL_BAND_MM = 10.0  # background this close to a reviewed organ counts as reviewed
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from scdlcore.io import Volume, read_image, read_label
 from scdlcore.labels import SYNAPSE13
-from scdlcore.preprocess import body_bbox, hu_window, resample_to_reference, resample_to_spacing
+from scdlcore.preprocess import BODY_SEARCH_MM, body_bbox, hu_window, resample_to_reference, resample_to_spacing
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -130,8 +131,26 @@ def test_body_bbox_finds_the_body_and_ignores_a_separate_table(synthetic_ct):
     array[2:8, 5:15, 6:25] = 40.0  # body
     array[:, 18:19, :] = 300.0  # scanner table, not touching the body
     bbox = body_bbox(synthetic_ct.with_array(array), margin_mm=2.0)
-    # margins in voxels: ceil(2 / 2.9) = 1 (z), ceil(2 / 1.3) = 2 (y), ceil(2 / 0.7) = 3 (x)
-    assert bbox == (slice(1, 9), slice(3, 17), slice(3, 28))
+    # Margins in voxels: ceil(2 / 2.9) = 1 (z), ceil(2 / 1.3) = 2 (y), ceil(2 / 0.7) = 3 (x). The search blocks are
+    # 1 (z), 3 (y) and 5 (x) voxels (4 mm): whole-body blocks y 6:15 and x 10:25, one more block each side.
+    assert bbox == (slice(1, 9), slice(1, 20), slice(2, 30))
+
+
+def test_body_bbox_lies_within_the_voxelwise_box_plus_the_search_spacing(samples):
+    """The block search may cut off thin parts of the body (here: tissue at the front, joined by thin contacts),
+    never organs (see the test above), and never reaches more than one block beyond the voxelwise box."""
+    ct = read_image(samples["ct_abdomen_dicom"].image)  # 0.98 x 0.98 x 2 mm: blocks of 4, 4 and 2 voxels
+    box = body_bbox(ct, margin_mm=0.0)
+    body = ndimage.label(ct.array > -500.0)[0]
+    exact = ndimage.find_objects((body == np.argmax(np.bincount(body.ravel())[1:]) + 1).astype(np.uint8))[0]
+    for found, true, spacing in zip(box, exact, ct.spacing_zyx):
+        assert (true.start - found.start) * spacing <= BODY_SEARCH_MM and (found.stop - true.stop) * spacing <= BODY_SEARCH_MM
+
+
+def test_body_bbox_finds_a_body_thinner_than_the_search_spacing(synthetic_ct):
+    array = np.full(synthetic_ct.shape, -1000.0, dtype=np.float32)
+    array[4, 7, 11] = 40.0  # one voxel, between the 4 mm search samples in y and x
+    assert body_bbox(synthetic_ct.with_array(array), margin_mm=0.0) == (slice(4, 5), slice(7, 8), slice(11, 12))
 
 
 def test_body_bbox_margin_is_clipped_to_the_image(synthetic_ct):
