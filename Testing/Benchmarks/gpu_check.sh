@@ -12,7 +12,6 @@
 #
 # The GPU machine has no network and lacks monai and SimpleITK. Here, once, from the repository root:
 #   ../shared/device/make-wheels --with-io && rm .whl/slicerio-* .whl/pynrrd-*   # monai + SimpleITK: 52 MiB
-#   grep -qx '/.bench-data/' .git/info/exclude || echo '/.bench-data/' >> .git/info/exclude
 #   PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --data .bench-data --prepare-only   # 7 MiB
 # then one device run: command "bash Testing/Benchmarks/gpu_check.sh", carry [".whl", ".bench-data"], timeout_s 570.
 # The working tree travels too and everything must stay under 64 MiB: delete the bundled starter model's two files
