@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -417,9 +418,9 @@ def main() -> None:
             print(f"=== {task[0]} seed {task[1]} FAILED: {error}", flush=True)
         _write_results(outcome, configs, args, out)
 
-    runner = _run_in_pool if args.jobs > 1 else _run_in_process
+    runner = functools.partial(_run_in_pool, jobs=args.jobs) if args.jobs > 1 else _run_in_process
     outcome.not_run = runner(tasks, lambda task: (task[0], configs[task[0]], task[1], base, args, image, reference),
-                             record, args.jobs, args.time_limit)
+                             record, args.time_limit)
     _write_results(outcome, configs, args, out)
     if outcome.runs:
         print((out / "accuracy.md").read_text(encoding="utf-8"))
@@ -441,7 +442,7 @@ Task = tuple[str, int]
 Record = Callable[[Task, "dict[str, Any] | None", "str | None"], None]
 
 
-def _run_in_process(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record, jobs: int,
+def _run_in_process(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record,
                     time_limit: float | None) -> list[str]:
     """Run the tasks one after another in this process; returns those not started for the time limit."""
     start, longest = time.monotonic(), 0.0
@@ -458,8 +459,8 @@ def _run_in_process(tasks: list[Task], arguments: Callable[[Task], tuple], recor
     return []
 
 
-def _run_in_pool(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record, jobs: int,
-                 time_limit: float | None) -> list[str]:
+def _run_in_pool(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record,
+                 time_limit: float | None, jobs: int) -> list[str]:
     """Run up to ``jobs`` tasks at once in spawned processes (small networks leave a big GPU mostly idle).
 
     A task starts only while the time limit leaves room for the longest run so far of its configuration
