@@ -22,6 +22,7 @@ then, here, score the returned bundle on the CPU and install it into the package
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -52,9 +53,7 @@ def main() -> None:
     data = bench.prepare_data(args.data)
     bundle = args.rescore or _train_and_export(args, data)
     if args.rescore and args.out.resolve() != args.rescore.resolve():
-        shutil.rmtree(args.out, ignore_errors=True)
-        shutil.copytree(args.rescore, args.out)
-        bundle = args.out
+        bundle = _install(args.rescore, args.out)
     score(bundle, data, resolve_device(args.device))
     print(f"Starter bundle {bundle} ({sum(p.stat().st_size for p in bundle.iterdir()) / 2**20:.1f} MiB)")
 
@@ -118,24 +117,34 @@ def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float,
     method += " + SCDL" if config.scdl.enabled else ""
     description = (
         f"Starter model: {method}, VNet width {config.network.width}, {config.data.spacing[0]:g} mm voxels, "
-        f"{trained.lineage['steps']} steps{f' ({stopped})' if stopped else ''} on {bench.machine_name(device)}. Trained on ONE labeled CT (ct_abdomen) whose "
+        f"{trained.lineage['steps']} steps{f' ({stopped})' if stopped else ''} on {bench.machine_name(device)}. "
+        "Trained on ONE labeled CT (ct_abdomen) whose "
         "reference labels are TotalSegmentator model outputs, plus two unlabeled chest CTs: a starting point, not a "
         "clinical model. Adapt it to your scans with the annotation loop (submit corrected cases, fine-tune)."
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        staged = save_bundle(
-            Path(tmp) / "starter", trained.build_networks("cpu", count=1), name="starter", labels=trained.labels,
-            spacing=trained.spacing, hu_window=trained.hu_window, patch_size=trained.patch_size, base=trained.base,
-            scdl=trained.scdl, metrics=trained.metrics, description=description, weights_dtype=torch.float16,
-            lineage={**trained.lineage,
-                     "trained_on": "ct_abdomen (labeled; TotalSegmentator reference labels) + ct_chest_cta and "
-                                   "ct_chest_nrrd (unlabeled), scdlcore sample CTs; ct_abdomen_dicom held out",
-                     "machine": bench.machine_name(device), "torch": torch.__version__,
-                     "train_seconds": round(seconds, 1), "config": _portable(config),
-                     **({"stopped_early": stopped} if stopped else {})},
-        )
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(staged, out)
+    return save_bundle(  # atomic: an existing bundle at ``out`` is replaced only once the new one is complete
+        out, trained.build_networks("cpu", count=1), name="starter", labels=trained.labels,
+        spacing=trained.spacing, hu_window=trained.hu_window, patch_size=trained.patch_size, base=trained.base,
+        scdl=trained.scdl, metrics=trained.metrics, description=description, weights_dtype=torch.float16,
+        lineage={**trained.lineage,
+                 "trained_on": "ct_abdomen (labeled; TotalSegmentator reference labels) + ct_chest_cta and "
+                               "ct_chest_nrrd (unlabeled), scdlcore sample CTs; ct_abdomen_dicom held out",
+                 "machine": bench.machine_name(device), "torch": torch.__version__,
+                 "train_seconds": round(seconds, 1), "config": _portable(config),
+                 **({"stopped_early": stopped} if stopped else {})},
+    )
+
+
+def _install(source: Path, out: Path) -> Path:
+    """Copy the bundle folder ``source`` to ``out`` whole: copied beside it first, then swapped in."""
+    staging, previous = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.previous")
+    for leftover in (staging, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if out.exists():
+        os.replace(out, previous)
+    os.replace(staging, out)
+    shutil.rmtree(previous, ignore_errors=True)
     return out
 
 
