@@ -64,6 +64,7 @@ __all__ = [
     "RegistryEntry",
     "default_models_dir",
     "update_bundle_metadata",
+    "copy_bundle",
     "load_bundle",
     "save_bundle",
 ]
@@ -286,6 +287,8 @@ def save_bundle(
         ``path``.
     """
     path = Path(path)
+    if weights_dtype is not None and not weights_dtype.is_floating_point:
+        raise ValueError(f"weights_dtype must be a floating-point dtype (e.g. torch.float16), not {weights_dtype}.")
     plain = [_unwrap(net) for net in networks]
     bundle = ModelBundle(
         name=name,
@@ -323,6 +326,18 @@ def save_bundle(
         else:
             _replace_folder(folder, path)
     return path
+
+
+def copy_bundle(source: str | Path, dest: str | Path) -> Path:
+    """Copy a bundle (folder or archive, verified as it loads) to the folder ``dest``, atomically.
+
+    An existing bundle at ``dest`` is replaced only once the copy is complete. Returns ``dest``.
+    """
+    bundle, dest = load_bundle(source), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+        _replace_folder(_stage(bundle, Path(tmp)), dest)
+    return dest
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
@@ -481,11 +496,7 @@ class ModelRegistry:
             dest = dest.with_name(dest.name + ARCHIVE_SUFFIX)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
-            folder = Path(tmp) / "bundle"
-            folder.mkdir()
-            shutil.copyfile(bundle._weights, folder / WEIGHTS_FILE)  # type: ignore[arg-type]
-            _write_json(folder / META_FILE, bundle.to_dict())
-            _write_archive(folder, dest)
+            _write_archive(_stage(bundle, Path(tmp)), dest)
         return dest
 
     def remove(self, name: str) -> list[str]:
@@ -723,6 +734,15 @@ def _extract_archive(archive_path: Path, dest: Path) -> None:
         for name, info in members.items():
             with archive.open(info) as source, open(dest / name, "wb") as target:
                 shutil.copyfileobj(source, target, length=1 << 20)
+
+
+def _stage(bundle: ModelBundle, tmp: Path) -> Path:
+    """A complete copy of a loaded bundle in the new folder ``tmp/bundle``: its weights and model.json."""
+    folder = tmp / "bundle"
+    folder.mkdir()
+    shutil.copyfile(bundle._weights, folder / WEIGHTS_FILE)  # type: ignore[arg-type]
+    _write_json(folder / META_FILE, bundle.to_dict())
+    return folder
 
 
 def _write_archive(folder: Path, dest: Path) -> None:

@@ -18,6 +18,7 @@ from scdlcore import bundle as bundle_module
 from scdlcore.bundle import (
     BundleError,
     ModelRegistry,
+    copy_bundle,
     default_models_dir,
     load_bundle,
     save_bundle,
@@ -92,6 +93,27 @@ def test_half_precision_weights_halve_the_file_and_load_as_float32(tmp_path: Pat
             torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3)
     image = torch.randn(1, 1, 32, 32, 32)
     torch.testing.assert_close(rebuilt[0](image)[0], networks[0].eval()(image)[0], atol=2e-2, rtol=2e-2)
+
+
+def test_weights_dtype_must_be_floating_point(tmp_path: Path, networks: list[VNet]) -> None:
+    with pytest.raises(ValueError, match="weights_dtype must be a floating-point dtype"):
+        save_bundle(tmp_path / "int", networks, weights_dtype=torch.int8, **META)
+    assert not (tmp_path / "int").exists()
+
+
+def test_copy_bundle_replaces_the_destination_whole_and_refuses_a_damaged_source(
+    tmp_path: Path, bundle_dir: Path, networks: list[VNet]
+) -> None:
+    dest = save_bundle(tmp_path / "dest", networks[:1], **{**META, "name": "old"})
+    assert copy_bundle(bundle_dir, dest) == dest
+    assert load_bundle(dest).name == "tiny" and len(load_bundle(dest).build_networks("cpu")) == 2
+    archive = save_bundle(tmp_path / "tiny.scdlmodel", networks, **{**META, "name": "from-archive"})
+    assert load_bundle(copy_bundle(archive, tmp_path / "unpacked")).name == "from-archive"
+    _tamper_weights(bundle_dir)
+    with pytest.raises(BundleError, match="sha256"):
+        copy_bundle(bundle_dir, dest)
+    assert load_bundle(dest).name == "tiny", "the earlier copy is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "tiny", "tiny.scdlmodel", "unpacked"], "no leftovers"
 
 
 def test_archive_holds_the_same_bundle(tmp_path: Path, networks: list[VNet]) -> None:

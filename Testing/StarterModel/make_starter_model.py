@@ -22,8 +22,6 @@ then, here, score the returned bundle on the CPU and install it into the package
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -32,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from scdlcore.bundle import STARTER_MODEL_DIR, load_bundle, save_bundle, update_bundle_metadata
+from scdlcore.bundle import STARTER_MODEL_DIR, copy_bundle, load_bundle, save_bundle, update_bundle_metadata
 from scdlcore.config import Config, load_config, parse_override
 from scdlcore.events import to_jsonable
 from scdlcore.infer import Predictor
@@ -53,7 +51,7 @@ def main() -> None:
     data = bench.prepare_data(args.data)
     bundle = args.rescore or _train_and_export(args, data)
     if args.rescore and args.out.resolve() != args.rescore.resolve():
-        bundle = _install(args.rescore, args.out)
+        bundle = copy_bundle(args.rescore, args.out)
     score(bundle, data, resolve_device(args.device))
     print(f"Starter bundle {bundle} ({sum(p.stat().st_size for p in bundle.iterdir()) / 2**20:.1f} MiB)")
 
@@ -133,19 +131,6 @@ def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float,
                  "train_seconds": round(seconds, 1), "config": _portable(config),
                  **({"stopped_early": stopped} if stopped else {})},
     )
-
-
-def _install(source: Path, out: Path) -> Path:
-    """Copy the bundle folder ``source`` to ``out`` whole: copied beside it first, then swapped in."""
-    staging, previous = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.previous")
-    for leftover in (staging, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
-    shutil.copytree(source, staging)
-    if out.exists():
-        os.replace(out, previous)
-    os.replace(staging, out)
-    shutil.rmtree(previous, ignore_errors=True)
-    return out
 
 
 def _portable(config: Config) -> dict:
