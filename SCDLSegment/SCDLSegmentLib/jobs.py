@@ -18,9 +18,15 @@ LogHandler = Callable[[str], None]
 
 
 class _ChildJob:
-    """What every job shares: its child process, started once, polled from the panel's timer."""
+    """What every job shares: its child process, started once, polled from the panel's timer.
+
+    Subclasses keep the ``result`` event (:meth:`_keep_result`) and turn the ``exit`` event into their
+    one ``on_done`` call (:meth:`_finish`); other events go to :meth:`_other`.
+    """
 
     process: ChildProcess
+    _on_log: LogHandler
+    _error: str | None = None  # the child's ``error`` event, for people
 
     @property
     def running(self) -> bool:
@@ -29,6 +35,29 @@ class _ChildJob:
     def start(self) -> _ChildJob:
         self.process.start()
         return self
+
+    def poll(self) -> None:
+        for event in self.process.events():
+            kind = event.get("event")
+            if kind == "log":
+                self._on_log(str(event.get("message", "")))
+            elif kind == "result":
+                self._keep_result(event)
+            elif kind == "error":
+                self._error = str(event.get("message"))
+            elif kind == "exit":
+                self._finish(event)
+            else:
+                self._other(event)
+
+    def _keep_result(self, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _finish(self, exit_event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _other(self, event: dict[str, Any]) -> None:
+        """Events besides log, result, error and exit: ignored unless a job wants them."""
 
 
 class CommandJob(_ChildJob):
@@ -46,19 +75,12 @@ class CommandJob(_ChildJob):
         self.process = ChildProcess(args, env=env, output="document")
         self._on_done, self._on_log = on_done, on_log
         self._data: Any = None
-        self._error: str | None = None
 
-    def poll(self) -> None:
-        for event in self.process.events():
-            kind = event.get("event")
-            if kind == "log":
-                self._on_log(str(event.get("message", "")))
-            elif kind == "result":
-                self._data = event.get("data")
-            elif kind == "error":
-                self._error = str(event.get("message"))
-            elif kind == "exit":
-                self._on_done(self._data, self._error or exit_message(event))
+    def _keep_result(self, event: dict[str, Any]) -> None:
+        self._data = event.get("data")
+
+    def _finish(self, exit_event: dict[str, Any]) -> None:
+        self._on_done(self._data, self._error or exit_message(exit_event))
 
 
 @dataclass
@@ -96,25 +118,19 @@ class FinetuneJob(_ChildJob):
         self.process = ChildProcess(args, env=env)
         self._on_event, self._on_done, self._on_log = on_event, on_done, on_log
         self._result: dict[str, Any] = {}
-        self._error: str | None = None
 
     def cancel(self) -> None:
         """Kill the training process tree."""
         self.process.cancel()
 
-    def poll(self) -> None:
-        for event in self.process.events():
-            kind = event.get("event")
-            if kind == "log":
-                self._on_log(str(event.get("message", "")))
-            elif kind == "result":
-                self._result = event
-            elif kind == "error":
-                self._error = str(event.get("message"))
-            elif kind == "exit":
-                self._on_done(self._outcome(event))
-            else:
-                self._on_event(event)
+    def _keep_result(self, event: dict[str, Any]) -> None:
+        self._result = event
+
+    def _finish(self, exit_event: dict[str, Any]) -> None:
+        self._on_done(self._outcome(exit_event))
+
+    def _other(self, event: dict[str, Any]) -> None:
+        self._on_event(event)
 
     def _outcome(self, exit_event: Mapping[str, Any]) -> FinetuneOutcome:
         if exit_event.get("cancelled"):
