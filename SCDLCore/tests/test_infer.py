@@ -8,6 +8,7 @@ liver), which makes "the output lies on the input's anatomy" checkable against t
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -19,7 +20,15 @@ from scdl_test_support import threshold_vnet
 
 from scdlcore.bundle import ModelBundle, load_bundle, save_bundle
 from scdlcore.events import Progress
-from scdlcore.infer import InferenceCancelled, Predictor, _window_starts, check_organs, organ_volumes_ml
+from scdlcore.infer import (
+    InferenceCancelled,
+    Predictor,
+    _probs_to_grid,
+    _uniform_cell_values,
+    _window_starts,
+    check_organs,
+    organ_volumes_ml,
+)
 from scdlcore.io import Volume, read_image, read_label, read_segmentation_labels, write_image
 from scdlcore.labels import SYNAPSE13
 from scdlcore.nets import VNet
@@ -105,6 +114,59 @@ def test_return_to_input_grid_follows_the_anatomy_better_than_nearest(sphere: Vo
     model_grid = predictor.sliding_window(torch.from_numpy(hu_window(work.array))).argmax(0).numpy().astype(np.uint8)
     nearest = resample_to_reference(work.with_array(model_grid), sphere, is_label=True).array == 1
     assert ours > 0.95 and ours > _dice(nearest, ball) + 0.02  # measured: 0.960 vs 0.926
+
+
+def _dense_reference(probs: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear interpolation of every class at every output voxel, in float64 (independent of the code under
+    test): the argmax among the classes that win somewhere on the model grid, and its lead over the runner-up."""
+    coords = [np.clip(o + s * np.arange(n), 0, m - 1) for s, o, n, m in zip(scale, offset, shape, probs.shape[1:])]
+    lower = [np.floor(c).astype(int) for c in coords]
+    upper = [np.minimum(lo + 1, m - 1) for lo, m in zip(lower, probs.shape[1:])]
+    weight = [c - lo for c, lo in zip(coords, lower)]
+    result = np.zeros((probs.shape[0], *shape))
+    for corner in itertools.product((0, 1), repeat=3):
+        index = np.ix_(*(upper[a] if corner[a] else lower[a] for a in range(3)))
+        w = np.ix_(*(weight[a] if corner[a] else 1 - weight[a] for a in range(3)))
+        result += probs[(slice(None), *index)] * (w[0] * w[1] * w[2])
+    result[np.setdiff1d(np.arange(probs.shape[0]), np.unique(probs.argmax(0)))] = -np.inf
+    ordered = np.sort(result, axis=0)
+    return result.argmax(0), ordered[-1] - ordered[-2]
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0], ids=["organs", "noise"])
+def test_return_to_input_grid_equals_full_trilinear_interpolation(noise: float) -> None:
+    """Organs: most input voxels lie between model voxels of one class and skip the interpolation; noise: hardly
+    any do, and the slab is interpolated whole. Either way every label is the argmax of the interpolated
+    probabilities (except exact near-ties, where float32 rounding may pick either)."""
+    generator = torch.Generator().manual_seed(0)
+    grid = (17, 19, 23)
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij")
+    centres = [(8, 9, 11, 6.0), (4, 5, 6, 3.0), (12, 14, 17, 2.5), (3, 15, 4, 1.5)]  # organs of several sizes
+    logits = torch.stack([torch.zeros(grid)] + [4 * (1 - ((z - a) ** 2 + (y - b) ** 2 + (x - c) ** 2) / r**2) for a, b, c, r in centres])
+    logits += 20 * noise * torch.rand(logits.shape, generator=generator)
+    logits = torch.cat([logits, torch.full((2, *grid), -9.0)])  # two classes that win nowhere
+    probs = torch.softmax(logits, 0)
+    lut = torch.tensor([0, 5, 0, 7, 9, 11, 13], dtype=torch.int32)  # class 2 is filtered out (value 0)
+    scale, offset = np.array([0.45, 0.31, 0.5]), np.array([-1.3, 0.2, 0.0])
+    shape = (42, 60, 46)
+    out = np.zeros(shape, np.uint8)
+    _probs_to_grid(probs, (scale, offset), lut, out)
+    mixed = float((_uniform_cell_values(probs.argmax(0), lut) < 0).float().mean())
+    assert mixed < 0.2 if noise == 0 else mixed > 0.6  # each case takes the path it is meant to (cut at 1/3)
+    classes, lead = _dense_reference(probs.double().numpy(), scale, offset, shape)
+    clear = lead > 1e-5
+    np.testing.assert_array_equal(out[clear], lut.numpy()[classes][clear])
+    assert clear.mean() > 0.99 and set(np.unique(out)) == {0, 5, 7, 9}
+
+
+def test_an_organ_on_the_model_grid_edge_reaches_the_input_edge() -> None:
+    """Input voxels beyond the model grid's ends take its edge voxels' class, however far out they lie."""
+    probs = torch.zeros(2, 4, 5, 6)
+    probs[0], probs[1, 0], probs[0, 0] = 1.0, 1.0, 0.0  # the organ (class 1) fills the first model slice only
+    out = np.zeros((10, 12, 14), np.uint8)
+    # z = -1.3 + 0.4 i: input slices 0-4 lie at z < 0.5, nearer the organ slice (slice 0 more than a model voxel out).
+    _probs_to_grid(probs, (np.array([0.4, 0.4, 0.45]), np.array([-1.3, -0.4, -0.45])), torch.tensor([0, 5], dtype=torch.int32), out)
+    assert (out[:5] == 5).all() and (out[5:] == 0).all()
 
 
 def test_organ_filter_keeps_only_the_chosen_organs(sphere: Volume, tmp_path: Path) -> None:
