@@ -1,8 +1,9 @@
 """Time and peak memory of ``scdl segment`` vs a plain MONAI sliding-window pipeline on a 512x512x300 CT.
 
 The CT is the real ``ct_abdomen`` sample (3 mm) resampled to 512x512x300 voxels over the same body
-(about 0.71 x 0.59 x 1.12 mm). Both pipelines use the same bundle (a CPS pair of VNets with random
-weights: timing only, not a model), the same volume and the same device:
+(about 0.71 x 0.59 x 1.12 mm). Both pipelines use the same bundle, the same volume and the same device.
+The bundle is a CPS pair of VNets with random weights (timing only, not a model), or with ``--model`` a
+trained one: its organs have real borders, which is what the return to the input grid costs.
 
 - ``scdl segment``: the command itself, in-process (``scdlcore.cli.main``): read, body crop,
   resample, sliding window with on-device Gaussian accumulation (bf16 + channels-last-3d on CUDA),
@@ -20,6 +21,7 @@ Usage (with SCDLCore importable, e.g. ``PYTHONPATH=SCDLCore``)::
 
     python Testing/Benchmarks/bench_segment.py --out Testing/Benchmarks/results/segment_cpu.md   # CPU: width 4, 3 mm
     python Testing/Benchmarks/bench_segment.py --device cuda                                      # VNet-16 CPS, 1.5x1.5x2 mm
+    python Testing/Benchmarks/bench_segment.py --model starter --out Testing/Benchmarks/results/segment_starter_cpu.md
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def main() -> None:
         print(json.dumps(_child(args)))
         return
     with tempfile.TemporaryDirectory(prefix="scdl-bench-") as tmp:
-        ct, bundle = _make_ct(Path(tmp)), _make_bundle(Path(tmp), args)
+        ct = _make_ct(Path(tmp))
+        bundle = _trained_bundle(args) if args.model else _make_bundle(Path(tmp), args)
         results = {}
         for name in ("scdl segment", "MONAI baseline"):
             output = Path(tmp) / f"{name.split()[0].lower()}.seg.nrrd"
@@ -65,6 +68,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--width", type=int, help="VNet width (default: 4 on CPU, 16 on CUDA)")
     parser.add_argument("--spacing", type=float, nargs=3, help="model spacing x y z mm (default: 3 3 3 on CPU, 1.5 1.5 2 on CUDA)")
     parser.add_argument("--patch", type=int, default=96, help="patch edge in voxels (default: 96)")
+    parser.add_argument("--model", help="a trained model (installed name or bundle path) instead of random weights; "
+                        "its spacing, patch and networks replace --width, --spacing and --patch")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     parser.add_argument("--child", choices=("scdl", "monai"), help=argparse.SUPPRESS)
     parser.add_argument("--ct", type=Path, help=argparse.SUPPRESS)
@@ -99,6 +104,7 @@ def _make_bundle(folder: Path, args: argparse.Namespace) -> Path:
     from scdlcore.labels import SYNAPSE13
     from scdlcore.nets import VNet
 
+    args.description = f"a CPS pair of VNet-{args.width} with random weights (a timing stand-in, not a model)"
     torch.manual_seed(0)
     networks = [VNet(num_classes=SYNAPSE13.num_classes, width=args.width) for _ in range(2)]
     with torch.no_grad():
@@ -107,6 +113,17 @@ def _make_bundle(folder: Path, args: argparse.Namespace) -> Path:
     return save_bundle(folder / "bundle", networks, name="bench", labels=SYNAPSE13, spacing=args.spacing,
                        hu_window=(-125, 275), patch_size=(args.patch,) * 3, base="cps",
                        description="benchmark stand-in: random weights, not a model")
+
+
+def _trained_bundle(args: argparse.Namespace) -> Path:
+    """The folder of ``args.model``; its settings go into ``args`` for the table."""
+    from scdlcore.bundle import ModelRegistry
+
+    bundle = ModelRegistry().resolve(args.model)
+    args.spacing, args.patch = bundle.spacing, bundle.patch_size[0]
+    args.width = bundle.networks[0].get("width", args.width)
+    args.description = f"the trained model {bundle.name}@{bundle.version} ({len(bundle.networks)} x VNet-{args.width})"
+    return bundle.path
 
 
 def _run_child(name: str, ct: Path, bundle: Path, output: Path, args: argparse.Namespace) -> dict:
@@ -215,7 +232,7 @@ def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
     baseline = results["MONAI baseline"]["seconds"]
     spacing = " x ".join(f"{s:g}" for s in args.spacing)
     lines = [
-        f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), CPS pair of VNet-{args.width}, "
+        f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
         f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}",
         f"Machine: {_machine(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
         "",
@@ -230,7 +247,7 @@ def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
         "",
         f"Inside the body box the two label maps agree on {100 * agreement['equal']:.2f}% of the voxels "
         f"({agreement['organs']} organs present); they differ only at borders, where trilinear upsampling of probabilities "
-        "and ours interpolate slightly differently. Weights are random (a timing stand-in, not a model). Peak RSS "
+        "and ours interpolate slightly differently. Peak RSS "
         "includes the Python, torch and MONAI imports (the 'after imports' column).",
     ]
     return "\n".join(lines)
