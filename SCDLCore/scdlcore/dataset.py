@@ -53,7 +53,7 @@ import numpy as np
 from . import io
 from ._filelock import file_lock
 from .io import Volume
-from .labels import LabelTable, get_label_table
+from .labels import LabelTable, get_label_table, value_counts
 
 if TYPE_CHECKING:
     import torch
@@ -502,7 +502,7 @@ class DatasetStore:
                 f"image {image.describe_grid()}. Export the label map on the image's grid, or resample it onto the image with "
                 "scdlcore.io.resample_label_to. Nothing was stored."
             )
-        unknown = sorted(set(np.unique(volume.array).tolist()) - {0} - set(self.table.values))
+        unknown = sorted(set(value_counts(volume.array)) - {0} - set(self.table.values))
         if unknown:
             raise DatasetError(
                 f"Label map {name} holds values {unknown} that are not in label table {self.table.name!r} "

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from .bundle import ModelBundle
 from .events import Progress
 from .io import Volume, read_image, write_label
-from .labels import LabelTable
+from .labels import LabelTable, value_counts
 from .preprocess import body_bbox, crop, hu_window, resample_to_spacing
 
 __all__ = ["InferenceCancelled", "Predictor", "check_organs", "organ_volumes_ml"]
@@ -242,19 +242,15 @@ def check_organs(table: LabelTable, organs: Sequence[str] | None) -> list[str]:
 
 
 def organ_volumes_ml(labels: Volume, table: LabelTable) -> dict[str, float]:
-    """Volume of every organ of ``table`` in mL (0.0 when absent), counted a slab at a time.
+    """Volume of every organ of ``table`` in mL (0.0 when absent).
 
     Args:
         labels: label map with ``table``'s values, (D, H, W).
         table: the label table.
     """
-    counts = np.zeros(max(table.values) + 1, dtype=np.int64)
-    step = max(1, _SLAB_ELEMENTS // max(1, labels.shape[1] * labels.shape[2]))
-    for start in range(0, labels.shape[0], step):
-        slab = labels.array[start : start + step].ravel()
-        counts += np.bincount(slab, minlength=counts.size)[: counts.size]
+    counts = value_counts(labels.array)
     voxel_ml = float(np.prod(labels.spacing)) / 1000.0
-    return {label.name: float(counts[label.value]) * voxel_ml for label in table.labels}
+    return {label.name: counts.get(label.value, 0) * voxel_ml for label in table.labels}
 
 
 def _report(progress: Progress | None, fraction: float, stage: str, *, only_if_advanced: bool = False) -> None:

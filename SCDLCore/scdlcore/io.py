@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scdlcore.labels import SYNAPSE13, Label, LabelTable
+from scdlcore.labels import SYNAPSE13, Label, LabelTable, value_counts
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -397,7 +397,7 @@ def write_label(
         raise ValueError(f"{path}: a label map must hold integers, got dtype {labels.array.dtype}.")
     if table is None and suffix == ".seg.nrrd":
         table = SYNAPSE13
-    present = [int(v) for v in np.unique(labels.array) if v != 0]
+    present = [value for value in value_counts(labels.array) if value != 0]
     if table is not None:
         unknown = sorted(set(present) - set(table.values))
         if unknown:

@@ -22,7 +22,10 @@ __all__ = [
     "TOTALSEGMENTATOR_TO_SYNAPSE13",
     "get_label_table",
     "map_label_values",
+    "value_counts",
 ]
+
+_COUNT_CHUNK = 1 << 24  # voxels per bincount pass: bounds the int64 copy bincount makes of its input
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class LabelTable:
     def values_to_classes(self, labels: np.ndarray) -> np.ndarray:
         """Map label values to class indices 0..C-1 (uint8). Unknown values raise ValueError."""
         lut_size = max(self.values) + 1
-        present = np.unique(labels)
+        present = value_counts(labels)
         unknown = [int(v) for v in present if v < 0 or v >= lut_size or (v != 0 and v not in self.values)]
         if unknown:
             raise ValueError(f"Label values {unknown} are not in label table {self.name!r} (values {self.values}).")
@@ -227,3 +230,19 @@ def map_label_values(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarr
     for source, target in mapping.items():
         lut[source] = target
     return lut[labels.astype(np.int64)]
+
+
+def value_counts(labels: np.ndarray) -> dict[int, int]:
+    """Voxels per value present in an integer label map (background included), ``{value: count}``.
+
+    Unsigned 8- and 16-bit maps (every label map SCDL writes) are counted by ``np.bincount`` a slab at a
+    time: several times faster than ``np.unique``, which sorts the whole map, and with bounded memory.
+    """
+    if labels.dtype not in (np.uint8, np.uint16) or labels.ndim == 0:
+        values, counts = np.unique(labels, return_counts=True)
+        return dict(zip(values.tolist(), counts.tolist()))
+    counts = np.zeros(np.iinfo(labels.dtype).max + 1, dtype=np.int64)
+    rows = max(1, _COUNT_CHUNK // max(1, labels[0].size))
+    for start in range(0, len(labels), rows):
+        counts += np.bincount(labels[start : start + rows].ravel(), minlength=counts.size)
+    return {int(value): int(counts[value]) for value in np.flatnonzero(counts)}

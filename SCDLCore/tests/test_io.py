@@ -20,7 +20,8 @@ from scdlcore.io import (
     write_image,
     write_label,
 )
-from scdlcore.labels import SYNAPSE13
+from scdlcore import labels as labels_module
+from scdlcore.labels import SYNAPSE13, value_counts
 
 # name: (array shape (D, H, W), spacing (x, y, z) mm), as listed in design/DATA.md
 REAL_GRIDS = {
@@ -118,6 +119,18 @@ def test_label_round_trip_keeps_values_dtype_and_geometry(samples, tmp_path):
         assert geometry(again) == geometry(labels)
         assert again.array.dtype == np.uint8
         assert np.array_equal(again.array, labels.array)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16], ids=["uint8", "uint16", "int16-sorted"])
+def test_value_counts_match_numpy_unique_on_a_real_label_map(samples, monkeypatch, dtype):
+    """uint8 and uint16 maps are counted by bincount in slabs (the chunk shrunk here to force several, ragged
+    ones); other dtypes, with a negative value here, by np.unique."""
+    array = read_label(samples["ct_abdomen"].label).array.astype(dtype)
+    array[0, 0, :3] = {np.uint8: 255, np.uint16: 40000, np.int16: -7}[dtype]
+    monkeypatch.setattr(labels_module, "_COUNT_CHUNK", 7 * array[0].size + 5)
+    values, counts = np.unique(array, return_counts=True)
+    assert value_counts(array) == dict(zip(values.tolist(), counts.tolist()))
+    assert len(values) >= 10
 
 
 def test_seg_nrrd_is_read_by_slicerio_with_names_values_colors_and_terminology(samples, tmp_path):
