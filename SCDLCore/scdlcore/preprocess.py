@@ -148,11 +148,17 @@ def body_bbox(
 
 
 def _all_above(array: np.ndarray, steps: list[int], threshold: float) -> np.ndarray:
-    """Per block of ``steps`` voxels (z, y, x): are all its voxels above ``threshold``? (Partial edge blocks dropped.)"""
+    """Per block of ``steps`` voxels (z, y, x): are all its voxels above ``threshold``? (Partial edge blocks dropped.)
+
+    One block axis at a time, slices first: each pass then takes the minimum of whole rows at once, about
+    several times faster than one reduction over the three scattered block axes.
+    """
     counts = [n // step for n, step in zip(array.shape, steps)]
     blocks = array[: counts[0] * steps[0], : counts[1] * steps[1], : counts[2] * steps[2]]
-    shape = (counts[0], steps[0], counts[1], steps[1], counts[2], steps[2])
-    return blocks.reshape(shape).min(axis=(1, 3, 5)) > threshold
+    blocks = blocks.reshape(counts[0], steps[0], counts[1], steps[1], counts[2], steps[2])
+    lowest = np.minimum.reduce(blocks, axis=1)  # over a block's slices -> (z, y, step y, x, step x)
+    lowest = np.minimum.reduce(lowest, axis=2)  # over its rows -> (z, y, x, step x)
+    return (lowest > threshold).all(axis=3)
 
 
 def _largest_component_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:

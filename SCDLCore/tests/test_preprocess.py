@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from scdlcore.io import Volume, read_image, read_label
 from scdlcore.labels import SYNAPSE13
-from scdlcore.preprocess import BODY_SEARCH_MM, body_bbox, hu_window, resample_to_reference, resample_to_spacing
+from scdlcore.preprocess import BODY_SEARCH_MM, _all_above, body_bbox, hu_window, resample_to_reference, resample_to_spacing
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -145,6 +145,18 @@ def test_body_bbox_lies_within_the_voxelwise_box_plus_the_search_spacing(samples
     exact = ndimage.find_objects((body == np.argmax(np.bincount(body.ravel())[1:]) + 1).astype(np.uint8))[0]
     for found, true, spacing in zip(box, exact, ct.spacing_zyx):
         assert (true.start - found.start) * spacing <= BODY_SEARCH_MM and (found.stop - true.stop) * spacing <= BODY_SEARCH_MM
+
+
+def test_block_search_marks_exactly_the_blocks_above_the_threshold(samples):
+    """On a real CT cut to a ragged size (partial blocks at the far ends are dropped), against a block-by-block loop."""
+    array = read_image(samples["ct_abdomen"].image).array[:47, 5:66, 3:100]
+    steps = [3, 2, 4]
+    found = _all_above(array, steps, -500.0)
+    expected = np.zeros([n // step for n, step in zip(array.shape, steps)], dtype=bool)
+    for block in np.ndindex(*expected.shape):
+        expected[block] = (array[tuple(slice(i * step, (i + 1) * step) for i, step in zip(block, steps))] > -500.0).all()
+    np.testing.assert_array_equal(found, expected)
+    assert 0.05 < expected.mean() < 0.95  # body and air both
 
 
 def test_body_bbox_finds_a_body_thinner_than_the_search_spacing(synthetic_ct):
