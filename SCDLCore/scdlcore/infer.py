@@ -296,9 +296,9 @@ def _probs_to_grid(
         return
     (z_out, z), (y_out, y), (x_out, x) = axes
     cell_values = _uniform_cell_values(classes, lut)
-    present_probs, values = probs[present], lut[present]
+    values = lut[present]
     # Point-major (D*H*W, C') copy: interpolating scattered voxels gathers whole probability vectors.
-    table = present_probs.flatten(1).T.contiguous()
+    table = probs.flatten(1).T.index_select(1, present)
     rows, cols = y_out.stop - y_out.start, x_out.stop - x_out.start
     step = max(1, _SLAB_ELEMENTS // (len(present) * rows * cols))
     dtype = torch.uint8 if out.dtype == np.uint8 else torch.int32
@@ -308,7 +308,7 @@ def _probs_to_grid(
         mixed = labels < 0
         count = int(mixed.sum())
         if 3 * count > mixed.numel():  # mostly borders (a noisy model): interpolating all of it is cheaper
-            labels = values[_argmax0(_interpolate_slab(present_probs, z_slab, y, x))]
+            labels = values[_argmax0(_interpolate_slab(probs, present, z_slab, y, x))]
         elif count:
             at = torch.nonzero(mixed, as_tuple=True)
             points = [tuple(t[i] for t in axis) for axis, i in zip((z_slab, y, x), at)]
@@ -351,13 +351,14 @@ def _uniform_cell_values(classes: torch.Tensor, lut: torch.Tensor) -> torch.Tens
     return torch.where(low == high, lut[low], -1)
 
 
-def _interpolate_slab(probs: torch.Tensor, z: _Corners, y: _Corners, x: _Corners) -> torch.Tensor:
-    """``probs`` (C, D, H, W) interpolated on the grid of points z x y x x -> (C, n, H', W').
+def _interpolate_slab(probs: torch.Tensor, classes: torch.Tensor, z: _Corners, y: _Corners, x: _Corners) -> torch.Tensor:
+    """``probs`` (C, D, H, W) of ``classes`` (C',) interpolated on the grid of points z x y x x -> (C', n, H', W').
 
     Along z, then y, then x, like :func:`_interpolate_points`: the two give bit-identical probabilities.
     """
-    slab = torch.lerp(probs[:, z[0]], probs[:, z[1]], z[2][:, None, None])  # (C, n, H, W)
-    slab = torch.lerp(slab[:, :, y[0]], slab[:, :, y[1]], y[2][:, None])  # (C, n, H', W)
+    rows = classes[:, None]
+    slab = torch.lerp(probs[rows, z[0]], probs[rows, z[1]], z[2][:, None, None])  # (C', n, H, W)
+    slab = torch.lerp(slab[:, :, y[0]], slab[:, :, y[1]], y[2][:, None])  # (C', n, H', W)
     return torch.lerp(slab[..., x[0]], slab[..., x[1]], x[2])
 
 

@@ -17,7 +17,7 @@
 # The working tree travels too and everything must stay under 64 MiB: delete the bundled starter model's two files
 # from the working tree for that run (10 MiB; the run makes its successor).
 # GPU_CHECK_PART=ablation runs only the ablation of SCDL's open choices (10 runs at once, about 5 to 6 minutes on an
-# H100), the part the 2026-11-27 run had no time for.
+# H100), the part the 2026-11-27 run had no time for, then bench_segment.py if a minute of the budget is left.
 # Rehearsal on a CPU machine before spending GPU time (tiny sizes, same steps, ~4 minutes on 2 cores):
 #   OUT=/tmp/gpu-check REHEARSAL=1 GPU_CHECK_SECONDS=400 bash Testing/Benchmarks/gpu_check.sh
 set -uo pipefail
@@ -78,8 +78,12 @@ full_run() {  # the starters, the accuracy benchmark beside them, then the timin
   local left=$((budget - SECONDS))
   part "train step (CPS + GA + SCDL, 96^3, VNet-16)" $((left - 50 < 90 ? (left - 50 > 40 ? left - 50 : 40) : 90)) \
     python3 Testing/Benchmarks/bench_train_step.py --device "$device" "${step_size[@]}" --out "$work/extras/train_step.md"
-  left=$((budget - SECONDS))
-  part "segment 512x512x300 CT" $((left > 40 ? left : 40)) \
+  segment_bench 40
+}
+
+segment_bench() {  # segment_bench MIN_SECONDS: time segmentation with what is left of the budget, at least MIN_SECONDS
+  local left=$((budget - SECONDS))
+  part "segment 512x512x300 CT" $((left > $1 ? left : $1)) \
     python3 Testing/Benchmarks/bench_segment.py --device "$device" "${segment_size[@]}" --out "$work/extras/segment_gpu.md"
 }
 
@@ -88,6 +92,9 @@ ablation_run() {  # SCDL's open choices only, paired with the base on seeds 0-1
     python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
       --configs cps_ga_scdl scdl_p2e_classes scdl_labeled_only scdl_grid_fine scdl_anchor_ema --seeds 2 \
       --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs 10 --time-limit $((budget - SECONDS - 30))
+  if (( budget - SECONDS >= 60 )); then  # segmentation was made faster after the 2026-11-27 run: time it again
+    segment_bench 60
+  fi
 }
 
 declare -A starter_pid starter_started
