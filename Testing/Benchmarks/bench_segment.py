@@ -21,7 +21,7 @@ Usage (with SCDLCore importable, e.g. ``PYTHONPATH=SCDLCore``)::
 
     python Testing/Benchmarks/bench_segment.py --out Testing/Benchmarks/results/segment_cpu.md   # CPU: width 4, 3 mm
     python Testing/Benchmarks/bench_segment.py --device cuda                                      # VNet-16 CPS, 1.5x1.5x2 mm
-    python Testing/Benchmarks/bench_segment.py --model starter --out Testing/Benchmarks/results/segment_starter_cpu.md
+    python Testing/Benchmarks/bench_segment.py --model starter --repeat 3 --out Testing/Benchmarks/results/segment_starter_cpu.md
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scdl-bench-") as tmp:
         ct = _make_ct(Path(tmp))
         bundle = _trained_bundle(args) if args.model else _make_bundle(Path(tmp), args)
-        results = {}
-        for name in ("scdl segment", "MONAI baseline"):
-            output = Path(tmp) / f"{name.split()[0].lower()}.seg.nrrd"
-            results[name] = _run_child(name, ct, bundle, output, args)
+        runs: dict[str, list[dict]] = {"scdl segment": [], "MONAI baseline": []}
+        for _ in range(args.repeat):  # the pipelines take turns, so a slow spell of the machine hits both
+            for name, done in runs.items():
+                done.append(_run_child(name, ct, bundle, Path(tmp) / f"{name.split()[0].lower()}.seg.nrrd", args))
+        results = {name: _summary(done) for name, done in runs.items()}
         agreement = _agreement(ct, *(Path(tmp) / f"{n}.seg.nrrd" for n in ("scdl", "monai")))
     table = _table(results, agreement, args)
     print(table)
@@ -70,6 +71,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--patch", type=int, default=96, help="patch edge in voxels (default: 96)")
     parser.add_argument("--model", help="a trained model (installed name or bundle path) instead of random weights; "
                         "its spacing, patch and networks replace --width, --spacing and --patch")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each pipeline; the table gives the median time")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     parser.add_argument("--child", choices=("scdl", "monai"), help=argparse.SUPPRESS)
     parser.add_argument("--ct", type=Path, help=argparse.SUPPRESS)
@@ -134,6 +136,19 @@ def _run_child(name: str, ct: Path, bundle: Path, output: Path, args: argparse.N
     if done.returncode != 0:
         raise SystemExit(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs: list[dict]) -> dict:
+    """The median time (and the range when there are several runs) and the largest memory peaks of a pipeline's runs."""
+    seconds = sorted(run["seconds"] for run in runs)
+    gpu = [run["peak_gpu_mib"] for run in runs if run["peak_gpu_mib"] is not None]
+    return {
+        "seconds": float(np.median(seconds)),
+        "range": (seconds[0], seconds[-1]) if len(runs) > 1 else None,
+        "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+        "start_rss_mib": max(run["start_rss_mib"] for run in runs),
+        "peak_gpu_mib": max(gpu) if gpu else None,
+    }
 
 
 def _child(args: argparse.Namespace) -> dict:
@@ -231,17 +246,19 @@ def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
 
     baseline = results["MONAI baseline"]["seconds"]
     spacing = " x ".join(f"{s:g}" for s in args.spacing)
+    time_column = "time (s)" + (f", median (range) of {args.repeat} runs" if args.repeat > 1 else "")
     lines = [
         f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
         f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}",
         f"Machine: {_machine(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
         "",
-        "| pipeline | time (s) | speed-up | peak RSS (MiB) | RSS after imports (MiB) | peak GPU memory (MiB) |",
+        f"| pipeline | {time_column} | speed-up | peak RSS (MiB) | RSS after imports (MiB) | peak GPU memory (MiB) |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
-        lines.append(f"| {name} | {r['seconds']:.1f} | {baseline / r['seconds']:.2f}x | {r['peak_rss_mib']:.0f} | "
+        spread = f" ({r['range'][0]:.1f}-{r['range'][1]:.1f})" if r["range"] else ""
+        lines.append(f"| {name} | {r['seconds']:.1f}{spread} | {baseline / r['seconds']:.2f}x | {r['peak_rss_mib']:.0f} | "
                      f"{r['start_rss_mib']:.0f} | {gpu} |")
     lines += [
         "",
