@@ -17,7 +17,8 @@
    around an input voxel agree, their class is the answer (exactly), so only borders are interpolated.
 
 Memory: the input CT (float32), the C-class probability map on the model grid (14 classes x
-266x266x150 voxels = 0.6 GB for a 512x512x300 CT resampled to 1.5x1.5x2 mm) and the uint8 output.
+266x266x150 voxels = 0.6 GB for a 512x512x300 CT resampled to 1.5x1.5x2 mm), during step 4 a
+voxel-major copy of it for the classes found, and the uint8 output.
 
 Example::
 
@@ -297,7 +298,7 @@ def _probs_to_grid(
     (z_out, z), (y_out, y), (x_out, x) = axes
     cell_values = _uniform_cell_values(classes, lut)
     values = lut[present]
-    # Point-major (D*H*W, C') copy: interpolating scattered voxels gathers whole probability vectors.
+    # Voxel-major (D*H*W, C') copy: interpolating scattered voxels gathers whole probability vectors.
     table = probs.flatten(1).T.index_select(1, present)
     rows, cols = y_out.stop - y_out.start, x_out.stop - x_out.start
     step = max(1, _SLAB_ELEMENTS // (len(present) * rows * cols))
