@@ -49,6 +49,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -273,28 +274,41 @@ def base_config(args: argparse.Namespace, train: Path) -> Config:
     })
 
 
-def train_run(config: Config, output: Path) -> tuple[Path, float]:
-    """Train one run in-process; returns its exported bundle folder and the training wall time (s).
+def train_run(config: Config, output: Path, stop_at: float | None = None, resume: bool = False) -> tuple[Path, float, int]:
+    """Train one run in-process; returns its exported bundle folder, the training wall time (s) and the steps done.
+
+    Args:
+        stop_at: wall-clock time (``time.time()``) at which training stops; a run past half its steps by then
+            exports the weights it reached (fewer steps than planned), so a time limit still yields a model.
+        resume: go on from ``output``'s last checkpoint (``output`` may exist then).
 
     Raises:
-        FileExistsError: ``output`` exists (runs never mix; give a new --work).
-        RunCancelled: the run was stopped by a signal before its last step.
+        FileExistsError: ``output`` exists and ``resume`` is off (runs never mix; give a new --work).
+        RunCancelled: the run was stopped (a signal, or ``stop_at`` before half its steps) before its last step.
     """
     from scdlcore.train import Trainer
 
-    if output.exists():
+    if output.exists() and not resume:
         raise FileExistsError(f"Run folder {output} already exists; give a new --work folder.")
     start = time.perf_counter()
-    trainer = Trainer(config, output)
+    cancel = threading.Event()
+    if stop_at is not None:
+        timer = threading.Timer(max(0.0, stop_at - time.time()), cancel.set)
+        timer.daemon = True
+        timer.start()
+    trainer = Trainer(config, output, resume=resume and (output / "checkpoints" / "last.safetensors").is_file(), cancel=cancel)
     result = trainer.run()
+    bundle = result.bundle
+    if bundle is None and stop_at is not None and time.time() >= stop_at and result.step >= config.train.steps // 2:
+        bundle = trainer.finish()
     seconds = time.perf_counter() - start
     del trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if result.status != "completed" or result.bundle is None:
+    if bundle is None:
         raise RunCancelled(f"Run {output.name} stopped at step {result.step} of {config.train.steps}.")
-    return result.bundle, seconds
+    return bundle, seconds, result.step
 
 
 def score_bundle(bundle_dir: Path, image: Volume, reference: Volume, device: torch.device) -> Any:
@@ -418,6 +432,7 @@ def main() -> None:
             print(f"=== {task[0]} seed {task[1]} FAILED: {error}", flush=True)
         _write_results(outcome, configs, args, out)
 
+    args.stop_at = None if args.time_limit is None else time.time() + args.time_limit
     runner = functools.partial(_run_in_pool, jobs=args.jobs) if args.jobs > 1 else _run_in_process
     outcome.not_run = runner(tasks, lambda task: (task[0], configs[task[0]], task[1], base, args, image, reference),
                              record, args.time_limit)
@@ -502,7 +517,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process (default 1: one after another, in this process)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="start no run that would likely end after this many seconds; unstarted runs are listed as not run")
+                        help="start no run that would likely end after this many seconds (listed as not run); runs still "
+                        "training then stop and are scored with the weights reached if past half their steps")
     add_budget_arguments(parser)
     args = parser.parse_args()
     if args.prepare_only:
@@ -520,13 +536,13 @@ def _run_one(name: str, config: Configuration, seed: int, base: Config, args: ar
     """Train, segment B and score one (configuration, seed)."""
     print(f"=== {name} seed {seed}: {config.label}", flush=True)
     run_config = base.with_overrides({**config.overrides, "train.seed": seed})
-    bundle, seconds = train_run(run_config, args.work / "runs" / f"{name}-seed{seed}")
+    bundle, seconds, steps = train_run(run_config, args.work / "runs" / f"{name}-seed{seed}", args.stop_at)
     start = time.perf_counter()
     result = score_bundle(bundle, image, reference, args.device)
     summary = summarise(result)
     print(f"=== {name} seed {seed}: trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: mean Dice {summary.mean_dice:.3f}, "
           f"minority {summary.minority_mean_dice:.3f}, mean HD95 {summary.mean_hd95:.1f} mm", flush=True)
-    return {"config": name, "seed": seed, "overrides": config.overrides, "train_seconds": seconds,
+    return {"config": name, "seed": seed, "overrides": config.overrides, "train_seconds": seconds, "steps": steps,
             "bundle": bundle.relative_to(args.work).as_posix(), "summary": summary._asdict(), "scores": result.to_dict()}
 
 
@@ -592,6 +608,10 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         lines.append(f"- **Failed or stopped runs** (not in the tables): {'; '.join(meta['failed'])}.")
     if meta["not_run"]:
         lines.append(f"- **Not run** (the time limit left no room): {', '.join(meta['not_run'])}.")
+    short = [f"{r['config']} seed {r['seed']} at {r['steps']}" for r in runs if r.get("steps", budget["steps"]) < budget["steps"]]
+    if short:
+        lines.append(f"- **Stopped by the time limit** and scored with the weights reached (steps of {budget['steps']}): "
+                     f"{', '.join(short)}.")
     if min(budget["spacing_mm"]) < UNLABELED_STORE_SPACING_MM:
         lines.append(f"- Note: C was stored at {UNLABELED_STORE_SPACING_MM:g} mm, coarser than this run's spacing.")
     lines += ["", "## Summary (mean ± std over seeds)", "",

@@ -98,7 +98,7 @@ def main() -> None:
 
     print("=== M0: CPS + GA + SCDL on A (+ C, F unlabeled)", flush=True)
     config = bench.base_config(args, train).with_overrides({"train.seed": args.seed})
-    m0_dir, m0_seconds = bench.train_run(config, args.work / "m0")
+    m0_dir, m0_seconds, _ = bench.train_run(config, args.work / "m0")
     registry = ModelRegistry(args.work / "registry")
     m0 = registry.import_(m0_dir)
     m0_labels = Predictor(m0, args.device).predict_volume(image)  # the whole case, as a person would see it

@@ -18,6 +18,8 @@
 # from the working tree for that run (10 MiB; the run makes its successor).
 # GPU_CHECK_PART=ablation runs only the ablation of SCDL's open choices (10 runs at once, about 5 to 6 minutes on an
 # H100), the part the 2026-11-27 run had no time for, then bench_segment.py if a minute of the budget is left.
+# Runs still training at bench_accuracy's --time-limit stop and are scored with the weights reached (past half their
+# steps; the table lists them), so a slower machine gives shorter runs rather than none.
 # Rehearsal on a CPU machine before spending GPU time (tiny sizes, same steps, ~4 minutes on 2 cores):
 #   OUT=/tmp/gpu-check REHEARSAL=1 GPU_CHECK_SECONDS=400 bash Testing/Benchmarks/gpu_check.sh
 set -uo pipefail
@@ -71,7 +73,7 @@ full_run() {  # the starters, the accuracy benchmark beside them, then the timin
   part "accuracy: 10 configurations x 3 seeds, $accuracy_steps steps, $jobs at a time" $((train_until - SECONDS + 20)) \
     python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
       --seeds 3 --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs "$jobs" \
-      --time-limit $((train_until - SECONDS))
+      --time-limit $((train_until - SECONDS - 25))  # runs still training then stop and are scored: 45 s for that
   for variant in scdl cps; do
     wait_starter "$variant"
   done
@@ -91,7 +93,7 @@ ablation_run() {  # SCDL's open choices only, paired with the base on seeds 0-1
   part "ablation: 4 choices + the base x 2 seeds, $accuracy_steps steps" $((budget - SECONDS)) \
     python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
       --configs cps_ga_scdl scdl_p2e_classes scdl_labeled_only scdl_grid_fine scdl_anchor_ema --seeds 2 \
-      --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs 10 --time-limit $((budget - SECONDS - 30))
+      --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs 10 --time-limit $((budget - SECONDS - 60))
   if (( budget - SECONDS >= 60 )); then  # segmentation was made faster after the 2026-11-27 run: time it again
     segment_bench 60
   fi

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from scdlcore.events import to_jsonable
 from scdlcore.infer import Predictor
 from scdlcore.metrics import evaluate_files
 from scdlcore.sample_data import fetch_sample
-from scdlcore.train import Trainer, resolve_device
+from scdlcore.train import resolve_device
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "Benchmarks"))  # the benchmark's data folder: the same training data
@@ -85,23 +84,16 @@ def _train_and_export(args: argparse.Namespace, data: bench.BenchData) -> Path:
         "data.cache_dir": str(args.work / "cache"),
         **dict(parse_override(item) for item in args.set),
     })
-    run = args.work / "run"
-    start = time.perf_counter()
-    cancel = threading.Event()
-    if args.time_limit:
-        timer = threading.Timer(args.time_limit, cancel.set)
-        timer.daemon = True
-        timer.start()
-    trainer = Trainer(config, run, resume=(run / "checkpoints" / "last.safetensors").is_file(), cancel=cancel)
-    result = trainer.run()
-    bundle, stopped = result.bundle, None
-    if result.status != "completed" and cancel.is_set() and result.step >= config.train.steps // 2:
-        stopped = f"stopped by its time limit at step {result.step} of {config.train.steps}"
+    stop_at = time.time() + args.time_limit if args.time_limit else None
+    try:
+        bundle, seconds, steps = bench.train_run(config, args.work / "run", stop_at, resume=True)
+    except bench.RunCancelled as err:
+        raise SystemExit(f"{err} Run again to resume.") from None
+    stopped = None
+    if steps < config.train.steps:
+        stopped = f"stopped by its time limit at step {steps} of {config.train.steps}"
         print(f"Training {stopped}: shipping the weights reached.", flush=True)
-        bundle = trainer.finish()
-    if bundle is None:
-        raise SystemExit(f"Training stopped at step {result.step} of {config.train.steps}; run again to resume.")
-    return export_starter(bundle, args.out, config, time.perf_counter() - start, stopped)
+    return export_starter(bundle, args.out, config, seconds, stopped)
 
 
 def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float, stopped: str | None = None) -> Path:
