@@ -6,6 +6,7 @@ panel's QTimer) forwards log lines and ends with exactly one ``on_done`` call.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ __all__ = ["CommandJob", "FinetuneJob", "FinetuneOutcome"]
 LogHandler = Callable[[str], None]
 
 
-class _ChildJob:
+class _ChildJob(ABC):
     """What every job shares: its child process, started once, polled from the panel's timer.
 
     Subclasses keep the ``result`` event (:meth:`_keep_result`) and turn the ``exit`` event into their
@@ -50,11 +51,13 @@ class _ChildJob:
             else:
                 self._other(event)
 
+    @abstractmethod
     def _keep_result(self, event: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Keep the child's ``result`` event for :meth:`_finish`."""
 
+    @abstractmethod
     def _finish(self, exit_event: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Make the job's one ``on_done`` call from what it kept and the child's ``exit`` event."""
 
     def _other(self, event: dict[str, Any]) -> None:
         """Events besides log, result, error and exit: ignored unless a job wants them."""
