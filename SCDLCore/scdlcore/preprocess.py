@@ -1,4 +1,4 @@
-"""Preprocessing of CT volumes: HU window, resampling to a working spacing and back, body crop.
+"""Preprocessing of CT volumes: HU window, resampling to a working spacing, body crop.
 
 Arrays are (D, H, W) = (z, y, x); ``spacing`` is (x, y, z) mm (see :mod:`scdlcore.io`). Resampling
 goes through :func:`scdlcore.io.resample_volume`, so all geometry handling stays in one module.
@@ -8,7 +8,7 @@ Example::
     ct = read_image("case01.nii.gz")                                  # 0.7 x 0.7 x 2.5 mm
     work = resample_to_spacing(ct, (1.5, 1.5, 1.5), is_label=False)   # network input grid
     x = hu_window(work.array)                                         # float32 in [0, 1]
-    labels = resample_to_reference(predicted, ct, is_label=True)      # back onto the input grid
+    labels = resample_onto(predicted, ct, is_label=True)              # back onto the input grid (scdlcore.io)
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from scdlcore.io import Volume, resample_onto, resample_volume
+from scdlcore.io import Volume, resample_volume
 
-__all__ = ["BODY_SEARCH_MM", "body_bbox", "crop", "hu_window", "resample_to_reference", "resample_to_spacing"]
+__all__ = ["BODY_SEARCH_MM", "body_bbox", "crop", "hu_window", "resample_to_spacing"]
 
 #: body_bbox looks for the body on voxels about this far apart (mm).
 BODY_SEARCH_MM = 4.0
@@ -84,16 +84,6 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], *, is_label: b
         direction=volume.direction,
         is_label=is_label,
     )
-
-
-def resample_to_reference(volume: Volume, reference: Volume, *, is_label: bool) -> Volume:
-    """Resample onto ``reference``'s grid (for example back onto the input CT after inference).
-
-    Returns:
-        A volume with exactly ``reference``'s shape, spacing, origin and direction; nearest neighbour
-        and the input dtype for labels, linear float32 for images.
-    """
-    return resample_onto(volume, reference, is_label=is_label)
 
 
 def crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scdlcore.io import Volume, read_image, read_label
+from scdlcore.io import Volume, read_image, read_label, resample_onto
 from scdlcore.labels import SYNAPSE13
-from scdlcore.preprocess import BODY_SEARCH_MM, _all_above, body_bbox, hu_window, resample_to_reference, resample_to_spacing
+from scdlcore.preprocess import BODY_SEARCH_MM, _all_above, body_bbox, hu_window, resample_to_spacing
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,7 +69,7 @@ def test_resample_to_spacing_covers_the_same_physical_extent(samples):
 def test_label_round_trip_through_1_5_mm_keeps_every_organ(samples):
     labels = read_label(samples["ct_abdomen"].label)  # 3 mm; smallest organ: right adrenal, 166 voxels
     fine = resample_to_spacing(labels, (1.5, 1.5, 1.5), is_label=True)
-    back = resample_to_reference(fine, labels, is_label=True)
+    back = resample_onto(fine, labels, is_label=True)
     assert fine.array.dtype == back.array.dtype == np.uint8
     assert geometry(back) == geometry(labels)
     for label in SYNAPSE13.labels:
@@ -81,7 +81,7 @@ def test_label_round_trip_through_1_5_mm_keeps_every_organ(samples):
 def test_label_round_trip_through_a_coarser_grid_keeps_organs_roughly(samples):
     # Sample B at 0.98 x 0.98 x 2 mm -> 1.5 mm -> back: nearest neighbour loses thin borders.
     labels = read_label(samples["ct_abdomen_dicom"].label)  # smallest organ present: 1,254 voxels
-    back = resample_to_reference(resample_to_spacing(labels, (1.5, 1.5, 1.5), is_label=True), labels, is_label=True)
+    back = resample_onto(resample_to_spacing(labels, (1.5, 1.5, 1.5), is_label=True), labels, is_label=True)
     assert geometry(back) == geometry(labels)
     for label in SYNAPSE13.labels:
         organ = labels.array == label.value
@@ -93,7 +93,7 @@ def test_oblique_round_trip_restores_the_exact_grid_and_labels(synthetic_labels)
     coarse = resample_to_spacing(synthetic_labels, (1.0, 1.0, 1.0), is_label=True)
     assert coarse.shape == (29, 26, 21)  # round(size * spacing / 1 mm), array order
     assert coarse.direction == synthetic_labels.direction
-    back = resample_to_reference(coarse, synthetic_labels, is_label=True)
+    back = resample_onto(coarse, synthetic_labels, is_label=True)
     assert back.shape == synthetic_labels.shape
     assert back.spacing == synthetic_labels.spacing
     assert back.origin == synthetic_labels.origin
