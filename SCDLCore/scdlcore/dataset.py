@@ -492,10 +492,8 @@ class DatasetStore:
             if not np.issubdtype(volume.array.dtype, np.integer):
                 raise DatasetError(f"The label map volume holds {volume.array.dtype} values; a label map holds integers.")
         else:
-            path = Path(label)
-            name = str(path)
-            is_segmentation = path.name.lower().endswith(".seg.nrrd")
-            volume = io.read_segmentation_labels(path, self.table) if is_segmentation else io.read_label(path)
+            name = str(label)
+            volume = io.read_label_map(label, self.table)
         if not volume.same_grid(image):
             raise DatasetError(
                 f"Label map {name} is not on the grid of image {image_name}: the label map has {volume.describe_grid()}, the "

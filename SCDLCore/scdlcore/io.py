@@ -48,6 +48,7 @@ __all__ = [
     "Volume",
     "read_image",
     "read_label",
+    "read_label_map",
     "read_segmentation_labels",
     "resample_label_to",
     "resample_onto",
@@ -278,6 +279,21 @@ def read_segmentation_labels(path: str | os.PathLike, table: LabelTable) -> Volu
             stacklevel=2,
         )
     return _volume(image, labels)
+
+
+def read_label_map(path: str | os.PathLike, table: LabelTable) -> Volume:
+    """Read organ labels with ``table``'s values from a plain label map or a 3D Slicer segmentation.
+
+    A ``.seg.nrrd`` file numbers its segments in the order they were made, so it is read with
+    :func:`read_segmentation_labels` (organs matched by terminology and name); any other file with
+    :func:`read_label`, its values taken as they are.
+
+    Raises:
+        ImageError: the reasons of those two readers.
+    """
+    if Path(path).name.lower().endswith(".seg.nrrd"):
+        return read_segmentation_labels(path, table)
+    return read_label(path)
 
 
 def resample_label_to(label: Volume, reference: Volume) -> Volume:

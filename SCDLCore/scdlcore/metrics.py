@@ -318,19 +318,20 @@ def evaluate_files(
     """Score a predicted label file against a reference label file (any format ``scdlcore.io`` reads).
 
     Args:
-        pred_path: predicted label map (e.g. ``case0001_seg.nii.gz``).
-        ref_path: reference label map on the same grid (shape, spacing, origin and direction).
-        table: the organs to score.
+        pred_path: predicted label map (e.g. ``case0001_seg.nii.gz``) or 3D Slicer segmentation
+            (``.seg.nrrd``: organs matched by name, see :func:`scdlcore.io.read_label_map`).
+        ref_path: reference label map or segmentation on the same grid (shape, spacing, origin and direction).
+        table: the organs to score, and the values of the plain label maps.
         paper_mode: see :func:`evaluate_labels`.
 
     Raises:
         ValueError: the two files are not on the same grid.
         FileNotFoundError, scdlcore.io.ImageError: a file is missing or unreadable.
     """
-    from scdlcore.io import read_label
+    from scdlcore.io import read_label_map
 
-    pred = read_label(pred_path)
-    ref = read_label(ref_path)
+    pred = read_label_map(pred_path, table)
+    ref = read_label_map(ref_path, table)
     if not pred.same_grid(ref):
         raise ValueError(
             f"Prediction {pred_path} and reference {ref_path} are not on the same grid: "
