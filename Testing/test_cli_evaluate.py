@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 
 import numpy as np
 import pytest
+import slicerio
 
 from scdlcore.cli import main
 from scdlcore.io import read_label, write_label
+from scdlcore.labels import SYNAPSE13
 
 
 def test_a_reference_scored_against_itself_is_perfect(samples, tmp_path, capsys):
@@ -40,15 +43,35 @@ def test_a_shifted_prediction_loses_dice_and_gains_distance_in_mm(samples, tmp_p
     assert "paper-compatible mode" in capsys.readouterr().out
 
 
-def test_model_mode_segments_each_image_first(samples, threshold_bundle, tmp_path, capsys):
+def test_model_mode_segments_each_image_first(samples, threshold_bundle, tmp_path, monkeypatch):
     sample = samples["ct_abdomen"]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
     assert main(["evaluate", "--model", str(threshold_bundle), "--device", "cpu", str(sample.image), str(sample.label),
                  "--json", str(tmp_path / "s.json")]) == 0
     scores = json.loads((tmp_path / "s.json").read_text())
-    assert scores["cases"][0]["reference"] == str(sample.label)
+    assert (scores["cases"][0]["image"], scores["cases"][0]["reference"]) == (str(sample.image), str(sample.label))
+    assert not any((tmp_path / "temp").iterdir()), "the predictions made for scoring are deleted"
     assert 0.0 <= scores["summary"]["organs"]["spleen"]["dice"] <= 1.0
 
 
 def test_pairs_must_come_in_twos(samples, capsys):
     assert main(["evaluate", str(samples["ct_abdomen"].label)]) == 2
     assert "takes files in pairs" in capsys.readouterr().err
+
+
+def test_a_slicer_segmentation_is_matched_by_segment_name_not_by_its_label_values(samples, tmp_path, capsys):
+    """A .seg.nrrd saved by 3D Slicer numbers its segments 1, 2, 3... in the order they were made, not by
+    the label table's values; its organs are found by terminology and name."""
+    reference = read_label(samples["ct_abdomen"].label)
+    segmentation = slicerio.create_segmentation(reference.shape[::-1], reference.ijk_to_lps)
+    for label in reversed(SYNAPSE13.labels):  # the last organ of the table gets value 1
+        mask = reference.array == label.value
+        if mask.any():
+            slicerio.add_segment(segmentation, mask.transpose(2, 1, 0), {"name": label.display_name})
+    slicerio.write_segmentation(str(tmp_path / "slicer.seg.nrrd"), segmentation)
+    assert not np.array_equal(read_label(tmp_path / "slicer.seg.nrrd").array, reference.array)  # really renumbered
+
+    assert main(["evaluate", str(tmp_path / "slicer.seg.nrrd"), str(samples["ct_abdomen"].label), "--json", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())["summary"]
+    assert summary["mean_dice"] == 1.0 and summary["mean_hd95"] == 0.0

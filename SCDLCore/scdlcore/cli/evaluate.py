@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import tempfile
 from pathlib import Path
 
 __all__ = ["register", "run"]
@@ -37,16 +38,19 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.pairs) % 2:
         raise ValueError(f"scdl evaluate takes files in pairs (prediction or image, then reference); got {len(args.pairs)} paths.")
-    pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    inputs = list(zip(args.pairs[::2], args.pairs[1::2]))
     table = get_label_table(args.labels)
-    if args.model:
-        pairs, table = _segment_first(pairs, args)
-    results = [evaluate_files(pred, ref, table, paper_mode=args.paper) for pred, ref in pairs]
+    with tempfile.TemporaryDirectory(prefix="scdl-evaluate-") as predictions:
+        pairs = inputs
+        if args.model:
+            pairs, table = _segment_first(inputs, args, Path(predictions))
+        results = [evaluate_files(pred, ref, table, paper_mode=args.paper) for pred, ref in pairs]
     summary = results[0] if len(results) == 1 else mean_case_results(results)
     print(summary.format_table())
     if args.json:
         args.json.write_text(json.dumps(to_jsonable({"summary": summary.to_dict(), "cases": [
-            {"prediction": str(p), "reference": str(r), **result.to_dict()} for (p, r), result in zip(pairs, results)]}), indent=2))
+            {"image" if args.model else "prediction": str(p), "reference": str(r), **result.to_dict()}
+            for (p, r), result in zip(inputs, results)]}), indent=2))
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:
             rows = summary.to_csv_rows()
@@ -56,17 +60,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment_first(pairs, args):
-    """Segment each image with the model into a temporary label map; returns (pred, ref) pairs and the model's table."""
-    import tempfile
-
+def _segment_first(pairs, args, folder: Path):
+    """Segment each image with the model into a label map in ``folder``; returns (pred, ref) pairs and the model's table."""
     from ..bundle import ModelRegistry
     from ..infer import Predictor
     from ..train import resolve_device
 
     bundle = ModelRegistry(args.models_dir).resolve(args.model)
     predictor = Predictor(bundle, resolve_device(args.device))
-    folder = Path(tempfile.mkdtemp(prefix="scdl-evaluate-"))
     segmented = []
     for index, (image, reference) in enumerate(pairs):
         output = folder / f"prediction{index}.nii.gz"
