@@ -37,7 +37,6 @@ import re
 import shutil
 import sys
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._atomic import atomic_write_text, temporary_sibling
 from ._filelock import file_lock
 from .labels import LabelTable
 from .nets import build_network, network_description
@@ -572,7 +572,7 @@ class ModelRegistry:
         """Copy ``bundle`` as ``<root>/<name>/<version>`` (verified); the caller holds the lock."""
         target = self.root / bundle.name / str(version)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = _unique_sibling(self.root / ".incoming")
+        staging = temporary_sibling(self.root / "incoming")
         try:
             staging.mkdir()
             shutil.copyfile(bundle._weights, staging / WEIGHTS_FILE)  # type: ignore[arg-type]
@@ -762,19 +762,7 @@ def _replace_folder(new: Path, dest: Path) -> None:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    tmp = _unique_sibling(path)
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n", durable=True)
 
 
 def _stored(tensor: torch.Tensor, weights_dtype: torch.dtype | None) -> torch.Tensor:
@@ -792,11 +780,6 @@ def _unwrap(net: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return net
         net = inner
-
-
-def _unique_sibling(path: Path) -> Path:
-    """A fresh name next to ``path`` for staging (created by the caller, so the umask applies)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def _sha256(path: Path) -> str:

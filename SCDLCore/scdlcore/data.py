@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
 from .config import AugmentConfig, DataConfig
 from .dataset import Case, Dataset
 
@@ -267,14 +266,12 @@ def _save_cached(prepared: PreparedCase, path: Path) -> None:
             arrays[f"indices_{cls}"] = indices
     if prepared.valid is not None:
         arrays["valid"] = prepared.valid
-    fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.savez would add ".npz" to a name
             np.savez(handle, **arrays)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _load_cached(case_id: str, path: Path) -> PreparedCase:

@@ -42,7 +42,6 @@ import math
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import io
+from ._atomic import TEMP_PREFIX, atomic_write_text, fsync_file
 from ._filelock import file_lock
 from .io import Volume
 from .labels import LabelTable, get_label_table, value_counts
@@ -393,11 +393,11 @@ class DatasetStore:
             _check_free(dataset, case_id, replace)
             image_file, label_file = (f"{sub}/{case_id}{CASE_SUFFIX}" for sub in (IMAGES_DIR, LABELS_DIR))
             io.write_image(self.root / image_file, _compact(volume))
-            _fsync(self.root / image_file)
+            fsync_file(self.root / image_file)
             if labels is not None:
                 # The image's geometry, bit for bit, so the pair always lies on one grid.
                 io.write_label(self.root / label_file, volume.with_array(labels.array), self.table)
-                _fsync(self.root / label_file)
+                fsync_file(self.root / label_file)
             case = Case(
                 id=case_id,
                 image=image_file,
@@ -520,7 +520,7 @@ class DatasetStore:
         for sub in (IMAGES_DIR, LABELS_DIR):
             if (self.root / sub).is_dir():
                 candidates += [f"{sub}/{p.name}" for p in (self.root / sub).iterdir() if p.name.startswith(".")]
-        candidates += [p.name for p in self.root.glob(f".{MANIFEST_NAME}.*.tmp")]
+        candidates += [p.name for p in self.root.glob(f"{TEMP_PREFIX}*")]
         for relative in set(candidates) - listed:
             path = self.root / relative
             if path.is_dir():
@@ -597,25 +597,9 @@ def _lock(root: Path) -> Iterator[None]:
 
 
 def _write_manifest(dataset: Dataset) -> None:
-    """Replace the manifest atomically: a synced temporary file in the same folder, then os.replace."""
-    path = dataset.root / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            json.dump(dataset.manifest(), handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    """Flush a written file to disk before the manifest refers to it (opened for writing: Windows needs that)."""
-    with open(path, "r+b") as handle:
-        os.fsync(handle.fileno())
+    """Replace the manifest atomically, flushed to disk (the files it lists were flushed before)."""
+    text = json.dumps(dataset.manifest(), indent=1) + "\n"
+    atomic_write_text(dataset.root / MANIFEST_NAME, text, durable=True)
 
 
 def _size(path: Path) -> int:

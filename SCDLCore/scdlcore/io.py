@@ -27,15 +27,15 @@ import logging
 import os
 import re
 import struct
-import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scdlcore._atomic import atomic_write
 from scdlcore.labels import SYNAPSE13, Label, LabelTable, value_counts
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ __all__ = [
     "LPS_TO_RAS_44",
     "ImageError",
     "NotCTWarning",
+    "WRITE_SUFFIXES",
     "Volume",
     "read_image",
     "read_label",
@@ -63,7 +64,8 @@ logger = logging.getLogger(__name__)
 LPS_TO_RAS_44 = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _READ_FORMATS = "NRRD (.nrrd), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) or a DICOM series folder"
-_WRITE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+#: File types the writers take; ``.seg.nrrd`` (3D Slicer segmentation) for label maps only.
+WRITE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 _MIN_CT_HU = -500.0  # every CT with air in view has voxels far below this; MR and normalised images do not
 _DIRECTION_SNAP = 1e-12  # ITK's NRRD reader leaves cosines like 0.9999999999999999
 
@@ -379,7 +381,7 @@ def write_image(path: str | os.PathLike, volume: Volume) -> None:
 
     path = Path(path)
     _check_write_suffix(path, allow_segmentation=False)
-    _atomic_write(path, lambda tmp: sitk.WriteImage(_to_sitk(volume), str(tmp), useCompression=True))
+    atomic_write(path, lambda tmp: sitk.WriteImage(_to_sitk(volume), str(tmp), useCompression=True))
 
 
 def write_label(
@@ -426,7 +428,7 @@ def write_label(
         segments = [label for label in table.labels if include_absent or label.value in present]
         for key, value in _segmentation_header(segments, table, labels.shape).items():
             image.SetMetaData(key, value)
-    _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
 
 
 def _read_scalar_3d(path: Path) -> sitk.Image:
@@ -634,26 +636,12 @@ def _to_sitk(volume: Volume) -> sitk.Image:
 
 
 def _check_write_suffix(path: Path, *, allow_segmentation: bool) -> str:
-    suffixes = _WRITE_SUFFIXES if allow_segmentation else _WRITE_SUFFIXES[1:]
+    suffixes = WRITE_SUFFIXES if allow_segmentation else WRITE_SUFFIXES[1:]
     name = path.name.lower()
     for suffix in suffixes:
         if name.endswith(suffix):
             return suffix
     raise ValueError(f"{path}: cannot write this file type; use one of {', '.join(suffixes)}.")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the destination folder, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name ends with the final name, so the writer picks the same format; the writer
-    # creates it, so it gets the usual permissions.
-    tmp = path.with_name(f".scdl-tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _segmentation_header(segments: Sequence[Label], table: LabelTable, shape: Sequence[int]) -> dict[str, str]:

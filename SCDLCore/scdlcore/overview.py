@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import atomic_write
 from .io import Volume
 from .labels import Label, LabelTable
 
@@ -82,14 +83,7 @@ def save_overview(
         handles = [Patch(color=np.array(label.color) / 255, label=label.display_name) for label in present]
         figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False, labelcolor="white")
     figure.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.12, wspace=0.03)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        figure.savefig(tmp, format="png", dpi=100, facecolor="black")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, facecolor="black"))
 
 
 def _to_lps_axes(array: np.ndarray, volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:

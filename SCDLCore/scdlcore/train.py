@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,11 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._atomic import atomic_write
 from .config import Config
 from .data import Augmenter, PatchSampler, PreparedCase, prepare_dataset
 from .dataset import Dataset, DatasetError, load_dataset
 from .events import Progress
-from .ssl import Batch, SSLBase, build_base
+from .ssl import Batch, build_base
 
 __all__ = ["Trainer", "TrainResult", "load_checkpoint_weights", "optimisation_step", "resolve_device", "split_validation"]
 
@@ -306,16 +306,7 @@ class Trainer:
             "best_step": self.best_step,
         }
         path = self.output / "checkpoints" / f"{name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, temp, metadata={"scdl": json.dumps(meta)})
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"scdl": json.dumps(meta)}))
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimiser, scheduler, RNG, step and best score from a checkpoint."""

@@ -26,6 +26,7 @@ import torch
 
 import scdlcore
 from scdlcore import dataset as dataset_module
+from scdlcore._atomic import TEMP_PREFIX
 from scdlcore._filelock import file_lock
 from scdlcore.bundle import save_bundle
 from scdlcore.cli import main
@@ -374,7 +375,7 @@ def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
         kills += 1
     assert kills >= 6  # image, label and manifest: killed before and after each replace
     assert _store_files(store.root) == _listed_files(store.root)  # the finished add cleaned the orphans
-    assert not list(store.root.glob(f".{MANIFEST_NAME}*"))
+    assert not list(store.root.glob(f"{TEMP_PREFIX}*"))  # nor the manifest's temporary files
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
