@@ -33,6 +33,7 @@ class Progress:
         request_id: copied into every event (the worker's request id), or None.
         enabled: False silences everything (non-zero DDP ranks).
         initial: units already done (a resumed run).
+        context: fields copied into every JSON event (which case of a batch it is about).
     """
 
     def __init__(
@@ -45,10 +46,12 @@ class Progress:
         request_id: str | None = None,
         enabled: bool = True,
         initial: int = 0,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
         self.total, self.stage, self.json_lines = total, stage, json_lines
         self.stream = stream or sys.stdout
         self.request_id, self.enabled = request_id, enabled
+        self.context = dict(context or {})
         self.done = initial
         self._start_time, self._start_done = time.monotonic(), initial
         self._bar = None
@@ -80,7 +83,8 @@ class Progress:
         if not self.enabled:
             return
         if self.json_lines:
-            record = {"protocol": PROTOCOL_VERSION, "id": self.request_id, "event": event, "stage": self.stage, **fields}
+            record = {"protocol": PROTOCOL_VERSION, "id": self.request_id, "event": event, "stage": self.stage,
+                      **self.context, **fields}
             self.stream.write(json.dumps(to_jsonable(record)) + "\n")
             self.stream.flush()
         elif event != "progress":

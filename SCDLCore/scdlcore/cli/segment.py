@@ -1,23 +1,45 @@
-"""``scdl segment``: segment the abdominal organs of one CT, write a label map or Slicer segmentation."""
+"""``scdl segment``: segment the abdominal organs of one CT or many, write label maps or Slicer segmentations."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import textwrap
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..batch import Case, CaseResult
+    from ..events import Progress
+    from ..labels import LabelTable
 
 __all__ = ["register", "run"]
+
+_VOLUMES_CSV = "volumes.csv"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
-        help="segment the organs of a CT (file or DICOM folder)",
-        description="Segment a CT with a model bundle. The output lies exactly on the input's voxel grid; it is "
+        help="segment the organs of CTs (files or DICOM folders)",
+        description=textwrap.fill("Segment CTs with a model bundle. Each output lies exactly on its input's voxel grid; it is "
         "a 3D Slicer segmentation (.seg.nrrd: organ names, colors, terminology) or a plain label map "
-        "(.nii.gz, .nii, .nrrd, .mha) holding the label table's values. Prints each organ's volume in mL.",
+        "(.nii.gz, .nii, .nrrd, .mha) holding the label table's values. One CT: -o names the output file and "
+        "each organ's volume (mL) is printed. Several CTs, or -o an existing folder: the model is loaded once, "
+        "each CT is written into the folder as NAME.seg.nrrd (see --format), a CT that fails is reported and the "
+        f"others go on, FOLDER/{_VOLUMES_CSV} lists every case's organ volumes, and the exit code is 1 if any CT failed.", 79),
+        epilog="examples:\n  scdl segment ct.nii.gz -o ct.seg.nrrd --overview\n"
+        "  scdl segment scans/*.nii.gz dicom/*/ -o results/ --skip-existing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series")
-    parser.add_argument("-o", "--output", required=True, help="output .seg.nrrd, or label map .nii.gz/.nii/.nrrd/.mha")
+    parser.add_argument("inputs", nargs="+", metavar="input",
+                        help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series; several for a batch")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output .seg.nrrd or label map .nii.gz/.nii/.nrrd/.mha; a folder for several CTs")
+    parser.add_argument("--format", metavar="SUFFIX",
+                        help="file type written into an output folder: seg.nrrd (default), nii.gz, nii, nrrd or mha")
     parser.add_argument("--model", default="starter",
                         help="installed model NAME or NAME@VERSION, or a bundle folder/.scdlmodel path (default: starter)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -26,56 +48,132 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep only these organs (machine names, e.g. liver spleen); default: all")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="sliding-window overlap in [0, 1): more is smoother and slower (default: 0.5)")
-    parser.add_argument("--overview", metavar="PNG", help="also write an axial/coronal/sagittal montage")
+    parser.add_argument("--overview", nargs="?", const="", metavar="PNG",
+                        help="also write an axial/coronal/sagittal montage: to PNG, or without a name next to each "
+                        "output as NAME_overview.png")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="keep outputs that exist (from an interrupted run) and read their volumes back")
     parser.add_argument("--events", action="store_true", help="JSON lines on stdout instead of a progress bar (for programs)")
     parser.add_argument("--models-dir", metavar="DIR", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..batch import segment_cases
     from ..bundle import ModelRegistry
     from ..events import Progress
-    from ..infer import Predictor, check_organs, organ_volumes_ml
-    from ..io import read_image, write_label
+    from ..infer import Predictor, check_organs
     from ..train import resolve_device
 
     start = time.monotonic()
-    progress = None
+    events = Progress(total=0, stage="segment", json_lines=True) if args.events else None
     try:
+        folder = _output_folder(args)
+        cases = _plan(args, folder)
         device = resolve_device(args.device)
         bundle = ModelRegistry(args.models_dir).resolve(args.model)
-        check_organs(bundle.labels, args.organs)
+        organs = check_organs(bundle.labels, args.organs)
         predictor = Predictor(bundle, device, overlap=args.overlap)
-        image = read_image(args.input)
-        progress = Progress(total=100, stage="segment", json_lines=args.events)
-        labels = predictor.predict_volume(image, organs=args.organs, progress=progress)
-        write_label(args.output, labels, bundle.labels)
-        if args.overview:
-            from ..overview import save_overview
-
-            save_overview(args.overview, image, labels, bundle.labels)
+        if folder is None:
+            (result,) = segment_cases(predictor, cases, organs=args.organs, skip_existing=args.skip_existing,
+                                      progress=lambda _index, _case: Progress(100, "segment", json_lines=args.events))
+            if result.error is not None:
+                raise result.error
     except Exception as err:
-        if args.events:  # the human form is printed by scdl's main
-            (progress or Progress(total=0, stage="segment", json_lines=True)).emit(
-                "error", message=str(err), error=type(err).__name__
-            )
+        if events is not None:  # the human form is printed by scdl's main
+            events.emit("error", message=str(err), error=type(err).__name__)
         raise
-    finally:
-        if progress is not None:
-            progress.close()
-    volumes = organ_volumes_ml(labels, bundle.labels)
-    kept = args.organs or bundle.labels.names
-    seconds = time.monotonic() - start
-    if args.events:
-        progress.emit("result", output=str(args.output), overview=args.overview, model=bundle.ref, device=str(device),
-                      seconds=seconds, volumes_ml={name: volumes[name] for name in kept})
-        return 0
-    print(f"Segmented {args.input} with {bundle.ref} on {device} in {seconds:.1f} s -> {args.output}")
-    if args.overview:
-        print(f"Overview: {args.overview}")
-    width = max(len(bundle.labels[name].display_name) for name in kept)
-    print(f"{'organ':<{width}}  volume (mL)")
-    for name in kept:
-        print(f"{bundle.labels[name].display_name:<{width}}  {volumes[name]:11.1f}")
+    summary = {"model": bundle.ref, "device": str(device)}
+    if folder is not None:
+        return _run_batch(args, predictor, cases, folder, organs, events, summary, start)
+    _report_single(result, organs, bundle.labels, events, {**summary, "seconds": time.monotonic() - start})
     return 0
 
+
+def _output_folder(args: argparse.Namespace) -> Path | None:
+    """The output folder of a batch, or None when ``-o`` names the one output file."""
+    output = args.output
+    if len(args.inputs) > 1 or output.endswith(("/", os.sep)) or Path(output).is_dir():
+        if Path(output).is_file():
+            raise ValueError(f"{output}: is a file; with several CTs, -o names the folder to write their outputs into.")
+        return Path(output)
+    if args.format:
+        raise ValueError(f"--format applies when -o is a folder; the suffix of {output} already chooses the file type.")
+    return None
+
+
+def _plan(args: argparse.Namespace, folder: Path | None) -> list[Case]:
+    from ..batch import Case, overview_path, plan_cases
+
+    if folder is None:
+        overview = None if args.overview is None else Path(args.overview or overview_path(args.output))
+        return [Case(Path(args.inputs[0]), Path(args.output), overview)]
+    if args.overview:
+        raise ValueError("With an output folder, --overview takes no file name: each CT's overview is written "
+                         "next to its output as NAME_overview.png.")
+    suffix = "." + (args.format or "seg.nrrd").lstrip(".")
+    return plan_cases(args.inputs, folder, suffix=suffix, overviews=args.overview is not None)
+
+
+def _report_single(result: CaseResult, organs: list[str], table: LabelTable, events: Progress | None, summary: dict) -> None:
+    case = result.case
+    volumes = {name: result.volumes_ml[name] for name in organs}
+    overview = None if case.overview is None or result.status == "skipped" else str(case.overview)
+    if events is not None:
+        events.emit("result", output=str(case.output), overview=overview, status=result.status, volumes_ml=volumes, **summary)
+        return
+    if result.status == "skipped":
+        print(f"Kept the existing {case.output} (--skip-existing)")
+    else:
+        print(f"Segmented {case.input} with {summary['model']} on {summary['device']} in {summary['seconds']:.1f} s -> {case.output}")
+    if overview:
+        print(f"Overview: {overview}")
+    width = max(len(table[name].display_name) for name in organs)
+    print(f"{'organ':<{width}}  volume (mL)")
+    for name in organs:
+        print(f"{table[name].display_name:<{width}}  {volumes[name]:11.1f}")
+
+
+def _run_batch(args, predictor, cases: list[Case], folder: Path, organs: list[str], events: Progress | None,
+               summary: dict, start: float) -> int:
+    """Segment every case, reporting each as it ends and rewriting the volumes table; exit code 1 if any failed."""
+    from ..batch import segment_cases, write_volumes_csv
+    from ..events import Progress
+
+    def case_progress(index: int, case: Case) -> Progress:
+        return Progress(100, f"{index + 1}/{len(cases)} {case.input.name}", json_lines=args.events, context={"case": index})
+
+    results: list[CaseResult] = []
+    table = folder / _VOLUMES_CSV
+    try:
+        for result in segment_cases(predictor, cases, organs=args.organs, skip_existing=args.skip_existing,
+                                    progress=case_progress):
+            results.append(result)
+            write_volumes_csv(table, results, organs)
+            _report_case(len(results), len(cases), result, organs, events)
+    except KeyboardInterrupt:
+        print(f"Stopped after {len(results)} of {len(cases)} CTs; the same command with --skip-existing goes on "
+              "where it stopped.", file=sys.stderr)
+        raise
+    counts = {status: sum(r.status == status for r in results) for status in ("segmented", "skipped", "failed")}
+    seconds = time.monotonic() - start
+    if events is not None:
+        events.emit("result", output=str(folder), volumes_csv=str(table), cases=len(cases), **counts, **summary, seconds=seconds)
+    else:
+        print(f"{counts['segmented']} segmented, {counts['skipped']} kept, {counts['failed']} failed of {len(cases)} CTs "
+              f"with {summary['model']} on {summary['device']} in {seconds:.1f} s. Organ volumes: {table}")
+    return 1 if counts["failed"] else 0
+
+
+def _report_case(number: int, total: int, result: CaseResult, organs: list[str], events: Progress | None) -> None:
+    case = result.case
+    if events is not None:
+        events.emit("case", case=number - 1, input=str(case.input), output=str(case.output), status=result.status,
+                    seconds=result.seconds, volumes_ml={name: result.volumes_ml[name] for name in organs} if result.volumes_ml else None,
+                    message=None if result.error is None else str(result.error))
+    elif result.status == "failed":
+        print(f"[{number}/{total}] {case.input}: FAILED: {result.error}", file=sys.stderr)
+    elif result.status == "skipped":
+        print(f"[{number}/{total}] {case.input}: kept the existing {case.output}")
+    else:
+        print(f"[{number}/{total}] {case.input} -> {case.output} ({result.seconds:.1f} s)")
