@@ -19,10 +19,15 @@ Layout (paths in the manifest are relative to the folder)::
 
 ``reviewed`` lists the organs a person checked on a partially corrected case; ``null`` means every organ of
 the label table is reviewed (a fully labeled case). ``source`` is free text, ``added`` the UTC time the case
-was stored, ``model`` the model version that first segmented it (or null). Case ids are opaque (never a
-patient name): letters, digits, ``-``, ``_`` and ``.``. The store re-writes every image with
-:mod:`scdlcore.io` as NIfTI, which keeps the geometry and the voxels only, so no DICOM tag (patient name,
-dates, ...) enters the folder.
+was stored, ``model`` the model version that first segmented it (or null), ``voxels_sha256`` the digest of
+the CT's voxels as stored. Case ids are opaque (never a patient name): letters, digits, ``-``, ``_`` and
+``.``. The store re-writes every image with :mod:`scdlcore.io` as NIfTI, which keeps the geometry and the
+voxels only, so no DICOM tag (patient name, dates, ...) enters the folder.
+
+One CT, one case: an add without a case id that brings a CT the store already holds (the same voxels,
+e.g. a suggested case corrected in Slicer and submitted) updates that case when it brings a label map,
+and is refused when it does not. A CT twice would weigh double in training and could put a validation
+case into the training set.
 
 Crash and concurrency safety: every write holds an exclusive lock on ``dataset.json.lock``; the case files
 are written first (each atomically), the manifest last (a temporary file moved over it). Killing a writer at
@@ -374,11 +379,13 @@ class DatasetStore:
             replace: overwrite the case with this id if it exists (otherwise an existing id is refused).
 
         Returns:
-            The stored case.
+            The stored case; without ``case_id``, for a CT the store holds already (same voxels), that case
+            updated with the label map.
 
         Raises:
             DatasetError: a bad case id or organ name, an id that exists, a label map off the image's grid or
-                with values outside the label table; nothing is stored then.
+                with values outside the label table, a CT the store holds already brought without a label
+                map; nothing is stored then.
             ImageError: an unreadable image or label file.
         """
         if case_id is not None:
@@ -387,12 +394,23 @@ class DatasetStore:
         reviewed = self._check_reviewed(reviewed, has_label=label is not None)
         volume, image_name = _read_image(image)
         labels = None if label is None else self._read_label(label, volume, image_name)
+        stored = _compact(volume)
+        digest = _voxels_sha256(stored.array)
         with _lock(self.root):
             dataset = self.dataset()
+            if case_id is None:
+                same_ct = next((c for c in dataset.cases if c.extra.get("voxels_sha256") == digest), None)
+                if same_ct is not None and labels is None:
+                    raise DatasetError(
+                        f"Dataset {self.root} already holds {image_name} as case {same_ct.id} ({same_ct.status}); "
+                        "nothing was added. A CT is one case: add it with its label map to update that case."
+                    )
+                if same_ct is not None:
+                    case_id, replace = same_ct.id, True
             case_id = case_id or _next_id(dataset.cases)
             _check_free(dataset, case_id, replace)
             image_file, label_file = (f"{sub}/{case_id}{CASE_SUFFIX}" for sub in (IMAGES_DIR, LABELS_DIR))
-            io.write_image(self.root / image_file, _compact(volume))
+            io.write_image(self.root / image_file, stored)
             fsync_file(self.root / image_file)
             if labels is not None:
                 # The image's geometry, bit for bit, so the pair always lies on one grid.
@@ -403,7 +421,7 @@ class DatasetStore:
                 image=image_file,
                 label=None if labels is None else label_file,
                 reviewed=reviewed,
-                extra={"source": source, "added": _now(), "model": model},
+                extra={"source": source, "added": _now(), "model": model, "voxels_sha256": digest},
             )
             others = [c for c in dataset.cases if c.id != case_id]
             position = next((i for i, c in enumerate(dataset.cases) if c.id == case_id), len(others))
@@ -582,6 +600,13 @@ def _compact(volume: Volume) -> Volume:
     ):
         return volume.with_array(array.astype(np.int16))
     return volume
+
+
+def _voxels_sha256(array: np.ndarray) -> str:
+    """Digest of a CT's voxels (shape, type and values): the same scan read from DICOM, NIfTI or NRRD gives the same one."""
+    digest = hashlib.sha256(f"{array.shape}{array.dtype.str}".encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -129,10 +129,11 @@ class Worker:
 
             store = DatasetStore.init(Path(request["dataset"]), labels=self.bundle.labels.name)  # opens an existing store
             label = request.get("label")
+            before = {case.id: case.status for case in store.cases()}
             case = store.add(request["image"], label, case_id=request.get("case_id"),
                              reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
                              source=request.get("source", "3D Slicer"), model=self.bundle.ref)
-            return {"case_id": case.id, "labeled": case.is_labeled, "counts": store.counts()}
+            return {"case_id": case.id, "labeled": case.is_labeled, "previous": before.get(case.id), "counts": store.counts()}
 
         self._run_job(request_id, add_case)
 

@@ -67,8 +67,8 @@ args = parser.parse_args(sys.argv[1:])
 sys.exit(args.func(args))
 """
 
-# A child process adding the same image three times with automatic ids; os.replace is slowed down so
-# that two such writers' read-manifest / write-manifest steps overlap unless the lock keeps them apart.
+# A child process adding three CTs (the image with one voxel changed) with automatic ids; os.replace is slowed
+# down so that two such writers' read-manifest / write-manifest steps overlap unless the lock keeps them apart.
 _WRITER = r"""
 import os, sys, time
 real_replace = os.replace
@@ -77,9 +77,12 @@ def replace(src, dst):
     real_replace(src, dst)
 os.replace = replace
 from scdlcore.dataset import DatasetStore
+from scdlcore.io import read_image
 store = DatasetStore(sys.argv[1])
+ct = read_image(sys.argv[2])
 for n in range(3):
-    store.add(sys.argv[2], source=f"writer {sys.argv[3]} add {n}")
+    ct.array[0, 0, 0] = 100 * int(sys.argv[3]) + n  # a different CT for each add: one CT is one case
+    store.add(ct, source=f"writer {sys.argv[3]} add {n}")
 """
 
 
@@ -153,9 +156,9 @@ def test_add_list_remove_real_samples_in_nifti_dicom_and_nrrd(
     assert listing["fingerprint"] == store.fingerprint()
     cases = {case["id"]: case for case in listing["cases"]}
     assert list(cases) == ["case0001", "case0002", "chest-1"]
-    assert cases["case0001"] | {"added": None} == {
+    assert cases["case0001"] | {"added": None, "voxels_sha256": None} == {
         "id": "case0001", "image": "images/case0001.nii.gz", "label": "labels/case0001.nii.gz", "reviewed": None,
-        "source": "sample nifti", "added": None, "model": "abdomen@3", "status": "labeled",
+        "source": "sample nifti", "added": None, "model": "abdomen@3", "status": "labeled", "voxels_sha256": None,
     }
     assert (cases["case0002"]["status"], cases["case0002"]["reviewed"]) == ("partial", ["spleen", "liver"])
     assert (cases["chest-1"]["status"], cases["chest-1"]["label"], cases["chest-1"]["model"]) == ("unlabeled", None, None)
@@ -198,10 +201,10 @@ def test_stored_image_holds_only_geometry_and_voxels(store: DatasetStore, sample
 def test_partial_review_is_stored_in_table_order_and_all_organs_mean_null(
     store: DatasetStore, synthetic_ct: Volume, synthetic_labels: Volume
 ) -> None:
-    partial = store.add(synthetic_ct, synthetic_labels, reviewed=["liver", "spleen", "liver"], source="slicer")
-    full = store.add(synthetic_ct, synthetic_labels, reviewed=list(reversed(SYNAPSE13.names)))
-    unreviewed_default = store.add(synthetic_ct, synthetic_labels)
-    unlabeled = store.add(synthetic_ct)
+    partial = store.add(synthetic_ct, synthetic_labels, reviewed=["liver", "spleen", "liver"], source="slicer", case_id="case0001")
+    full = store.add(synthetic_ct, synthetic_labels, reviewed=list(reversed(SYNAPSE13.names)), case_id="full")
+    unreviewed_default = store.add(synthetic_ct, synthetic_labels, case_id="default")
+    unlabeled = store.add(synthetic_ct, case_id="unlabeled")
     assert (partial.id, partial.reviewed, partial.status) == ("case0001", ["spleen", "liver"], "partial")
     assert (full.reviewed, full.status, unreviewed_default.reviewed) == (None, "labeled", None)
     assert (unlabeled.label, unlabeled.status) == (None, "unlabeled")
@@ -209,6 +212,54 @@ def test_partial_review_is_stored_in_table_order_and_all_organs_mean_null(
     assert [entry["reviewed"] for entry in entries] == [["spleen", "liver"], None, None, None]
     assert store.counts() == {"labeled": 2, "partial": 1, "unlabeled": 1}
     assert load_dataset(store.root).case("case0001").source == "slicer"
+
+
+def test_one_ct_is_one_case_a_later_label_updates_it_and_an_unlabeled_copy_changes_nothing(
+    store: DatasetStore, samples: dict[str, Sample], tmp_path: Path
+) -> None:
+    """The annotation loop's round trip: a CT added unlabeled is suggested, loaded (from the store's NIfTI),
+    corrected and submitted with its label map (exported as NRRD, as the Slicer panel does)."""
+    dicom = samples["ct_abdomen_dicom"]
+    first = store.add(dicom.image, source="scanner")
+    exported = tmp_path / "slicer-export" / "ct.nrrd"
+    write_image(exported, read_image(store.root / first.image))
+    manifest = (store.root / MANIFEST_NAME).read_bytes()
+
+    with pytest.raises(DatasetError) as err:  # the same CT unlabeled again: nothing to add
+        store.add(exported)
+    assert str(err.value) == (
+        f"Dataset {store.root} already holds {exported} as case {first.id} (unlabeled); nothing was added. "
+        "A CT is one case: add it with its label map to update that case."
+    )
+    assert (store.root / MANIFEST_NAME).read_bytes() == manifest
+
+    corrected = store.add(exported, dicom.label, reviewed=["liver"], source="slicer")
+    assert (corrected.id, corrected.status, corrected.source) == (first.id, "partial", "slicer")
+    assert store.counts() == {"labeled": 0, "partial": 1, "unlabeled": 0}
+    assert _store_files(store.root) == {f"images/{first.id}.nii.gz", f"labels/{first.id}.nii.gz"}
+    resubmitted = store.add(dicom.image, dicom.label)  # a later correction of the same CT replaces the earlier one
+    assert (resubmitted.id, resubmitted.status) == (first.id, "labeled")
+
+    assert store.add(samples["ct_chest_nrrd"].image).id == "case0002"  # another CT is another case
+    assert store.add(dicom.image, case_id="copy").id == "copy"  # an explicit id is the caller's choice
+    assert len(store.cases()) == 3
+
+
+def test_dataset_add_says_when_it_updates_the_case_of_a_ct(
+    store: DatasetStore, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, dicom = str(store.root), samples["ct_abdomen_dicom"]
+    assert main(["dataset", "add", root, str(dicom.image)]) == 0
+    assert main(["dataset", "add", root, str(dicom.image)]) == 2
+    assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label), "--reviewed", "liver", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"Added case0001 (unlabeled) to {root}\n")
+    assert err == f"scdl dataset: error: Dataset {root} already holds {dicom.image} as case case0001 (unlabeled); nothing was " \
+                  "added. A CT is one case: add it with its label map to update that case.\n"
+    assert {key: json.loads(out.split("\n", 1)[1])[key] for key in ("id", "status", "previous")} == {
+        "id": "case0001", "status": "partial", "previous": "unlabeled"}
+    assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label)]) == 0
+    assert capsys.readouterr().out == f"Updated case0001 in {root}: was partial, now labeled\n"
 
 
 @pytest.mark.parametrize("case_id", ["../evil", "a/b", "a\\b", "/abs", "has space", ".hidden", "", "x" * 129])

@@ -28,7 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("dir", help="dataset folder (created if missing)")
     init.add_argument("--labels", default="synapse13", help="label table of the label maps (default: synapse13)")
 
-    add = actions.add_parser("add", parents=[common], help="add a case: a CT and, optionally, its label map")
+    add = actions.add_parser(
+        "add", parents=[common], help="add a case: a CT and, optionally, its label map",
+        description="Add a case. One CT is one case: without --id, a CT the folder already holds (the same voxels) "
+        "updates that case when a label map comes with it, and is refused without one.",
+    )
     add.add_argument("dir", help="dataset folder")
     add.add_argument("image", help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series")
     add.add_argument("--label", help="label map on the image's grid (.nii.gz, .nrrd, .mha, or a Slicer .seg.nrrd); "
@@ -72,9 +76,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     store = DatasetStore(args.dir)
     if args.action == "add":
+        before = {case.id: case.status for case in store.cases()}
         case = store.add(args.image, args.label, case_id=args.case_id, reviewed=args.reviewed, source=args.source,
                          model=args.model, replace=args.replace)
-        _report(args.json, _case_dict(case), f"Added {case.id} ({case.status}{_reviewed_note(case)}) to {store.root}")
+        previous = before.get(case.id)
+        if previous is None:
+            text = f"Added {case.id} ({case.status}{_reviewed_note(case)}) to {store.root}"
+        else:
+            text = f"Updated {case.id} in {store.root}: was {previous}, now {case.status}{_reviewed_note(case)}"
+        _report(args.json, {**_case_dict(case), "previous": previous}, text)
         return 0
     if args.action == "list":
         _list(store, args.json)
