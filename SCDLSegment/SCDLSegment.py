@@ -432,7 +432,10 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(error, windowTitle=_("Submit case"))
             return
         kind = _("reviewed") if result.get("labeled", True) else _("unlabeled")
-        self.ui.datasetStatusLabel.setText(_("Added {case} ({kind}).").format(case=result.get("case_id", ""), kind=kind))
+        case, previous = result.get("case_id", ""), result.get("previous")
+        # One CT is one case: submitting a CT the dataset holds (a suggested case) updates that case.
+        message = _("Updated {case}: was {previous}, now {kind}.") if previous else _("Added {case} ({kind}).")
+        self.ui.datasetStatusLabel.setText(message.format(case=case, previous=previous, kind=kind))
         self.refreshDataset()
 
     def refreshDataset(self) -> None:
@@ -1267,8 +1270,8 @@ def _checkSameGrid(labelNode, volumeNode, shape: tuple[int, ...], what: str) -> 
 
 class SCDLSegmentTest(ScriptedLoadableModuleTest):
     """The whole loop on a real CT, on the CPU, with the bundled starter model: segment, check
-    organs, names, colors, terminology and geometry; submit a reviewed and an unlabeled case;
-    fine-tune briefly; check that a new model version exists.
+    organs, names, colors, terminology and geometry; add the CT unlabeled, then submit it reviewed
+    (the same case, updated); fine-tune briefly; check that a new model version exists.
 
     Needs the dependencies installed (Setup and advanced > Install) and the public sample CT, which
     the engine fetches once into its cache. It writes only to temporary folders: a private model
@@ -1330,11 +1333,13 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         userMask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, userId, volume)
         self.assertEqual(int(np.count_nonzero(userMask)), int(note.sum()), "The user's segment was changed.")
 
-        self.delayDisplay("Submitting a reviewed and an unlabeled case")
+        self.delayDisplay("Adding the CT unlabeled, then submitting it reviewed")
         datasetDir = Path(slicer.util.tempDirectory("SCDLSegmentTest-dataset"))
-        logic.submitCase(volume, segmentationNode, ["liver", "spleen"], datasetDir, model.ref, Device.CPU)
-        logic.submitCase(volume, None, [], datasetDir, model.ref, Device.CPU)
-        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=1, unlabeled=1))
+        added = logic.submitCase(volume, None, [], datasetDir, model.ref, Device.CPU)
+        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=0, unlabeled=1))
+        reviewed = logic.submitCase(volume, segmentationNode, ["liver", "spleen"], datasetDir, model.ref, Device.CPU)
+        self.assertEqual((reviewed["case_id"], reviewed["previous"]), (added["case_id"], "unlabeled"), "One CT is one case.")
+        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=1, unlabeled=0))
 
         self.delayDisplay("Fine-tuning for a few steps")
         tuned = logic.finetune(datasetDir, model.ref, steps=2)

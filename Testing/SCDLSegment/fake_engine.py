@@ -26,6 +26,7 @@ voxels in (50, 150] spleen (1); everything else background.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -149,17 +150,25 @@ class Worker:
         emit({"id": request_id, "event": "result", "output": request["output"], "volumes_ml": volumes, "seconds": 0.1})
 
     def add_case(self, request: dict) -> None:
+        """One CT is one case (as in the real store): the same voxels with a label update that case."""
         dataset = Path(request["dataset"])
         data = manifest(dataset)
-        case_id = f"case{len(data['cases']) + 1:03d}"
+        digest = hashlib.sha256(np.ascontiguousarray(nrrd.read(request["image"])[0]).data).hexdigest()
+        same = next((case for case in data["cases"] if case["sha256"] == digest), None)
+        if same is not None and not request.get("label"):
+            emit({"id": request["id"], "event": "error", "message": f"The dataset already holds this CT as {same['id']}."})
+            return
+        case_id = same["id"] if same else f"case{len(data['cases']) + 1:03d}"
         folder = dataset / case_id
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         image = shutil.copy(request["image"], folder / "image.nrrd")
         label = shutil.copy(request["label"], folder / "label.nrrd") if request.get("label") else None
-        data["cases"].append({"id": case_id, "image": str(image), "label": None if label is None else str(label),
-                              "reviewed": request.get("reviewed", [])})
+        entry = {"id": case_id, "image": str(image), "label": None if label is None else str(label),
+                 "reviewed": request.get("reviewed", []), "sha256": digest}
+        data["cases"] = [case for case in data["cases"] if case is not same] + [entry]
         (dataset / "dataset.json").write_text(json.dumps(data))
-        emit({"id": request["id"], "event": "result", "case_id": case_id, "labeled": label is not None})
+        previous = None if same is None else "labeled" if same["label"] else "unlabeled"
+        emit({"id": request["id"], "event": "result", "case_id": case_id, "labeled": label is not None, "previous": previous})
 
 
 # ----------------------------------------------------------------------------- one-shot commands

@@ -163,7 +163,9 @@ def test_submitted_case_has_fixed_label_values_on_the_volume_grid(logic, module,
     dataset = tmp_path / "dataset"
 
     result = logic.submitCase(volume, segmentation_node, ["spleen", "liver"], dataset, "starter", Device.CPU)
-    logic.submitCase(volume, None, [], dataset, "starter", Device.CPU)
+    other = add_ct(standin, "other CT")
+    other.array[0, 0, 0] = 0  # another CT: one CT is one case
+    logic.submitCase(other, None, [], dataset, "starter", Device.CPU)
 
     assert result["case_id"] == "case001"
     labels, header = nrrd.read(str(dataset / "case001" / "label.nrrd"), index_order="C")
@@ -397,6 +399,14 @@ def test_panel_suggest_loads_the_suggested_case(widget, standin):
     pump(widget)
     assert widget._parameters().inputVolume.GetName() == "image"
     assert ui.datasetStatusLabel.text == "Loaded case001: most uncertain"
+
+    ui.applyButton.clicked.emit()  # segment the suggested case, review it, submit it
+    pump(widget)
+    ui.reviewedOrgansList.item(SYNAPSE13.names.index("liver")).setCheckState(2)
+    ui.submitButton.clicked.emit()
+    pump(widget)
+    assert ui.datasetStatusLabel.text == "Updated case001: was unlabeled, now reviewed."
+    assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (labeled), 0 unlabeled"
 
 
 def test_panel_imports_a_model_and_selects_it(widget, standin, tmp_path):

@@ -56,12 +56,16 @@ def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
     assert outcome.volumes_ml["spleen"] == pytest.approx(8 * 10 * 14 * 0.216, rel=0.3)  # 6 mm voxels: 0.216 mL
 
     dataset = tmp_path / "dataset"
+    added = logic.submitCase(volume, None, [], dataset, "threshold", Device.CPU)
+    assert (added["labeled"], added["previous"]) == (False, None)
     result = logic.submitCase(volume, outcome.segmentationNode, ["spleen", "liver"], dataset, "threshold", Device.CPU)
-    logic.submitCase(volume, None, [], dataset, "threshold", Device.CPU)
+    assert (result["case_id"], result["previous"]) == (added["case_id"], "unlabeled"), "one CT is one case"
+    with pytest.raises(RuntimeError, match=f"already holds .* as case {added['case_id']} \\(partial\\); nothing was added"):
+        logic.submitCase(volume, None, [], dataset, "threshold", Device.CPU)
     store = DatasetStore(dataset)
     case = store.case(result["case_id"])
     assert case.reviewed == ["spleen", "liver"] and case.model == "threshold@1"
-    assert store.counts() == {"labeled": 0, "partial": 1, "unlabeled": 1}
+    assert store.counts() == {"labeled": 0, "partial": 1, "unlabeled": 0}
 
     tuned = logic.finetune(dataset, "threshold", steps=2, timeout_s=600)
     assert tuned.error is None, tuned.error
