@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +77,37 @@ def test_a_slicer_segmentation_is_matched_by_segment_name_not_by_its_label_value
     assert main(["evaluate", str(tmp_path / "slicer.seg.nrrd"), str(samples["ct_abdomen"].label), "--json", str(tmp_path / "s.json")]) == 0
     summary = json.loads((tmp_path / "s.json").read_text())["summary"]
     assert summary["mean_dice"] == 1.0 and summary["mean_hd95"] == 0.0
+
+
+def test_a_folder_of_predictions_is_scored_against_a_folder_of_references_by_case_name(
+    samples, threshold_bundle, tmp_path, capsys
+):
+    """What a researcher runs after ``scdl segment CT... -o results/``: results/NAME.seg.nrrd with labels/NAME.nii.gz."""
+    abdomen, dicom, chest = samples["ct_abdomen"], samples["ct_abdomen_dicom"], samples["ct_chest_nrrd"]
+    results, labels = tmp_path / "results", tmp_path / "labels"
+    assert main(["segment", str(abdomen.image), str(dicom.image), str(chest.image), "-o", str(results),
+                 "--model", str(threshold_bundle), "--device", "cpu"]) == 0
+    labels.mkdir()
+    shutil.copy(abdomen.label, labels / "example_ct.nii.gz")
+    shutil.copy(dicom.label, labels / "example_ct_dicom.nii.gz")
+    shutil.copy(dicom.label, labels / "lonely.nii.gz")
+    capsys.readouterr()
+
+    assert main(["evaluate", str(results), str(labels), "--json", str(tmp_path / "s.json")]) == 0
+    out, err = capsys.readouterr()
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert [(case["prediction"], case["reference"]) for case in scores["cases"]] == [
+        (str(results / "example_ct.seg.nrrd"), str(labels / "example_ct.nii.gz")),
+        (str(results / "example_ct_dicom.seg.nrrd"), str(labels / "example_ct_dicom.nii.gz")),
+    ]
+    assert f"1 case(s) of {labels} have no namesake in {results} and are not scored: lonely" in err
+    assert f"1 case(s) of {results} have no namesake in {labels} and are not scored: CTChest4" in err
+    case_lines = out.splitlines()[2:4]
+    for line, case in zip(case_lines, scores["cases"]):
+        name = Path(case["prediction"]).name.removesuffix(".seg.nrrd")
+        assert line.split() == [name, f"{case['mean_dice']:.4f}", f"{case['mean_hd95']:.2f}", f"{case['minority_mean_dice']:.4f}"]
+    assert "mean of 2 cases, native grid (mm)" in out
+
+    # The same scores as the two pairs given one by one.
+    assert main(["evaluate", str(results / "example_ct.seg.nrrd"), str(abdomen.label), "--json", str(tmp_path / "one.json")]) == 0
+    assert json.loads((tmp_path / "one.json").read_text())["summary"]["mean_dice"] == scores["cases"][0]["mean_dice"]

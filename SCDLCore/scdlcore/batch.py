@@ -34,7 +34,9 @@ from .io import WRITE_SUFFIXES, read_image, read_label_map, write_label
 from .labels import LabelTable
 from .overview import save_overview
 
-__all__ = ["Case", "CaseResult", "case_name", "overview_path", "plan_cases", "segment_cases", "write_volumes_csv"]
+__all__ = [
+    "Case", "CaseResult", "case_name", "files_by_case", "overview_path", "plan_cases", "segment_cases", "write_volumes_csv",
+]
 
 _IMAGE_SUFFIXES = (*WRITE_SUFFIXES, ".mhd")  # longest first where one ends another (.seg.nrrd, .nrrd)
 
@@ -81,6 +83,25 @@ def case_name(path: str | os.PathLike) -> str:
         if lower.endswith(suffix) and len(lower) > len(suffix):
             return path.name[: -len(suffix)]
     return path.name
+
+
+def files_by_case(folder: str | os.PathLike) -> dict[str, Path]:
+    """The image and label-map files of a folder by case name (``case01.nii.gz`` -> ``case01``), sorted.
+
+    Raises:
+        ValueError: not a folder, or two files with one case name (``case01.nii.gz`` and ``case01.nrrd``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder.")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(_IMAGE_SUFFIXES):
+            name = case_name(path)
+            if name in files:
+                raise ValueError(f"{folder}: {files[name].name} and {path.name} are both case {name!r}; keep one.")
+            files[name] = path
+    return files
 
 
 def overview_path(output: str | os.PathLike) -> Path:

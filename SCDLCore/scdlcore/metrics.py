@@ -48,6 +48,7 @@ __all__ = [
     "dice",
     "evaluate_files",
     "evaluate_labels",
+    "format_case_table",
     "mean_case_results",
     "surface_distances",
 ]
@@ -189,17 +190,12 @@ class EvaluationResult:
             ("mean", _fmt(self.mean_dice, 4), _fmt(self.mean_hd95, 2), _fmt(self.mean_asd, 2), "", ""),
             (f"minority mean ({len(self.minority_organs)})", _fmt(self.minority_mean_dice, 4), "", "", "", ""),
         ]
-        widths = [max(len(row[i]) for row in (header, *body, *footer)) for i in range(len(header))]
-
-        def line(row: Sequence[str]) -> str:
-            cells = [row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:]))]
-            return "  ".join(cells).rstrip()
-
-        rule = "-" * len(line(header))
+        lines = _aligned([header, *body, *footer])
+        rule = "-" * len(lines[0])
         cases = f"mean of {self.num_cases} cases, " if self.num_cases > 1 else ""
         mode = "paper-compatible mode (160x160x80 grid, voxels)" if self.paper_mode else "native grid (mm)"
         notes = [f"{cases}{mode}; * minority organ (< {MINORITY_FRACTION:.0%} of reference foreground)"]
-        return "\n".join([line(header), rule, *map(line, body), rule, *map(line, footer), *notes])
+        return "\n".join([lines[0], rule, *lines[1 : 1 + len(body)], rule, *lines[1 + len(body) :], *notes])
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -449,6 +445,24 @@ def _nanmean(values: Any) -> float:
     """Mean of the non-NaN values; NaN (without a warning) when there are none."""
     defined = [float(v) for v in values if not math.isnan(v)]
     return float(np.mean(defined)) if defined else math.nan
+
+
+def format_case_table(cases: Sequence[tuple[str, EvaluationResult]]) -> str:
+    """An aligned text table with one line per named case: mean Dice, mean HD95 and minority mean Dice."""
+    unit = "vox" if any(result.paper_mode for _, result in cases) else "mm"
+    header = ("Case", "mean Dice", f"mean HD95 ({unit})", "minority mean Dice")
+    body = [(name, _fmt(r.mean_dice, 4), _fmt(r.mean_hd95, 2), _fmt(r.minority_mean_dice, 4)) for name, r in cases]
+    lines = _aligned([header, *body])
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as text columns: the first left-aligned, the others right-aligned, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join([row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:]))]).rstrip()
+        for row in rows
+    ]
 
 
 def _fmt(value: float, digits: int) -> str:

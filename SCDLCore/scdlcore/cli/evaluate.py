@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,10 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score label maps against references (Dice, HD95, ASD per organ)",
         description="Score predicted label maps against reference label maps on the reference's native grid "
-        "(distances in mm). Give PRED REF pairs; with --model, give IMAGE REF pairs and each image is segmented "
-        "first. Several pairs are averaged per organ.",
+        "(distances in mm). Give PRED REF pairs, or a folder of predictions and a folder of references (files "
+        "paired by name without suffix: results/case01.seg.nrrd with labels/case01.nii.gz); with --model, "
+        "IMAGE REF pairs (or folders) and each image is segmented first. Several cases are listed one per line "
+        "and averaged per organ.",
     )
-    parser.add_argument("pairs", nargs="+", metavar="PRED_OR_IMAGE REF", help="file pairs (label maps, .seg.nrrd, or images with --model)")
+    parser.add_argument("pairs", nargs="+", metavar="PRED_OR_IMAGE REF",
+                        help="file or folder pairs (label maps, .seg.nrrd, or images with --model)")
     parser.add_argument("--model", help="segment each IMAGE with this model (name, name@version or bundle path) first")
     parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (with --model)")
@@ -32,32 +37,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._atomic import atomic_write_text
+    from ..batch import case_name
     from ..events import to_jsonable
     from ..labels import get_label_table
-    from ..metrics import evaluate_files, mean_case_results
+    from ..metrics import evaluate_files, format_case_table, mean_case_results
 
     if len(args.pairs) % 2:
         raise ValueError(f"scdl evaluate takes files in pairs (prediction or image, then reference); got {len(args.pairs)} paths.")
-    inputs = list(zip(args.pairs[::2], args.pairs[1::2]))
+    inputs = [pair for first, second in zip(args.pairs[::2], args.pairs[1::2]) for pair in _expand(Path(first), Path(second))]
     table = get_label_table(args.labels)
     with tempfile.TemporaryDirectory(prefix="scdl-evaluate-") as predictions:
         pairs = inputs
         if args.model:
             pairs, table = _segment_first(inputs, args, Path(predictions))
         results = [evaluate_files(pred, ref, table, paper_mode=args.paper) for pred, ref in pairs]
+    if len(results) > 1:
+        print(format_case_table([(case_name(first), result) for (first, _), result in zip(inputs, results)]) + "\n")
     summary = results[0] if len(results) == 1 else mean_case_results(results)
     print(summary.format_table())
     if args.json:
-        args.json.write_text(json.dumps(to_jsonable({"summary": summary.to_dict(), "cases": [
+        atomic_write_text(args.json, json.dumps(to_jsonable({"summary": summary.to_dict(), "cases": [
             {"image" if args.model else "prediction": str(p), "reference": str(r), **result.to_dict()}
             for (p, r), result in zip(inputs, results)]}), indent=2))
     if args.csv:
-        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
-            rows = summary.to_csv_rows()
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        rows = summary.to_csv_rows()
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(args.csv, text.getvalue())
     return 0
+
+
+def _expand(first: Path, second: Path) -> list[tuple[Path, Path]]:
+    """A file pair as it is; a pair of folders as the pairs of their files with the same case name."""
+    if not (first.is_dir() and second.is_dir()):
+        return [(first, second)]
+    from ..batch import files_by_case
+
+    firsts, seconds = files_by_case(first), files_by_case(second)
+    common = [name for name in firsts if name in seconds]
+    if not common:
+        raise ValueError(f"No file of {first} has a namesake in {second}; files are paired by their name without "
+                         "suffix (case01.seg.nrrd with case01.nii.gz).")
+    for missing, where, other in ((seconds, second, first), (firsts, first, second)):
+        alone = [name for name in missing if name not in common]
+        if alone:
+            print(f"scdl evaluate: warning: {len(alone)} case(s) of {where} have no namesake in {other} and are not "
+                  f"scored: {', '.join(alone)}", file=sys.stderr)
+    return [(firsts[name], seconds[name]) for name in common]
 
 
 def _segment_first(pairs, args, folder: Path):
