@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from scdlcore._atomic import atomic_write_text
 from scdlcore.dataset import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Case
 from scdlcore.io import read_image, read_label, resample_label_to, write_label
 from scdlcore.labels import TOTALSEGMENTATOR_TO_SYNAPSE13, map_label_values
@@ -306,7 +307,7 @@ def make_sample_dataset(folder: str | os.PathLike, samples: dict[str, Sample] | 
             shutil.copyfile(sample.label, root / label)
         cases.append(Case(id=name, image=image, label=label, extra={"source": f"scdlcore sample {name}"}).to_dict())
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "labels": "synapse13", "cases": cases}
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n", durable=True)  # last: the folder is complete
     return root
 
 

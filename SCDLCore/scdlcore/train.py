@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, atomic_write_text
 from .config import Config
 from .data import Augmenter, PatchSampler, PreparedCase, prepare_dataset
 from .dataset import Dataset, DatasetError, load_dataset
@@ -435,8 +435,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
                    va="center", transform=right.transAxes, color="0.4")
     right.set(xlabel="step", ylabel="Dice", title="Validation Dice (model grid)", ylim=(0, 1))
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
 
 
@@ -458,7 +457,7 @@ def _read_history(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     kept = [entry for entry in entries if entry["step"] <= up_to_step]
     if len(kept) != len(entries):
-        path.write_text("".join(json.dumps(entry) + "\n" for entry in kept), encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps(entry) + "\n" for entry in kept))
     return kept
 
 
