@@ -89,7 +89,10 @@ class Progress:
             self.stream.flush()
         elif event != "progress":
             message = fields.get("message") or ", ".join(f"{k}={v}" for k, v in _short(fields).items())
-            (self._bar.write if self._bar is not None else _log.info)(f"[{event}] {message}")
+            if self._bar is not None:
+                self._bar.write(f"[{event}] {message}", file=sys.stderr)  # where the bar is, so neither garbles the other
+            else:
+                _log.info("[%s] %s", event, message)
 
     def close(self) -> None:
         if self._bar is not None:
