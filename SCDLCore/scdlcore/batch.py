@@ -30,15 +30,11 @@ from pathlib import Path
 from ._atomic import atomic_write_text
 from .events import Progress
 from .infer import InferenceCancelled, Predictor, organ_volumes_ml
-from .io import WRITE_SUFFIXES, read_image, read_label_map, write_label
+from .io import WRITE_SUFFIXES, case_name, read_image, read_label_map, write_label
 from .labels import LabelTable
 from .overview import save_overview
 
-__all__ = [
-    "Case", "CaseResult", "case_name", "files_by_case", "overview_path", "plan_cases", "segment_cases", "write_volumes_csv",
-]
-
-_IMAGE_SUFFIXES = (*WRITE_SUFFIXES, ".mhd")  # longest first where one ends another (.seg.nrrd, .nrrd)
+__all__ = ["Case", "CaseResult", "overview_path", "plan_cases", "segment_cases", "write_volumes_csv"]
 
 
 @dataclass(frozen=True)
@@ -73,35 +69,6 @@ class CaseResult:
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
     error: Exception | None = None
-
-
-def case_name(path: str | os.PathLike) -> str:
-    """A CT's name without its image suffix: ``ct_001.nii.gz`` -> ``ct_001``; a DICOM folder's own name."""
-    path = Path(path)
-    lower = path.name.lower()
-    for suffix in _IMAGE_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def files_by_case(folder: str | os.PathLike) -> dict[str, Path]:
-    """The image and label-map files of a folder by case name (``case01.nii.gz`` -> ``case01``), sorted.
-
-    Raises:
-        ValueError: not a folder, or two files with one case name (``case01.nii.gz`` and ``case01.nrrd``).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder.")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name.lower().endswith(_IMAGE_SUFFIXES):
-            name = case_name(path)
-            if name in files:
-                raise ValueError(f"{folder}: {files[name].name} and {path.name} are both case {name!r}; keep one.")
-            files[name] = path
-    return files
 
 
 def overview_path(output: str | os.PathLike) -> Path:

@@ -71,12 +71,14 @@ __all__ = [
     "FORMAT_VERSION",
     "LOCK_NAME",
     "MANIFEST_NAME",
+    "CTAlreadyStored",
     "Case",
     "Dataset",
     "DatasetError",
     "DatasetStore",
     "Suggestion",
     "load_dataset",
+    "pair_cases",
     "validate_case_id",
 ]
 
@@ -89,6 +91,7 @@ CASE_SUFFIX = ".nii.gz"
 LOCK_TIMEOUT_S = 120.0  # writing one large CT takes seconds; a minute's wait means something is stuck
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_ID = re.compile(r"^case(\d+)$")
+_NNUNET_CHANNEL = "_0000"  # nnU-Net names the (only) CT channel of case X "X_0000"
 _BODY_HU = -500.0  # body voxels for the suggestion scores, as preprocess.body_bbox finds the body
 _MOSTLY_SHARE = 0.6  # a reason names the organs holding this share of the disagreement/uncertainty
 _log = logging.getLogger(__name__)
@@ -96,6 +99,14 @@ _log = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """A dataset folder or manifest that cannot be used; the message names the folder/file and the problem."""
+
+
+class CTAlreadyStored(DatasetError):
+    """An add brought, without a label map, a CT the store holds already (as ``case``); nothing was stored."""
+
+    def __init__(self, message: str, case: Case) -> None:
+        super().__init__(message)
+        self.case = case
 
 
 @dataclass
@@ -264,6 +275,32 @@ def load_dataset(root: str | Path) -> Dataset:
     return dataset
 
 
+def pair_cases(images: str | os.PathLike, labels: str | os.PathLike | None = None) -> list[tuple[str, Path, Path | None]]:
+    """The CTs of a folder with their label maps from another folder: ``(case name, image, label or None)``.
+
+    Images are the folder's image files and its subfolders (each a DICOM series); a label map is the file of
+    ``labels`` with the image's case name (``case01.nii.gz`` for ``case01.nrrd``), or for nnU-Net's channel
+    names (``case01_0000.nii.gz``) the one without ``_0000``. An image without a label map is unlabeled.
+
+    Raises:
+        DatasetError: no image in ``images``, or label maps that belong to no image (they are named).
+    """
+    found = io.files_by_case(images, series_folders=True)
+    if not found:
+        raise DatasetError(f"{images}: no CT image files or DICOM series folders in this folder.")
+    maps = io.files_by_case(labels) if labels is not None else {}
+    pairs = []
+    for name, image in found.items():
+        label_name = next((n for n in (name, name.removesuffix(_NNUNET_CHANNEL)) if n in maps), None)
+        pairs.append((name, image, maps.pop(label_name) if label_name else None))
+    if maps:
+        raise DatasetError(
+            f"{labels}: label maps {', '.join(path.name for path in maps.values())} have no image of the same name in "
+            f"{images}. Name each label map after its image (case01.nii.gz for case01.nrrd or case01_0000.nii.gz)."
+        )
+    return pairs
+
+
 def validate_case_id(case_id: str) -> str:
     """Return ``case_id`` if it is a safe opaque id, else raise DatasetError saying why."""
     if not isinstance(case_id, str) or not _CASE_ID.match(case_id):
@@ -401,9 +438,10 @@ class DatasetStore:
             if case_id is None:
                 same_ct = next((c for c in dataset.cases if c.extra.get("voxels_sha256") == digest), None)
                 if same_ct is not None and labels is None:
-                    raise DatasetError(
+                    raise CTAlreadyStored(
                         f"Dataset {self.root} already holds {image_name} as case {same_ct.id} ({same_ct.status}); "
-                        "nothing was added. A CT is one case: add it with its label map to update that case."
+                        "nothing was added. A CT is one case: add it with its label map to update that case.",
+                        same_ct,
                     )
                 if same_ct is not None:
                     case_id, replace = same_ct.id, True

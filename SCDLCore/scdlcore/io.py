@@ -47,6 +47,8 @@ __all__ = [
     "NotCTWarning",
     "WRITE_SUFFIXES",
     "Volume",
+    "case_name",
+    "files_by_case",
     "read_image",
     "read_label",
     "read_label_map",
@@ -66,6 +68,7 @@ LPS_TO_RAS_44 = np.diag([-1.0, -1.0, 1.0, 1.0])
 _READ_FORMATS = "NRRD (.nrrd), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) or a DICOM series folder"
 #: File types the writers take; ``.seg.nrrd`` (3D Slicer segmentation) for label maps only.
 WRITE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+_FILE_SUFFIXES = (*WRITE_SUFFIXES, ".mhd")  # longest first where one ends another (.seg.nrrd, .nrrd)
 _MIN_CT_HU = -500.0  # every CT with air in view has voxels far below this; MR and normalised images do not
 _DIRECTION_SNAP = 1e-12  # ITK's NRRD reader leaves cosines like 0.9999999999999999
 
@@ -149,6 +152,42 @@ class Volume:
         if array.shape != self.shape:
             raise ValueError(f"with_array needs an array of shape {self.shape}, got {array.shape}.")
         return Volume(array, self.spacing, self.origin, self.direction)
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """An image's name without its suffix: ``ct_001.nii.gz`` -> ``ct_001``; a DICOM folder's own name."""
+    path = Path(path)
+    lower = path.name.lower()
+    for suffix in _FILE_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def files_by_case(folder: str | os.PathLike, *, series_folders: bool = False) -> dict[str, Path]:
+    """The image and label-map files of a folder by :func:`case_name`, sorted by name.
+
+    Args:
+        folder: the folder; hidden files and other file types are left out.
+        series_folders: also take its subfolders, each as one DICOM series.
+
+    Raises:
+        ImageError: not a folder, or two entries with one case name (``case01.nii.gz`` and ``case01.nrrd``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: no such folder.")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not (
+            (path.is_file() and path.name.lower().endswith(_FILE_SUFFIXES)) or (series_folders and path.is_dir())
+        ):
+            continue
+        name = case_name(path)
+        if name in found:
+            raise ImageError(f"{folder}: {found[name].name} and {path.name} are both case {name!r}; keep one.")
+        found[name] = path
+    return found
 
 
 def read_image(path: str | os.PathLike) -> Volume:

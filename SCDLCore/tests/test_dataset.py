@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -260,6 +261,45 @@ def test_dataset_add_says_when_it_updates_the_case_of_a_ct(
         "id": "case0001", "status": "partial", "previous": "unlabeled"}
     assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label)]) == 0
     assert capsys.readouterr().out == f"Updated case0001 in {root}: was partial, now labeled\n"
+
+
+def test_import_adds_a_folder_of_cts_with_their_label_maps_and_can_run_again(
+    tmp_path: Path, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
+) -> None:
+    abdomen, dicom, chest = samples["ct_abdomen"], samples["ct_abdomen_dicom"], samples["ct_chest_nrrd"]
+    images, labels, root = tmp_path / "imagesTr", tmp_path / "labelsTr", tmp_path / "store"
+    images.mkdir()
+    labels.mkdir()
+    shutil.copy(abdomen.image, images / "a_0000.nii.gz")  # nnU-Net's channel name, label a.nii.gz
+    shutil.copytree(dicom.image, images / "b")  # a DICOM series folder, label b.nii.gz
+    shutil.copy(chest.image, images / "c.nrrd")  # no label: unlabeled
+    (images / "broken.nii.gz").write_bytes(b"")
+    shutil.copy(abdomen.label, labels / "a.nii.gz")
+    shutil.copy(dicom.label, labels / "b.nii.gz")
+
+    assert main(["dataset", "import", str(root), str(images), "--labels", str(labels), "--source", "import test"]) == 1
+    out, err = capsys.readouterr()
+    assert f"[failed] {images / 'broken.nii.gz'}: the file is empty (0 bytes)" in err
+    assert out == (f"Imported 4 CT(s) into {root}: 3 added, 0 already there (updated when a label map came), 1 failed. "
+                   "The dataset: 2 labeled, 0 partial, 1 unlabeled\n")
+    store = DatasetStore(root)
+    cases = {case.id: case for case in store.cases()}
+    assert [(case.status, case.source) for case in cases.values()] == [("labeled", "import test")] * 2 + [("unlabeled", "import test")]
+    stored = read_label(root / cases["case0002"].label, reference=read_image(root / cases["case0002"].image))
+    assert np.array_equal(stored.array, read_label(dicom.label).array)  # b's label map went with b's DICOM series
+
+    (images / "broken.nii.gz").unlink()
+    manifest = json.loads((root / MANIFEST_NAME).read_text())
+    assert main(["dataset", "import", str(root), str(images), "--labels", str(labels), "--json"]) == 0  # run again
+    report = json.loads(capsys.readouterr().out)
+    assert [(case["name"], case["case_id"], case["previous"]) for case in report["cases"]] == [
+        ("a_0000", "case0001", "labeled"), ("b", "case0002", "labeled"), ("c", "case0003", "unlabeled")]
+    assert [case["id"] for case in json.loads((root / MANIFEST_NAME).read_text())["cases"]] == [c["id"] for c in manifest["cases"]]
+    assert store.counts() == {"labeled": 2, "partial": 0, "unlabeled": 1}
+
+    shutil.copy(abdomen.label, labels / "orphan.nii.gz")
+    assert main(["dataset", "import", str(root), str(images), "--labels", str(labels)]) == 2
+    assert "label maps orphan.nii.gz have no image of the same name in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case_id", ["../evil", "a/b", "a\\b", "/abs", "has space", ".hidden", "", "x" * 129])

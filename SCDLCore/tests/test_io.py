@@ -13,6 +13,8 @@ from scdlcore.io import (
     ImageError,
     NotCTWarning,
     Volume,
+    case_name,
+    files_by_case,
     read_image,
     read_label,
     read_segmentation_labels,
@@ -499,3 +501,16 @@ def test_plain_label_map_is_not_a_slicer_segmentation(synthetic_labels, tmp_path
         "Read plain label maps with scdlcore.io.read_label."
     )
 
+
+
+def test_case_names_drop_the_image_suffix_and_a_folder_lists_its_cases(tmp_path):
+    names = {"ct01.nii.gz": "ct01", "ct01.seg.nrrd": "ct01", "CT02.NRRD": "CT02", "a.b.mha": "a.b", ".nii.gz": ".nii.gz"}
+    assert {name: case_name(tmp_path / name) for name in names} == names
+    for name in ("b.nii", "a.nrrd", ".hidden.nrrd", "notes.txt", "overview.png"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "series").mkdir()  # a DICOM series folder
+    assert files_by_case(tmp_path) == {"a": tmp_path / "a.nrrd", "b": tmp_path / "b.nii"}
+    assert list(files_by_case(tmp_path, series_folders=True)) == ["a", "b", "series"]
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    with pytest.raises(ImageError, match=r": a.nii.gz and a.nrrd are both case 'a'; keep one.$"):
+        files_by_case(tmp_path)

@@ -15,7 +15,7 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "dataset",
-        help="manage a dataset folder (init, add, list, remove, suggest)",
+        help="manage a dataset folder (init, add, import, list, remove, suggest)",
         description="A dataset folder holds CT images and label maps (re-written as NIfTI: geometry and voxels only, "
         "no DICOM tags) and the dataset.json manifest. Writes are atomic and locked, so the Slicer panel and this "
         "command can add cases at the same time.",
@@ -43,6 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--source", default="", help="where the case comes from, free text (no patient names)")
     add.add_argument("--model", help="model version that first segmented the case (NAME@VERSION)")
     add.add_argument("--replace", action="store_true", help="overwrite the case with this id if it exists")
+
+    bulk = actions.add_parser(
+        "import", parents=[common], help="add every CT of a folder, with the label maps of another folder",
+        description="Add every CT of IMAGES (image files, and subfolders as DICOM series) as a case, with the label "
+        "map of the same name from --labels (case01.nii.gz for case01.nrrd, or for nnU-Net's case01_0000.nii.gz); "
+        "CTs without one are unlabeled. Ids are new (caseNNNN): file names can hold patient names. A CT the folder "
+        "holds already is updated with its label map, or kept, so an interrupted import can simply be run again. "
+        "A CT that cannot be added is reported and the others go on; the exit code is then 1.",
+    )
+    bulk.add_argument("dir", help="dataset folder (created if missing)")
+    bulk.add_argument("images", help="folder of CT images (.nrrd, .nii, .nii.gz, .mha) or DICOM series subfolders")
+    bulk.add_argument("--labels", help="folder of label maps named after their images (Synapse-13 values, or .seg.nrrd)")
+    bulk.add_argument("--source", default="", help="where the cases come from, free text (no patient names)")
 
     listing = actions.add_parser("list", parents=[common], help="the cases: labeled, partial or unlabeled")
     listing.add_argument("dir", help="dataset folder")
@@ -74,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         _report(args.json, {"root": str(store.root), "labels": store.table.name, "counts": store.counts()},
                 f"Dataset {store.root} (label table {store.table.name}): {_summary(store.counts())}")
         return 0
+    if args.action == "import":
+        return _import(args)
     store = DatasetStore(args.dir)
     if args.action == "add":
         before = {case.id: case.status for case in store.cases()}
@@ -94,6 +109,37 @@ def run(args: argparse.Namespace) -> int:
         _report(args.json, {"removed": case.id}, f"Removed {case.id} from {store.root}")
         return 0
     return _suggest(store, args)
+
+
+def _import(args: argparse.Namespace) -> int:
+    """Add every CT of a folder; one that fails is reported and the others go on (exit code 1)."""
+    from ..dataset import CTAlreadyStored, DatasetStore, pair_cases
+    from ..events import Progress
+
+    pairs = pair_cases(args.images, args.labels)
+    store = DatasetStore.init(args.dir)
+    before = {case.id: case.status for case in store.cases()}
+    progress = Progress(len(pairs), "import", enabled=not args.json)
+    outcomes = []
+    for done, (name, image, label) in enumerate(pairs, start=1):
+        outcome = {"name": name, "image": str(image), "label": None if label is None else str(label)}
+        try:
+            case = store.add(image, label, source=args.source)
+            outcome.update(case_id=case.id, status=case.status, previous=before.get(case.id))
+        except CTAlreadyStored as err:
+            outcome.update(case_id=err.case.id, status=err.case.status, previous=err.case.status)
+        except ValueError as err:  # a bad file; its message names it
+            outcome.update(case_id=None, status="failed", previous=None, error=str(err))
+            progress.emit("failed", message=str(err))
+        outcomes.append(outcome)
+        progress.update(done)
+    progress.close()
+    failed = sum(outcome["status"] == "failed" for outcome in outcomes)
+    added = sum(outcome["previous"] is None and outcome["status"] != "failed" for outcome in outcomes)
+    text = (f"Imported {len(pairs)} CT(s) into {store.root}: {added} added, {len(pairs) - added - failed} already there "
+            f"(updated when a label map came), {failed} failed. The dataset: {_summary(store.counts())}")
+    _report(args.json, {"root": str(store.root), "cases": outcomes, "counts": store.counts()}, text)
+    return 1 if failed else 0
 
 
 def _list(store: DatasetStore, as_json: bool) -> None:

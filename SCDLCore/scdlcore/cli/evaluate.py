@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._atomic import atomic_write_text
-    from ..batch import case_name
+    from ..io import case_name
     from ..events import to_jsonable
     from ..labels import get_label_table
     from ..metrics import evaluate_files, format_case_table, mean_case_results
@@ -74,7 +74,7 @@ def _expand(first: Path, second: Path) -> list[tuple[Path, Path]]:
     """A file pair as it is; a pair of folders as the pairs of their files with the same case name."""
     if not (first.is_dir() and second.is_dir()):
         return [(first, second)]
-    from ..batch import files_by_case
+    from ..io import files_by_case
 
     firsts, seconds = files_by_case(first), files_by_case(second)
     common = [name for name in firsts if name in seconds]
