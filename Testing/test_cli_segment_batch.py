@@ -153,3 +153,16 @@ def test_batch_options_that_cannot_work_are_refused(
     assert _segment(*three_cts[:2], *options, "--model", threshold_bundle) == 2
     assert capsys.readouterr().err == f"scdl segment: error: {message.format(**paths)}\n"
     assert paths["file"].read_bytes() == b"keep" and not paths["folder"].exists()
+
+
+def test_one_ct_with_skip_existing_keeps_its_output_and_prints_its_volumes(
+    samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / "chest.nii.gz"
+    assert _segment(samples["ct_chest_nrrd"].image, "-o", output, "--model", threshold_bundle) == 0
+    first = capsys.readouterr().out.splitlines()[1:]  # the volume table
+    os.utime(output, ns=(1, 1))
+    assert _segment(samples["ct_chest_nrrd"].image, "-o", output, "--model", threshold_bundle, "--skip-existing") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"Kept the existing {output} (--skip-existing)"
+    assert printed[1:] == first and output.stat().st_mtime_ns == 1
