@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..batch import Case, CaseResult
     from ..events import Progress
+    from ..infer import Predictor
     from ..labels import LabelTable
 
 __all__ = ["register", "run"]
@@ -134,8 +135,8 @@ def _report_single(result: CaseResult, organs: list[str], table: LabelTable, eve
         print(f"{table[name].display_name:<{width}}  {volumes[name]:11.1f}")
 
 
-def _run_batch(args, predictor, cases: list[Case], folder: Path, organs: list[str], events: Progress | None,
-               summary: dict, start: float) -> int:
+def _run_batch(args: argparse.Namespace, predictor: Predictor, cases: list[Case], folder: Path, organs: list[str],
+               events: Progress | None, summary: dict, start: float) -> int:
     """Segment every case, reporting each as it ends and rewriting the volumes table; exit code 1 if any failed."""
     from ..batch import segment_cases, write_volumes_csv
     from ..events import Progress
