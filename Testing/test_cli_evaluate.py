@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import slicerio
@@ -93,8 +94,10 @@ def test_a_folder_of_predictions_is_scored_against_a_folder_of_references_by_cas
     shutil.copy(dicom.label, labels / "lonely.nii.gz")
     capsys.readouterr()
 
-    assert main(["evaluate", str(results), str(labels), "--json", str(tmp_path / "s.json")]) == 0
+    assert main(["evaluate", str(results), str(labels), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]) == 0
     out, err = capsys.readouterr()
+    height, width, _ = plt.imread(tmp_path / "s.png").shape  # a real PNG: Dice and HD95 panels, 13 organs
+    assert (height, width) == (750, 915)
     scores = json.loads((tmp_path / "s.json").read_text())
     assert [(case["prediction"], case["reference"]) for case in scores["cases"]] == [
         (str(results / "example_ct.seg.nrrd"), str(labels / "example_ct.nii.gz")),

@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="paper-compatible mode: maps resized to 160x160x80, distances in voxels, 128 for a missed organ")
     parser.add_argument("--json", type=Path, help="also write the scores as JSON")
     parser.add_argument("--csv", type=Path, help="also write the scores as CSV (one row per organ)")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="also draw Dice and HD95 per organ (bars: mean, dots: cases)")
     parser.set_defaults(func=run)
 
 
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         print(format_case_table([(case_name(first), result) for (first, _), result in zip(inputs, results)]) + "\n")
     summary = results[0] if len(results) == 1 else mean_case_results(results)
     print(summary.format_table())
+    if args.plot:
+        from ..score_plot import save_score_plot
+
+        save_score_plot(args.plot, summary, [(case_name(first), result) for (first, _), result in zip(inputs, results)])
     if args.json:
         atomic_write_text(args.json, json.dumps(to_jsonable({"summary": summary.to_dict(), "cases": [
             {"image" if args.model else "prediction": str(p), "reference": str(r), **result.to_dict()}
