@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,20 @@ def test_one_ct_with_skip_existing_keeps_its_output_and_prints_its_volumes(
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"Kept the existing {output} (--skip-existing)"
     assert printed[1:] == first and output.stat().st_mtime_ns == 1
+
+
+def test_a_folder_of_cts_stands_for_all_of_them_and_a_dicom_folder_for_its_series(
+    three_cts: list[Path], threshold_bundle: Path, tmp_path: Path
+) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(three_cts[2], scans / "chest.nrrd")
+    shutil.copytree(three_cts[1], scans / "patient2")  # a DICOM series subfolder
+    (scans / "notes.txt").write_text("not a CT")
+    assert _segment(scans, "-o", tmp_path / "results", "--model", threshold_bundle) == 0
+    assert [(row["case"], row["status"]) for row in _rows(tmp_path / "results")] == [("chest", "segmented"), ("patient2", "segmented")]
+
+    # A folder that is a DICOM series is one CT: -o names its output file.
+    assert _segment(scans / "patient2", "-o", tmp_path / "patient2.nii.gz", "--model", threshold_bundle) == 0
+    np.testing.assert_array_equal(read_label(tmp_path / "patient2.nii.gz").array,
+                                  read_label_map(tmp_path / "results" / "patient2.seg.nrrd", SYNAPSE13).array)

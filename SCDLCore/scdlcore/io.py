@@ -49,6 +49,7 @@ __all__ = [
     "Volume",
     "case_name",
     "files_by_case",
+    "is_dicom_folder",
     "read_image",
     "read_label",
     "read_label_map",
@@ -162,6 +163,13 @@ def case_name(path: str | os.PathLike) -> str:
         if lower.endswith(suffix) and len(lower) > len(suffix):
             return path.name[: -len(suffix)]
     return path.name
+
+
+def is_dicom_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` itself holds a DICOM image series (its subfolders are not searched)."""
+    import SimpleITK as sitk
+
+    return Path(folder).is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def files_by_case(folder: str | os.PathLike, *, series_folders: bool = False) -> dict[str, Path]:

@@ -32,11 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each CT is written into the folder as NAME.seg.nrrd (see --format), a CT that fails is reported and the "
         f"others go on, FOLDER/{_VOLUMES_CSV} lists every case's organ volumes, and the exit code is 1 if any CT failed.", 79),
         epilog="examples:\n  scdl segment ct.nii.gz -o ct.seg.nrrd --overview\n"
-        "  scdl segment scans/*.nii.gz dicom/*/ -o results/ --skip-existing",
+        "  scdl segment scans/ -o results/ --skip-existing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="input",
-                        help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series; several for a batch")
+                        help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series; several for a "
+                        "batch; a folder of CT files or DICOM-series subfolders stands for all of them")
     parser.add_argument("-o", "--output", required=True,
                         help="output .seg.nrrd or label map .nii.gz/.nii/.nrrd/.mha; a folder for several CTs")
     parser.add_argument("--format", metavar="SUFFIX",
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     events = Progress(total=0, stage="segment", json_lines=True) if args.events else None
     try:
-        folder = _output_folder(args)
+        args.inputs, expanded = _expand_folders(args.inputs)
+        folder = _output_folder(args, batch=expanded)
         cases = _plan(args, folder)
         device = resolve_device(args.device)
         bundle = ModelRegistry(args.models_dir).resolve(args.model)
@@ -91,10 +93,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_folder(args: argparse.Namespace) -> Path | None:
+def _expand_folders(inputs: list[str]) -> tuple[list[str], bool]:
+    """Each input folder that is not a DICOM series replaced by the CTs in it (image files, series subfolders);
+    returns the inputs and whether a folder was expanded."""
+    from ..io import files_by_case, is_dicom_folder
+
+    expanded, found = [], False
+    for source in inputs:
+        cases = files_by_case(source, series_folders=True) if Path(source).is_dir() and not is_dicom_folder(source) else {}
+        expanded += [str(path) for path in cases.values()] or [source]
+        found = found or bool(cases)
+    return expanded, found
+
+
+def _output_folder(args: argparse.Namespace, *, batch: bool) -> Path | None:
     """The output folder of a batch, or None when ``-o`` names the one output file."""
     output = args.output
-    if len(args.inputs) > 1 or output.endswith(("/", os.sep)) or Path(output).is_dir():
+    if batch or len(args.inputs) > 1 or output.endswith(("/", os.sep)) or Path(output).is_dir():
         if Path(output).is_file():
             raise ValueError(f"{output}: is a file; with several CTs, -o names the folder to write their outputs into.")
         return Path(output)
