@@ -1,6 +1,6 @@
 """Segmenting many CTs with one loaded model: output names, per-case failures, resuming, the volumes table.
 
-``scdl segment CT1 CT2 ... -o FOLDER`` plans one :class:`Case` per CT with :func:`plan_cases` and
+``scdl segment CT1 CT2 ... -o FOLDER`` plans one :class:`BatchCase` per CT with :func:`plan_cases` and
 runs them with :func:`segment_cases`:
 
 - the model is loaded once; each CT is read, segmented and written in turn, so memory holds one CT;
@@ -34,12 +34,12 @@ from .io import WRITE_SUFFIXES, case_name, read_image, read_label_map, write_lab
 from .labels import LabelTable
 from .overview import save_overview
 
-__all__ = ["Case", "CaseResult", "overview_path", "plan_cases", "segment_cases", "write_volumes_csv"]
+__all__ = ["BatchCase", "CaseResult", "overview_path", "plan_cases", "segment_cases", "write_volumes_csv"]
 
 
 @dataclass(frozen=True)
-class Case:
-    """One CT of a run and where its results go.
+class BatchCase:
+    """One CT of a batch and where its results go (not a dataset case: see scdlcore.dataset.Case).
 
     Attributes:
         input: CT file or DICOM series folder.
@@ -64,7 +64,7 @@ class CaseResult:
         error: why it failed (its message names the file), else None.
     """
 
-    case: Case
+    case: BatchCase
     status: str
     seconds: float = 0.0
     volumes_ml: dict[str, float] = field(default_factory=dict)
@@ -79,7 +79,7 @@ def overview_path(output: str | os.PathLike) -> Path:
 
 def plan_cases(
     inputs: Sequence[str | os.PathLike], folder: str | os.PathLike, *, suffix: str = ".seg.nrrd", overviews: bool = False
-) -> list[Case]:
+) -> list[BatchCase]:
     """One case per input, written into ``folder`` as ``<name><suffix>`` (and ``<name>_overview.png``).
 
     Raises:
@@ -99,17 +99,17 @@ def plan_cases(
                 "Rename one, or segment them into different folders."
             )
         first_by_output[output] = source
-        cases.append(Case(source, output, overview_path(output) if overviews else None))
+        cases.append(BatchCase(source, output, overview_path(output) if overviews else None))
     return cases
 
 
 def segment_cases(
     predictor: Predictor,
-    cases: Sequence[Case],
+    cases: Sequence[BatchCase],
     *,
     organs: Sequence[str] | None = None,
     skip_existing: bool = False,
-    progress: Callable[[int, Case], Progress] | None = None,
+    progress: Callable[[int, BatchCase], Progress] | None = None,
     cancel: threading.Event | None = None,
 ) -> Iterator[CaseResult]:
     """Segment the cases in turn, yielding each one's result as soon as it is written.

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..batch import Case, CaseResult
+    from ..batch import BatchCase, CaseResult
     from ..events import Progress
     from ..infer import Predictor
     from ..labels import LabelTable
@@ -118,12 +118,12 @@ def _output_folder(args: argparse.Namespace, *, batch: bool) -> Path | None:
     return None
 
 
-def _plan(args: argparse.Namespace, folder: Path | None) -> list[Case]:
-    from ..batch import Case, overview_path, plan_cases
+def _plan(args: argparse.Namespace, folder: Path | None) -> list[BatchCase]:
+    from ..batch import BatchCase, overview_path, plan_cases
 
     if folder is None:
         overview = None if args.overview is None else Path(args.overview or overview_path(args.output))
-        return [Case(Path(args.inputs[0]), Path(args.output), overview)]
+        return [BatchCase(Path(args.inputs[0]), Path(args.output), overview)]
     if args.overview:
         raise ValueError("With an output folder, --overview takes no file name: each CT's overview is written "
                          "next to its output as NAME_overview.png.")
@@ -150,13 +150,13 @@ def _report_single(result: CaseResult, organs: list[str], table: LabelTable, eve
         print(f"{table[name].display_name:<{width}}  {volumes[name]:11.1f}")
 
 
-def _run_batch(args: argparse.Namespace, predictor: Predictor, cases: list[Case], folder: Path, organs: list[str],
+def _run_batch(args: argparse.Namespace, predictor: Predictor, cases: list[BatchCase], folder: Path, organs: list[str],
                events: Progress | None, summary: dict, start: float) -> int:
     """Segment every case, reporting each as it ends and rewriting the volumes table; exit code 1 if any failed."""
     from ..batch import segment_cases, write_volumes_csv
     from ..events import Progress
 
-    def case_progress(index: int, case: Case) -> Progress:
+    def case_progress(index: int, case: BatchCase) -> Progress:
         return Progress(100, f"{index + 1}/{len(cases)} {case.input.name}", json_lines=args.events, context={"case": index})
 
     results: list[CaseResult] = []
