@@ -109,6 +109,7 @@ class SCDLSegmentParameterNode:
     datasetDir: the corrections dataset folder ("" = ~/SCDLSegment/dataset).
     modelDir: the model registry folder ("" = the engine's default registry).
     model: the selected model (``name@version``), set from the model combo box.
+    collectUnlabeled: keep each segmented CT in the dataset as an unlabeled case.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -118,6 +119,7 @@ class SCDLSegmentParameterNode:
     datasetDir: str = ""
     modelDir: str = ""
     model: str = ""
+    collectUnlabeled: bool = False
 
 
 #
@@ -264,6 +266,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 onProgress=self._showSegmentProgress,
                 onDone=self._onSegmentationDone,
                 beforeModify=self._saveStateForUndo,
+                collectTo=self.logic.datasetDir(node) if node.collectUnlabeled else None,
             )
             self.ui.applyButton.setText(_("Cancel"))
             self.ui.segmentStatusLabel.setText("")
@@ -296,6 +299,8 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameters().outputSegmentation = outcome.segmentationNode
             self.ui.segmentStatusLabel.setText(progress.format_volumes(outcome.volumes_ml, outcome.table))
             self._fillOrgans(outcome.table)
+            if outcome.collected is not None:
+                self._showCollected(outcome.collected)
         self._onParameterNodeModified()
 
     def onLoadSample(self) -> None:
@@ -436,6 +441,17 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # One CT is one case: submitting a CT the dataset holds (a suggested case) updates that case.
         message = _("Updated {case}: was {previous}, now {kind}.") if previous else _("Added {case} ({kind}).")
         self.ui.datasetStatusLabel.setText(message.format(case=case, previous=previous, kind=kind))
+        self.refreshDataset()
+
+    def _showCollected(self, collected: dict) -> None:
+        """Say where the segmented CT was kept in the dataset (the worker adds it once per CT)."""
+        if collected.get("error"):
+            self.ui.datasetStatusLabel.setText(_("The CT was not kept in the dataset (see the log)."))
+            self.appendLog(f"Keeping the CT in the dataset failed: {collected['error']}")
+            return
+        message = _("Kept in the dataset as {case} (unlabeled).") if collected.get("new") else \
+            _("Already in the dataset as {case} ({status}).")
+        self.ui.datasetStatusLabel.setText(message.format(case=collected.get("case_id", ""), status=collected.get("status", "")))
         self.refreshDataset()
 
     def refreshDataset(self) -> None:
@@ -610,6 +626,7 @@ class SegmentationOutcome:
     seconds: float | None = None
     error: str | None = None
     cancelled: bool = False
+    collected: dict[str, Any] | None = None
 
 
 @dataclass
@@ -672,6 +689,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             parameters.datasetDir = self.settings.dataset_dir
             parameters.modelDir = self.settings.model_dir
             parameters.model = self.settings.model
+            parameters.collectUnlabeled = self.settings.collect_unlabeled
             node.SetParameter("SCDLSegment.settingsApplied", "1")
         return parameters
 
@@ -680,6 +698,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         self.settings = Settings(
             dataset_dir=parameters.datasetDir, model_dir=parameters.modelDir, model=parameters.model,
             device=parameters.device, finetune_steps=parameters.finetuneSteps,
+            collect_unlabeled=parameters.collectUnlabeled,
         )
         self.settings.save(self._store)
 
@@ -875,6 +894,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         onProgress: Callable[[str, float], None] | None = None,
         onDone: Callable[[SegmentationOutcome], None] | None = None,
         beforeModify: Callable[[Any, Any], None] | None = None,
+        collectTo: Path | None = None,
     ) -> None:
         """Segment the organs of a CT volume in the worker; the result arrives through ``onDone``.
 
@@ -891,6 +911,8 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             onDone: called once with the outcome.
             beforeModify: ``(segmentationNode, volumeNode)``, called once right before the segments are
                 written (the panel saves one undo state there).
+            collectTo: a dataset folder where the worker keeps the CT as an unlabeled case (once per CT);
+                the outcome's ``collected`` says which case it is.
 
         Raises:
             RuntimeError: a segmentation is already running.
@@ -918,6 +940,8 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             fields: dict[str, Any] = {"input": str(inputPath), "output": str(job.folder / "labels.nrrd")}
             if organs is not None:
                 fields["organs"] = list(organs)
+            if collectTo is not None:
+                fields["collect"] = str(collectTo)
             job.requestId = worker.request("segment", self._onSegmentationEvent, **fields)
         except BaseException:
             shutil.rmtree(job.folder, ignore_errors=True)
@@ -956,7 +980,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
                 self._finishSegmentation(SegmentationOutcome(table=job.table, error=str(err)))
             else:
                 self._finishSegmentation(SegmentationOutcome(
-                    node, job.table, dict(event.get("volumes_ml") or {}), event.get("seconds"),
+                    node, job.table, dict(event.get("volumes_ml") or {}), event.get("seconds"), collected=event.get("collected"),
                 ))
         elif kind in TERMINAL_EVENTS:
             cancelled = kind == "cancelled"

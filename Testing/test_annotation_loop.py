@@ -128,6 +128,14 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
     assert added["event"] == "result", added
     assert added["labeled"] is False and added["counts"]["unlabeled"] == 1
 
+    # "collect": the segmented CT is kept in the dataset as an unlabeled case, once.
+    for request_id, new in (("k1", True), ("k2", False)):
+        send(id=request_id, command="segment", input=str(samples["ct_abdomen"].image), output=str(output),
+             collect=str(tmp_path / "dataset"))
+        collected = events_until(request_id)[-1]["collected"]
+        assert collected == {**collected, "case_id": "case0002", "new": new, "status": "unlabeled"}
+        assert collected["counts"] == {"labeled": 0, "partial": 0, "unlabeled": 2}
+
     send(id="x1", command="no_such_command")
     assert "Unknown command 'no_such_command'" in events_until("x1")[-1]["message"]
     send(id="q1", command="status")

@@ -118,10 +118,30 @@ class Worker:
             progress = Progress(100, "segment", json_lines=True, stream=self.out, request_id=request_id)  # type: ignore[arg-type]
             labels = self.predictor.predict_file(request["input"], request["output"], organs=request.get("organs"),
                                                  progress=progress, cancel=self._cancel)
-            return {"output": request["output"], "volumes_ml": organ_volumes_ml(labels, self.bundle.labels),
-                    "seconds": round(time.monotonic() - start, 2), "model": self.bundle.ref}
+            result = {"output": request["output"], "volumes_ml": organ_volumes_ml(labels, self.bundle.labels),
+                      "seconds": round(time.monotonic() - start, 2), "model": self.bundle.ref}
+            if request.get("collect"):
+                result["collected"] = self._collect(request["input"], request["collect"])
+            return result
 
         self._run_job(request_id, segment)
+
+    def _collect(self, image: str, dataset: str) -> dict[str, Any]:
+        """Keep a segmented CT in ``dataset`` as an unlabeled case unless the dataset holds it already.
+
+        A failure is reported in the result, not raised: the segmentation itself succeeded.
+        """
+        from .dataset import CTAlreadyStored, DatasetStore
+
+        try:
+            store = DatasetStore.init(Path(dataset), labels=self.bundle.labels.name)
+            try:
+                case, new = store.add(image, source="3D Slicer (segmented)", model=self.bundle.ref), True
+            except CTAlreadyStored as err:
+                case, new = err.case, False
+            return {"case_id": case.id, "new": new, "status": case.status, "counts": store.counts()}
+        except (ValueError, OSError) as err:
+            return {"error": str(err)}
 
     def _start_add_case(self, request_id: str, request: dict[str, Any]) -> None:
         def add_case() -> dict[str, Any]:

@@ -47,6 +47,8 @@ class Settings:
         model: the model last used (``name`` or ``name@version``); empty = the registry's default.
         device: where the engine runs.
         finetune_steps: training steps of one fine-tuning run.
+        collect_unlabeled: keep each segmented CT in the dataset as an unlabeled case (opt-in: it copies
+            the CT's voxels into the dataset folder).
     """
 
     dataset_dir: str = ""
@@ -54,6 +56,7 @@ class Settings:
     model: str = ""
     device: Device = Device.AUTO
     finetune_steps: int = 300
+    collect_unlabeled: bool = False
 
     @classmethod
     def load(cls, store: SettingsStore) -> Settings:

@@ -147,28 +147,47 @@ class Worker:
         voxel_ml = abs(np.linalg.det(np.asarray(header["space directions"], dtype=float))) / 1000.0
         volumes = {name: float(np.count_nonzero(labels == value) * voxel_ml) for value, name in ORGAN_NAMES.items()}
         emit({"id": request_id, "event": "progress", "stage": "write", "progress": 1.0, "message": "write"})
-        emit({"id": request_id, "event": "result", "output": request["output"], "volumes_ml": volumes, "seconds": 0.1})
+        result = {"output": request["output"], "volumes_ml": volumes, "seconds": 0.1}
+        if request.get("collect"):  # keep the CT as an unlabeled case, once
+            same = same_ct(Path(request["collect"]), request["input"])
+            case_id = same["id"] if same else store_case(Path(request["collect"]), {"image": request["input"]})[0]
+            result["collected"] = {"case_id": case_id, "new": same is None, "status": "labeled" if same and same["label"] else "unlabeled"}
+        emit({"id": request_id, "event": "result", **result})
 
     def add_case(self, request: dict) -> None:
         """One CT is one case (as in the real store): the same voxels with a label update that case."""
-        dataset = Path(request["dataset"])
-        data = manifest(dataset)
-        digest = hashlib.sha256(np.ascontiguousarray(nrrd.read(request["image"])[0]).data).hexdigest()
-        same = next((case for case in data["cases"] if case["sha256"] == digest), None)
+        same = same_ct(Path(request["dataset"]), request["image"])
         if same is not None and not request.get("label"):
             emit({"id": request["id"], "event": "error", "message": f"The dataset already holds this CT as {same['id']}."})
             return
-        case_id = same["id"] if same else f"case{len(data['cases']) + 1:03d}"
-        folder = dataset / case_id
-        folder.mkdir(parents=True, exist_ok=True)
-        image = shutil.copy(request["image"], folder / "image.nrrd")
-        label = shutil.copy(request["label"], folder / "label.nrrd") if request.get("label") else None
-        entry = {"id": case_id, "image": str(image), "label": None if label is None else str(label),
-                 "reviewed": request.get("reviewed", []), "sha256": digest}
-        data["cases"] = [case for case in data["cases"] if case is not same] + [entry]
-        (dataset / "dataset.json").write_text(json.dumps(data))
+        case_id, labeled = store_case(Path(request["dataset"]), request, same)
         previous = None if same is None else "labeled" if same["label"] else "unlabeled"
-        emit({"id": request["id"], "event": "result", "case_id": case_id, "labeled": label is not None, "previous": previous})
+        emit({"id": request["id"], "event": "result", "case_id": case_id, "labeled": labeled, "previous": previous})
+
+
+def _digest(image: str) -> str:
+    return hashlib.sha256(np.ascontiguousarray(nrrd.read(image)[0]).data).hexdigest()
+
+
+def same_ct(dataset: Path, image: str) -> dict | None:
+    """The case of the dataset holding this CT's voxels, or None."""
+    digest = _digest(image)
+    return next((case for case in manifest(dataset)["cases"] if case["sha256"] == digest), None)
+
+
+def store_case(dataset: Path, request: dict, same: dict | None = None) -> tuple[str, bool]:
+    """Store the request's image (and label) as a new case, or as ``same`` updated; returns (id, labeled)."""
+    data = manifest(dataset)
+    case_id = same["id"] if same else f"case{len(data['cases']) + 1:03d}"
+    folder = dataset / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    image = shutil.copy(request["image"], folder / "image.nrrd")
+    label = shutil.copy(request["label"], folder / "label.nrrd") if request.get("label") else None
+    entry = {"id": case_id, "image": str(image), "label": None if label is None else str(label),
+             "reviewed": request.get("reviewed", []), "sha256": _digest(request["image"])}
+    data["cases"] = [case for case in data["cases"] if case["id"] != case_id] + [entry]
+    (dataset / "dataset.json").write_text(json.dumps(data))
+    return case_id, label is not None
 
 
 # ----------------------------------------------------------------------------- one-shot commands

@@ -427,3 +427,26 @@ def test_panel_settings_persist(widget, standin):
     parameters.datasetDir = "/data/corrections"
     assert standin.settings.values["SCDLSegment/device"] == "cpu"
     assert standin.settings.values["SCDLSegment/dataset_dir"] == "/data/corrections"
+
+
+def test_panel_keeps_each_segmented_ct_in_the_dataset_once_when_asked(widget, standin):
+    ui = widget.ui
+    ui.applyButton.clicked.emit()
+    pump(widget)
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 0 unlabeled"  # off by default
+
+    widget._parameters().collectUnlabeled = True
+    assert standin.settings.values["SCDLSegment/collect_unlabeled"] is True
+    ui.applyButton.clicked.emit()
+    pump(widget)
+    assert ui.datasetStatusLabel.text == "Kept in the dataset as case001 (unlabeled)."
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 1 unlabeled"
+    ui.applyButton.clicked.emit()  # the same CT again: one CT is one case
+    pump(widget)
+    assert ui.datasetStatusLabel.text == "Already in the dataset as case001 (unlabeled)."
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 1 unlabeled"
+
+    ui.reviewedOrgansList.item(SYNAPSE13.names.index("liver")).setCheckState(2)
+    ui.submitButton.clicked.emit()
+    pump(widget)
+    assert ui.datasetStatusLabel.text == "Updated case001: was unlabeled, now reviewed."
