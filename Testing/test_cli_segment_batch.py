@@ -184,3 +184,26 @@ def test_a_folder_of_cts_stands_for_all_of_them_and_a_dicom_folder_for_its_serie
     assert _segment(scans / "patient2", "-o", tmp_path / "patient2.nii.gz", "--model", threshold_bundle) == 0
     np.testing.assert_array_equal(read_label(tmp_path / "patient2.nii.gz").array,
                                   read_label_map(tmp_path / "results" / "patient2.seg.nrrd", SYNAPSE13).array)
+
+
+def test_an_output_that_is_an_input_ct_is_refused_before_any_work(three_cts: list[Path], threshold_bundle: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(three_cts[0], scans / "a.nii.gz")
+    shutil.copy(three_cts[2], scans / "b.nrrd")
+    before = {path.name: path.read_bytes() for path in scans.iterdir()}
+    assert _segment(scans, "-o", scans, "--format", "nii.gz", "--model", threshold_bundle) == 2
+    assert capsys.readouterr().err == (f"scdl segment: error: {scans / 'a.nii.gz'} is one of the input CTs; writing a "
+                                       "segmentation there would destroy it. Write the outputs to another file or folder.\n")
+    assert _segment(scans / "b.nrrd", "-o", scans / "b.nrrd", "--model", threshold_bundle) == 2
+    assert {path.name: path.read_bytes() for path in scans.iterdir()} == before
+
+
+def test_segmenting_a_folder_into_itself_twice_takes_only_the_cts(three_cts: list[Path], threshold_bundle: Path, tmp_path: Path) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(three_cts[2], scans / "b.nrrd")
+    for _ in range(2):  # the second run sees b.seg.nrrd next to b.nrrd: a segmentation, not a CT
+        assert _segment(scans, "-o", scans, "--model", threshold_bundle) == 0
+    assert sorted(path.name for path in scans.iterdir()) == ["b.nrrd", "b.seg.nrrd", "volumes.csv"]

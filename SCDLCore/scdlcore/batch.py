@@ -123,8 +123,10 @@ def segment_cases(
         cancel: set it to stop; the case being segmented is abandoned (nothing of it is written).
 
     Raises:
+        ValueError: an output would overwrite one of the input CTs (checked before any work).
         InferenceCancelled: ``cancel`` was set. Any other failure is a ``"failed"`` result.
     """
+    _check_inputs_kept(cases)
     table = predictor.bundle.labels
     for index, case in enumerate(cases):
         start = time.monotonic()
@@ -166,6 +168,16 @@ def write_volumes_csv(path: str | os.PathLike, results: Sequence[CaseResult], or
         writer.writerow([case_name(result.case.input), result.case.input, result.case.output, result.status,
                          f"{result.seconds:.2f}", error, *volumes])
     return atomic_write_text(path, buffer.getvalue())
+
+
+def _check_inputs_kept(cases: Sequence[BatchCase]) -> None:
+    """Refuse outputs that are input CTs (``-o`` into the scans' own folder with their file type)."""
+    inputs = {case.input.resolve() for case in cases}
+    for case in cases:
+        for path in filter(None, (case.output, case.overview)):
+            if path.resolve() in inputs:
+                raise ValueError(f"{path} is one of the input CTs; writing a segmentation there would destroy it. "
+                                 "Write the outputs to another file or folder.")
 
 
 def _existing_volumes(output: Path, table: LabelTable) -> dict[str, float]:

@@ -285,7 +285,7 @@ def pair_cases(images: str | os.PathLike, labels: str | os.PathLike | None = Non
     Raises:
         DatasetError: no image in ``images``, or label maps that belong to no image (they are named).
     """
-    found = io.files_by_case(images, series_folders=True)
+    found = io.files_by_case(images, cts=True)
     if not found:
         raise DatasetError(f"{images}: no CT image files or DICOM series folders in this folder.")
     maps = io.files_by_case(labels) if labels is not None else {}

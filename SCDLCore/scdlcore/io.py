@@ -172,12 +172,13 @@ def is_dicom_folder(folder: str | os.PathLike) -> bool:
     return Path(folder).is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
-def files_by_case(folder: str | os.PathLike, *, series_folders: bool = False) -> dict[str, Path]:
+def files_by_case(folder: str | os.PathLike, *, cts: bool = False) -> dict[str, Path]:
     """The image and label-map files of a folder by :func:`case_name`, sorted by name.
 
     Args:
         folder: the folder; hidden files and other file types are left out.
-        series_folders: also take its subfolders, each as one DICOM series.
+        cts: list the CTs only: the image files but not the ``.seg.nrrd`` segmentations, and each
+            subfolder as one DICOM series.
 
     Raises:
         ImageError: not a folder, or two entries with one case name (``case01.nii.gz`` and ``case01.nrrd``).
@@ -187,9 +188,9 @@ def files_by_case(folder: str | os.PathLike, *, series_folders: bool = False) ->
         raise ImageError(f"{folder}: no such folder.")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not (
-            (path.is_file() and path.name.lower().endswith(_FILE_SUFFIXES)) or (series_folders and path.is_dir())
-        ):
+        lower = path.name.lower()
+        wanted_file = lower.endswith(_FILE_SUFFIXES) and not (cts and lower.endswith(".seg.nrrd"))
+        if path.name.startswith(".") or not ((path.is_file() and wanted_file) or (cts and path.is_dir())):
             continue
         name = case_name(path)
         if name in found:

@@ -509,8 +509,9 @@ def test_case_names_drop_the_image_suffix_and_a_folder_lists_its_cases(tmp_path)
     for name in ("b.nii", "a.nrrd", ".hidden.nrrd", "notes.txt", "overview.png"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "series").mkdir()  # a DICOM series folder
-    assert files_by_case(tmp_path) == {"a": tmp_path / "a.nrrd", "b": tmp_path / "b.nii"}
-    assert list(files_by_case(tmp_path, series_folders=True)) == ["a", "b", "series"]
+    (tmp_path / "c.seg.nrrd").write_bytes(b"x")  # a segmentation: a label map, never a CT
+    assert files_by_case(tmp_path) == {"a": tmp_path / "a.nrrd", "b": tmp_path / "b.nii", "c": tmp_path / "c.seg.nrrd"}
+    assert list(files_by_case(tmp_path, cts=True)) == ["a", "b", "series"]
     (tmp_path / "a.nii.gz").write_bytes(b"x")
     with pytest.raises(ImageError, match=r": a.nii.gz and a.nrrd are both case 'a'; keep one.$"):
         files_by_case(tmp_path)

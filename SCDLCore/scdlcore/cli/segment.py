@@ -100,7 +100,7 @@ def _expand_folders(inputs: list[str]) -> tuple[list[str], bool]:
 
     expanded, found = [], False
     for source in inputs:
-        cases = files_by_case(source, series_folders=True) if Path(source).is_dir() and not is_dicom_folder(source) else {}
+        cases = files_by_case(source, cts=True) if Path(source).is_dir() and not is_dicom_folder(source) else {}
         expanded += [str(path) for path in cases.values()] or [source]
         found = found or bool(cases)
     return expanded, found
