@@ -132,7 +132,9 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
     for request_id, new in (("k1", True), ("k2", False)):
         send(id=request_id, command="segment", input=str(samples["ct_abdomen"].image), output=str(output),
              collect=str(tmp_path / "dataset"))
-        collected = events_until(request_id)[-1]["collected"]
+        transcript = events_until(request_id)
+        assert transcript[-2]["stage"] == "collect" and transcript[-2]["event"] == "progress"
+        collected = transcript[-1]["collected"]
         assert collected == {**collected, "case_id": "case0002", "new": new, "status": "unlabeled"}
         assert collected["counts"] == {"labeled": 0, "partial": 0, "unlabeled": 2}
 

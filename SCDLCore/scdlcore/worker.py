@@ -121,6 +121,8 @@ class Worker:
             result = {"output": request["output"], "volumes_ml": organ_volumes_ml(labels, self.bundle.labels),
                       "seconds": round(time.monotonic() - start, 2), "model": self.bundle.ref}
             if request.get("collect"):
+                progress.stage = "collect"
+                progress.update(progress.total)  # tells the panel what the last seconds are spent on
                 result["collected"] = self._collect(request["input"], request["collect"])
             return result
 

@@ -31,6 +31,7 @@ SEGMENT_STAGES: dict[str, tuple[str, float, float]] = {
     "infer": ("Segmenting", 0.25, 0.85),
     "postprocess": ("Cleaning up the result", 0.85, 0.92),
     "write": ("Writing the result", 0.92, 0.95),
+    "collect": ("Keeping the CT in the dataset", 0.95, 0.95),
     "import": ("Creating segments", 0.95, 1.00),
     "cancel": ("Cancelling", 0.00, 0.00),
 }
