@@ -44,8 +44,6 @@ import gc
 import json
 import math
 import multiprocessing
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -61,6 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from bench_common import machine_name
 from scdlcore.config import Config
 from scdlcore.dataset import MANIFEST_NAME, DatasetStore
 from scdlcore.io import Volume
@@ -79,7 +78,6 @@ __all__ = [
     "base_config",
     "configurations",
     "format_mean_std",
-    "machine_name",
     "output_folder",
     "portable_command",
     "prepare_data",
@@ -375,19 +373,6 @@ def output_folder(args: argparse.Namespace, prefix: str) -> Path:
     if args.smoke and args.out.resolve().is_relative_to(RESULTS_DIR):
         raise SystemExit(f"--smoke writes no results into {RESULTS_DIR}; give another --out (e.g. /tmp/{prefix}).")
     return args.out
-
-
-def machine_name(device: torch.device) -> str:
-    """The GPU's name (and CUDA version), or the CPU's model and thread count."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or platform.machine()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"{model} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def portable_command(args: argparse.Namespace) -> str:

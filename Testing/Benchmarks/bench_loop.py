@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import bench_accuracy as bench
+from bench_common import machine_name
 from scdlcore.bundle import ModelRegistry
 from scdlcore.config import DEFAULT_FINETUNE_STEPS
 from scdlcore.dataset import DatasetStore
@@ -94,7 +95,7 @@ def main() -> None:
     train = data.train_store(args.work / "train")
     image, reference = data.test_case()
     (first_image, second_image), (first_ref, second_ref) = split_slices(image), split_slices(reference)
-    print(f"Work folder {args.work}; results to {out}; {bench.machine_name(args.device)}", flush=True)
+    print(f"Work folder {args.work}; results to {out}; {machine_name(args.device)}", flush=True)
 
     print("=== M0: CPS + GA + SCDL on A (+ C, F unlabeled)", flush=True)
     config = bench.base_config(args, train).with_overrides({"train.seed": args.seed})
@@ -153,7 +154,7 @@ def _write_results(models: dict[str, dict[str, Any]], args: argparse.Namespace, 
     half = image.shape[0] // 2
     meta = {
         "command": bench.portable_command(args),
-        "machine": bench.machine_name(args.device),
+        "machine": machine_name(args.device),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "smoke": args.smoke,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -225,24 +224,9 @@ def _peak_rss_mib() -> float:
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
 
 
-def _machine(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.machine())
-    return f"{model} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
 def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
     import torch
+    from bench_common import machine_name
 
     baseline = results["MONAI baseline"]["seconds"]
     spacing = " x ".join(f"{s:g}" for s in args.spacing)
@@ -250,7 +234,7 @@ def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
     lines = [
         f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
         f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}",
-        f"Machine: {_machine(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
+        f"Machine: {machine_name(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
         "",
         f"| pipeline | {time_column} | speed-up | peak RSS (MiB) | RSS after imports (MiB) | peak GPU memory (MiB) |",
         "|---|---|---|---|---|---|",

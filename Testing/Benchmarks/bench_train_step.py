@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+from bench_common import machine_name
 from scdlcore.config import Config
 from scdlcore.ssl import Batch, build_base
 from scdlcore.train import optimisation_step
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    machine = machine_name(device)
     lines = [
         f"CPS + GA + SCDL training step: {args.labeled}+{args.unlabeled} patches of {args.patch}^3, {args.classes} classes, width {args.width}",
         f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up",
