@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_common import table_head, write_table
 from scdlcore.io import files_by_case, read_label
 from scdlcore.sample_data import fetch_sample
 
@@ -45,9 +46,7 @@ def main() -> None:
         identical = _identical(separate, batch)
     table = _table(times, len(SAMPLES) * args.copies, identical, args)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    write_table(table, args.out)
 
 
 def _parse() -> argparse.Namespace:
@@ -94,19 +93,10 @@ def _identical(separate: Path, batch: Path) -> bool:
 
 
 def _table(times: dict[str, list[float]], count: int, identical: bool, args: argparse.Namespace) -> str:
-    import torch
-    from bench_common import machine_name
-
     baseline = statistics.median(times["one command per CT"])
-    column = "wall time (s)" + (f", median (range) of {args.repeat} runs" if args.repeat > 1 else "")
-    lines = [
-        f"`scdl segment`, {count} real CTs ({', '.join(SAMPLES)}, {args.copies} copies each), model {args.model}, "
-        f"device {args.device}: one command per CT vs one command for all",
-        f"Machine: {machine_name(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
-        "",
-        f"| way | {column} | per CT (s) | speed-up |",
-        "|---|---|---|---|",
-    ]
+    title = (f"`scdl segment`, {count} real CTs ({', '.join(SAMPLES)}, {args.copies} copies each), model {args.model}, "
+             f"device {args.device}: one command per CT vs one command for all")
+    lines = table_head(title, args.device, ["way", "wall time (s){runs}", "per CT (s)", "speed-up"], args.repeat)
     for name, runs in times.items():
         median = statistics.median(runs)
         spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""

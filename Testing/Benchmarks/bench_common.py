@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["machine_name"]
+__all__ = ["machine_line", "machine_name", "table_head", "write_table"]
+
+
+def write_table(table: str, out: Path | None) -> None:
+    """Write a benchmark's Markdown table to ``out`` (its folder created), when one is given."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+
+
+def table_head(title: str, device: torch.device | str, columns: list[str], repeat: int = 1) -> list[str]:
+    """The first lines of a benchmark table: its title, the machine line, and the header of ``columns``,
+    where ``{runs}`` in a column name becomes ", median (range) of N runs" when runs are repeated."""
+    runs = f", median (range) of {repeat} runs" if repeat > 1 else ""
+    header = [column.format(runs=runs) for column in columns]
+    return [title, machine_line(device), "", f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+
+
+def machine_line(device: torch.device | str) -> str:
+    """The table line naming the machine, the torch version and the date."""
+    import torch
+
+    return f"Machine: {machine_name(device)}; torch {torch.__version__}; {datetime.date.today().isoformat()}"
 
 
 def machine_name(device: torch.device | str) -> str:
     """The GPU's name (and CUDA version), or the CPU's model, core count and torch thread count."""
+    import torch  # here, so that a benchmark's parent process can import this module without torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"

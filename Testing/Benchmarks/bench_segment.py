@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_common import table_head, write_table
+
 SHAPE = (300, 512, 512)  # (D, H, W)
 
 
@@ -57,9 +59,7 @@ def main() -> None:
         agreement = _agreement(ct, *(Path(tmp) / f"{n}.seg.nrrd" for n in ("scdl", "monai")))
     table = _table(results, agreement, args)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    write_table(table, args.out)
 
 
 def _parse() -> argparse.Namespace:
@@ -225,20 +225,12 @@ def _peak_rss_mib() -> float:
 
 
 def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
-    import torch
-    from bench_common import machine_name
-
     baseline = results["MONAI baseline"]["seconds"]
     spacing = " x ".join(f"{s:g}" for s in args.spacing)
-    time_column = "time (s)" + (f", median (range) of {args.repeat} runs" if args.repeat > 1 else "")
-    lines = [
-        f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
-        f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}",
-        f"Machine: {machine_name(args.device)}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}",
-        "",
-        f"| pipeline | {time_column} | speed-up | peak RSS (MiB) | RSS after imports (MiB) | peak GPU memory (MiB) |",
-        "|---|---|---|---|---|---|",
-    ]
+    title = (f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
+             f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}")
+    columns = ["pipeline", "time (s){runs}", "speed-up", "peak RSS (MiB)", "RSS after imports (MiB)", "peak GPU memory (MiB)"]
+    lines = table_head(title, args.device, columns, args.repeat)
     for name, r in results.items():
         gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
         spread = f" ({r['range'][0]:.1f}-{r['range'][1]:.1f})" if r["range"] else ""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import machine_name
+from bench_common import machine_name, write_table
 from scdlcore.config import Config
 from scdlcore.ssl import Batch, build_base
 from scdlcore.train import optimisation_step
@@ -118,9 +118,8 @@ def main() -> None:
         lines.append("\nOn CPU every row runs fp32 eager (bf16, channels_last and compile apply to CUDA only), and the memory column "
                      "is the process's peak RSS, so the rows only check that the step runs; ratios matter on the GPU.")
     table = "\n".join(lines)
+    write_table(table, args.out)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
         args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": args.out.name}, "results": results}, indent=2))
 
 
