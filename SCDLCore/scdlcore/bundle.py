@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._atomic import atomic_write_text, temporary_sibling
+from ._atomic import atomic_write, atomic_write_text, temporary_sibling
 from ._filelock import file_lock
 from .labels import LabelTable
 from .nets import build_network, network_description
@@ -320,10 +320,10 @@ def save_bundle(
         folder.mkdir()
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         bundle.sha256 = {WEIGHTS_FILE: _sha256(folder / WEIGHTS_FILE)}
-        _write_json(folder / META_FILE, bundle.to_dict())
         if path.suffix == ARCHIVE_SUFFIX:
-            _write_archive(folder, path)
+            _write_archive(bundle, folder / WEIGHTS_FILE, path)
         else:
+            _write_json(folder / META_FILE, bundle.to_dict())
             _replace_folder(folder, path)
     return path
 
@@ -494,9 +494,7 @@ class ModelRegistry:
             dest = dest / f"{bundle.name}-v{bundle.version}{ARCHIVE_SUFFIX}"
         elif dest.suffix != ARCHIVE_SUFFIX:
             dest = dest.with_name(dest.name + ARCHIVE_SUFFIX)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
-            _write_archive(_stage(bundle, Path(tmp)), dest)
+        _write_archive(bundle, bundle._weights, dest)  # type: ignore[arg-type]
         return dest
 
     def remove(self, name: str) -> list[str]:
@@ -745,13 +743,16 @@ def _stage(bundle: ModelBundle, tmp: Path) -> Path:
     return folder
 
 
-def _write_archive(folder: Path, dest: Path) -> None:
-    """Zip ``folder``'s files (flat) to ``dest`` atomically. Safetensors compress poorly: stored."""
-    tmp = folder.parent / "archive.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-        for name in (META_FILE, WEIGHTS_FILE):
-            archive.write(folder / name, arcname=name)
-    os.replace(tmp, dest)
+def _write_archive(bundle: ModelBundle, weights: Path, dest: Path) -> None:
+    """Zip ``bundle``'s model.json and the ``weights`` file (flat) to ``dest`` atomically.
+    Safetensors compress poorly: stored."""
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(META_FILE, _json_text(bundle.to_dict()))
+            archive.write(weights, arcname=WEIGHTS_FILE)
+
+    atomic_write(dest, write)
 
 
 def _replace_folder(new: Path, dest: Path) -> None:
@@ -762,7 +763,11 @@ def _replace_folder(new: Path, dest: Path) -> None:
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n", durable=True)
+    atomic_write_text(path, _json_text(data), durable=True)
+
+
+def _json_text(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _stored(tensor: torch.Tensor, weights_dtype: torch.dtype | None) -> torch.Tensor:
