@@ -18,7 +18,7 @@
 
 Memory: the input CT (float32), the C-class probability map on the model grid (14 classes x
 266x266x150 voxels = 0.6 GB for a 512x512x300 CT resampled to 1.5x1.5x2 mm), during step 4 a
-voxel-major copy of it for the classes found, and the uint8 output.
+voxel-major copy of it for the classes found (when organ borders need it), and the uint8 output.
 
 Example::
 
@@ -298,8 +298,7 @@ def _probs_to_grid(
     (z_out, z), (y_out, y), (x_out, x) = axes
     cell_values = _uniform_cell_values(classes, lut)
     values = lut[present]
-    # Voxel-major (D*H*W, C') copy: interpolating scattered voxels gathers whole probability vectors.
-    table = probs.flatten(1).T.index_select(1, present)
+    table = None  # voxel-major (D*H*W, C') copy, made when scattered border voxels first need it
     rows, cols = y_out.stop - y_out.start, x_out.stop - x_out.start
     step = max(1, _SLAB_ELEMENTS // (len(present) * rows * cols))
     dtype = torch.uint8 if out.dtype == np.uint8 else torch.int32
@@ -311,6 +310,8 @@ def _probs_to_grid(
         if 3 * count > mixed.numel():  # mostly borders (a noisy model): interpolating all of it is cheaper
             labels = values[_argmax0(_interpolate_slab(probs, present, z_slab, y, x))]
         elif count:
+            if table is None:  # gathering whole probability vectors per voxel needs them contiguous
+                table = probs.flatten(1).T.index_select(1, present)
             at = torch.nonzero(mixed, as_tuple=True)
             points = [tuple(t[i] for t in axis) for axis, i in zip((z_slab, y, x), at)]
             labels[at] = values[_interpolate_points(table, probs.shape[1:], *points).argmax(1)]

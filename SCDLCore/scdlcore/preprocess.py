@@ -140,8 +140,8 @@ def body_bbox(
 def _all_above(array: np.ndarray, steps: list[int], threshold: float) -> np.ndarray:
     """Per block of ``steps`` voxels (z, y, x): are all its voxels above ``threshold``? (Partial edge blocks dropped.)
 
-    One block axis at a time, slices first: each pass then takes the minimum of whole rows at once, about
-    several times faster than one reduction over the three scattered block axes.
+    One block axis at a time, slices first: each pass then takes the minimum of whole rows at once, which is
+    faster than one reduction over the three scattered block axes.
     """
     counts = [n // step for n, step in zip(array.shape, steps)]
     blocks = array[: counts[0] * steps[0], : counts[1] * steps[1], : counts[2] * steps[2]]
