@@ -114,3 +114,17 @@ def test_a_folder_of_predictions_is_scored_against_a_folder_of_references_by_cas
     # The same scores as the two pairs given one by one.
     assert main(["evaluate", str(results / "example_ct.seg.nrrd"), str(abdomen.label), "--json", str(tmp_path / "one.json")]) == 0
     assert json.loads((tmp_path / "one.json").read_text())["summary"]["mean_dice"] == scores["cases"][0]["mean_dice"]
+
+
+def test_model_mode_pairs_a_folder_of_cts_dicom_series_included_with_a_folder_of_references(
+    samples, threshold_bundle, tmp_path, capsys
+):
+    dicom = samples["ct_abdomen_dicom"]
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    shutil.copytree(dicom.image, images / "patient2")  # a DICOM series subfolder is one CT
+    labels.mkdir()
+    shutil.copy(dicom.label, labels / "patient2.nii.gz")
+    assert main(["evaluate", "--model", str(threshold_bundle), "--device", "cpu", str(images), str(labels),
+                 "--json", str(tmp_path / "s.json")]) == 0
+    cases = json.loads((tmp_path / "s.json").read_text())["cases"]
+    assert [(case["image"], case["reference"]) for case in cases] == [(str(images / "patient2"), str(labels / "patient2.nii.gz"))]

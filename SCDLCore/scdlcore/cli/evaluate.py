@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.pairs) % 2:
         raise ValueError(f"scdl evaluate takes files in pairs (prediction or image, then reference); got {len(args.pairs)} paths.")
-    inputs = [pair for first, second in zip(args.pairs[::2], args.pairs[1::2]) for pair in _expand(Path(first), Path(second))]
+    inputs = [pair for first, second in zip(args.pairs[::2], args.pairs[1::2])
+              for pair in _expand(Path(first), Path(second), images=bool(args.model))]
     table = get_label_table(args.labels)
     with tempfile.TemporaryDirectory(prefix="scdl-evaluate-") as predictions:
         pairs = inputs
@@ -75,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand(first: Path, second: Path) -> list[tuple[Path, Path]]:
-    """A file pair as it is; a pair of folders as the pairs of their files with the same case name."""
+def _expand(first: Path, second: Path, images: bool) -> list[tuple[Path, Path]]:
+    """A file pair as it is; a pair of folders as the pairs of their entries with the same case name (with
+    ``images``, the first folder holds CTs: image files and DICOM-series subfolders)."""
     if not (first.is_dir() and second.is_dir()):
         return [(first, second)]
     from ..io import files_by_case
 
-    firsts, seconds = files_by_case(first), files_by_case(second)
+    firsts, seconds = files_by_case(first, cts=images), files_by_case(second)
     common = [name for name in firsts if name in seconds]
     if not common:
         raise ValueError(f"No file of {first} has a namesake in {second}; files are paired by their name without "

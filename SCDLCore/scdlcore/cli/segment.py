@@ -100,7 +100,9 @@ def _expand_folders(inputs: list[str]) -> tuple[list[str], bool]:
 
     expanded, found = [], False
     for source in inputs:
-        cases = files_by_case(source, cts=True) if Path(source).is_dir() and not is_dicom_folder(source) else {}
+        cases = files_by_case(source, cts=True) if Path(source).is_dir() else {}
+        if cases and is_dicom_folder(source):  # DICOM files beside them: the folder is one series
+            cases = {}
         expanded += [str(path) for path in cases.values()] or [source]
         found = found or bool(cases)
     return expanded, found
