@@ -118,11 +118,11 @@ def _import(args: argparse.Namespace) -> int:
 
     pairs = pair_cases(args.images, args.labels)
     store = DatasetStore.init(args.dir)
-    before = {case.id: case.status for case in store.cases()}
     progress = Progress(len(pairs), "import", enabled=not args.json)
     outcomes = []
     for done, (name, image, label) in enumerate(pairs, start=1):
         outcome = {"name": name, "image": str(image), "label": None if label is None else str(label)}
+        before = {case.id: case.status for case in store.cases()}  # now: an earlier file may be the same CT
         try:
             case = store.add(image, label, source=args.source)
             outcome.update(case_id=case.id, status=case.status, previous=before.get(case.id))
