@@ -40,6 +40,7 @@ from scdlcore.train import resolve_device
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "Benchmarks"))  # the benchmark's data folder: the same training data
 import bench_accuracy as bench  # noqa: E402
+from bench_common import machine_name  # noqa: E402
 
 #: (case, role) scored into model.json.
 SCORED_CASES = ((bench.TEST_SAMPLE, "held_out"), ("ct_abdomen", "training"))
@@ -107,7 +108,7 @@ def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float,
     method += " + SCDL" if config.scdl.enabled else ""
     description = (
         f"Starter model: {method}, VNet width {config.network.width}, {config.data.spacing[0]:g} mm voxels, "
-        f"{trained.lineage['steps']} steps{f' ({stopped})' if stopped else ''} on {bench.machine_name(device)}. "
+        f"{trained.lineage['steps']} steps{f' ({stopped})' if stopped else ''} on {machine_name(device)}. "
         "Trained on ONE labeled CT (ct_abdomen) whose "
         "reference labels are TotalSegmentator model outputs, plus two unlabeled chest CTs: a starting point, not a "
         "clinical model. Adapt it to your scans with the annotation loop (submit corrected cases, fine-tune)."
@@ -119,7 +120,7 @@ def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float,
         lineage={**trained.lineage,
                  "trained_on": "ct_abdomen (labeled; TotalSegmentator reference labels) + ct_chest_cta and "
                                "ct_chest_nrrd (unlabeled), scdlcore sample CTs; ct_abdomen_dicom held out",
-                 "machine": bench.machine_name(device), "torch": torch.__version__,
+                 "machine": machine_name(device), "torch": torch.__version__,
                  "train_seconds": round(seconds, 1), "config": _portable(config),
                  **({"stopped_early": stopped} if stopped else {})},
     )
