@@ -118,13 +118,22 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
     assert transcript[-1]["event"] == "result" and transcript[-1]["volumes_ml"]["liver"] > 100
     assert output.is_file()
 
+    # Jobs queue behind the running one; a waiting job can be cancelled, and so can the running one.
     send(id="s2", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "b.nii.gz"))
-    send(id="c1", command="cancel", target="s2")
-    ends = [e for e in events_until("s2") if e["event"] in ("result", "cancelled", "error")]
-    assert {(e["id"], e["event"]) for e in ends} >= {("c1", "result"), ("s2", "cancelled")}
-
+    send(id="s3", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "c.nii.gz"))
     send(id="a1", command="add_case", dataset=str(tmp_path / "dataset"), image=str(samples["ct_chest_nrrd"].image), label=None)
-    added = events_until("a1")[-1]
+    send(id="q0", command="status")
+    send(id="c0", command="cancel", target="s3")
+    send(id="c1", command="cancel", target="s2")
+    seen = events_until("s2")
+    ends = [(e["id"], e["event"]) for e in seen if e["event"] in ("result", "cancelled", "error")]
+    assert ends == [("q0", "result"), ("c0", "result"), ("s3", "cancelled"), ("c1", "result"), ("s2", "cancelled")]
+    status = next(e for e in seen if e["id"] == "q0")
+    assert [job for job in [status["busy"], *status["queued"]] if job] == ["s2", "s3", "a1"]
+    assert [e["cancelled"] for e in seen if e["id"] in ("c0", "c1")] == [True, True]
+    assert not (tmp_path / "c.nii.gz").exists() and not any(e["id"] == "s3" and e["event"] == "progress" for e in seen)
+
+    added = events_until("a1")[-1]  # it waited for s2 and runs now
     assert added["event"] == "result", added
     assert added["labeled"] is False and added["counts"]["unlabeled"] == 1
 
@@ -141,7 +150,8 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
     send(id="x1", command="no_such_command")
     assert "Unknown command 'no_such_command'" in events_until("x1")[-1]["message"]
     send(id="q1", command="status")
-    assert events_until("q1")[-1]["busy"] is None
+    status = events_until("q1")[-1]
+    assert (status["busy"], status["queued"]) == (None, [])
     send(id="z1", command="shutdown")
     assert events_until("z1")[-1]["event"] == "result"
     assert worker.wait(timeout=60) == 0

@@ -2,10 +2,10 @@
 
 The 3D Slicer panel starts one worker and talks to it over stdin/stdout (protocol version 1, see the
 README's "Worker protocol" section for a transcript). One request per line in, one event per line out;
-every event carries the request's ``id``. Segmentation and case additions run one at a time in a job
-thread, so ``status`` and ``cancel`` are answered while they run; fine-tuning runs ``scdl finetune`` in a
-child process whose events are forwarded with the request id, so the worker (and the model it holds)
-stays responsive and a crash of the fine-tune cannot take the worker down.
+every event carries the request's ``id``. Jobs (segment, add_case, finetune) queue and run one at a time,
+in the order they came, in a job thread, so ``status`` and ``cancel`` are answered while they run or wait;
+fine-tuning runs ``scdl finetune`` in a child process whose events are forwarded with the request id, so the
+worker (and the model it holds) stays responsive and a crash of the fine-tune cannot take the worker down.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,9 @@ from typing import IO, Any
 from .events import PROTOCOL_VERSION, Progress, to_jsonable
 
 __all__ = ["Worker"]
+
+#: A job's work: returns the fields of its ``result`` event, or None when it emitted its own ending.
+Job = Callable[[], "dict[str, Any] | None"]
 
 
 class _LineWriter:
@@ -53,9 +57,12 @@ class Worker:
     def __init__(self, model: str, device: str, models_dir: str | None, stdin: IO[str], stdout: IO[str]) -> None:
         self.model_ref, self.device_name, self.models_dir = model, device, models_dir
         self.stdin, self.out = stdin, _LineWriter(stdout)
-        self._job: threading.Thread | None = None
-        self._job_id: str | None = None
-        self._cancel = threading.Event()
+        self._job_thread = threading.Thread(target=self._run_jobs, name="scdl-jobs", daemon=True)
+        self._jobs: deque[tuple[str, Job]] = deque()  # waiting, oldest first
+        self._jobs_changed = threading.Condition()  # guards _jobs, _job_id, _closing and setting _cancel
+        self._job_id: str | None = None  # the running job
+        self._closing = False
+        self._cancel = threading.Event()  # cancels the running job
         self._child: subprocess.Popen | None = None
         self._handlers: dict[str, Callable[[str, dict[str, Any]], None]] = {
             "segment": self._start_segment,
@@ -84,6 +91,7 @@ class Worker:
         self.emit(None, "ready", model=self.bundle.ref, device=self.device.type, torch=torch.__version__, cuda=cuda,
                   gpu=torch.cuda.get_device_name(self.device) if cuda else None,
                   gpu_memory_gb=round(torch.cuda.get_device_properties(self.device).total_memory / 2**30, 1) if cuda else None)
+        self._job_thread.start()
         for line in self.stdin:
             if not line.strip():
                 continue
@@ -94,7 +102,7 @@ class Worker:
                 self.emit(None, "error", message=f"Not a request (a JSON object with \"id\" and \"command\"): {line.strip()[:200]}")
                 continue
             if command == "shutdown":
-                self._stop_job()
+                self._close_jobs()
                 self.emit(request_id, "result", message="bye")
                 return 0
             handler = self._handlers.get(command)
@@ -102,7 +110,7 @@ class Worker:
                 self.emit(request_id, "error", message=f"Unknown command {command!r}; known: {', '.join([*self._handlers, 'shutdown'])}.")
                 continue
             handler(request_id, request)
-        self._stop_job()
+        self._close_jobs()
         return 0
 
     def emit(self, request_id: str | None, event: str, **fields: Any) -> None:
@@ -167,7 +175,10 @@ class Worker:
             command += ["--models-dir", self.models_dir]
 
         def finetune() -> None:  # the child's own events end the request
-            self._child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with self._jobs_changed:  # a cancel that came before the child existed still stops it
+                self._child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                if self._cancel.is_set():
+                    self._child.terminate()
             for line in self._child.stdout:  # type: ignore[union-attr]
                 try:
                     event = json.loads(line)
@@ -183,50 +194,79 @@ class Worker:
         self._run_job(request_id, finetune)
 
     def _cancel_request(self, request_id: str, request: dict[str, Any]) -> None:
+        """Cancel the running job (it ends with ``cancelled`` when it stops) or drop a waiting one."""
         target = request.get("target", self._job_id)
-        if target is not None and target == self._job_id:
-            self._stop_job(wait=False)
-        self.emit(request_id, "result", cancelled=target == self._job_id and target is not None)
+        with self._jobs_changed:
+            running = target is not None and target == self._job_id
+            if running:
+                self._stop_running_job()
+            waiting = [job for job in self._jobs if job[0] == target]
+            for job in waiting:
+                self._jobs.remove(job)
+        self.emit(request_id, "result", cancelled=running or bool(waiting))
+        if waiting:
+            self.emit(target, "cancelled")
 
     def _status(self, request_id: str, _request: dict[str, Any]) -> None:
-        self.emit(request_id, "result", model=self.bundle.ref, device=self.device.type, busy=self._job_id)
+        with self._jobs_changed:
+            busy, queued = self._job_id, [job_id for job_id, _ in self._jobs]
+        self.emit(request_id, "result", model=self.bundle.ref, device=self.device.type, busy=busy, queued=queued)
 
     # --- the job thread -------------------------------------------------------------------------------
-    def _run_job(self, request_id: str, work: Callable[[], dict[str, Any] | None]) -> None:
-        """Run ``work`` in the job thread; its returned fields (if any) become the request's ``result``."""
-        if self._job_id is not None:
-            self.emit(request_id, "error", message=f"Busy with request {self._job_id}; cancel it or wait for its result.")
-            return
-        self._cancel.clear()
+    def _run_job(self, request_id: str, work: Job) -> None:
+        """Queue ``work`` for the job thread; its returned fields (if any) become the request's ``result``."""
+        with self._jobs_changed:
+            self._jobs.append((request_id, work))
+            self._jobs_changed.notify()
 
-        def run() -> None:
-            from .infer import InferenceCancelled
-
-            ending: tuple[str, dict[str, Any]] | None = None
-            try:
-                fields = work()
-                if fields is not None:
-                    ending = ("result", fields)
-            except InferenceCancelled:
-                ending = ("cancelled", {})
-            except Exception as err:  # every failure becomes an error event; the worker lives on
-                ending = ("error", {"message": str(err) or type(err).__name__, "kind": type(err).__name__})
-            finally:
-                self._job_id, self._child = None, None  # free before the last event: the client may send at once
+    def _run_jobs(self) -> None:
+        """The job thread: run the queued jobs one by one until the worker closes."""
+        while True:
+            with self._jobs_changed:
+                while not self._jobs and not self._closing:
+                    self._jobs_changed.wait()
+                if self._closing:
+                    return
+                request_id, work = self._jobs.popleft()
+                self._job_id = request_id
+                self._cancel.clear()
+            ending = self._run_one(work)
+            with self._jobs_changed:
+                self._job_id, self._child = None, None  # free before the last event: `status` must say so
             if ending is not None:
                 self.emit(request_id, ending[0], **ending[1])
 
-        self._job_id = request_id
-        self._job = threading.Thread(target=run, name=f"scdl-job-{request_id}", daemon=True)
-        self._job.start()
+    @staticmethod
+    def _run_one(work: Job) -> tuple[str, dict[str, Any]] | None:
+        from .infer import InferenceCancelled
 
-    def _stop_job(self, wait: bool = True) -> None:
-        self._cancel.set()
-        child = self._child
-        if child is not None and child.poll() is None:
-            child.terminate()  # SIGTERM: the fine-tune stops cleanly and keeps its checkpoint
-        if wait and self._job is not None:
-            self._job.join(timeout=60)
+        try:
+            fields = work()
+        except InferenceCancelled:
+            return "cancelled", {}
+        except Exception as err:  # every failure becomes an error event; the worker lives on
+            return "error", {"message": str(err) or type(err).__name__, "kind": type(err).__name__}
+        return None if fields is None else ("result", fields)
+
+    def _stop_running_job(self) -> None:
+        with self._jobs_changed:  # so the cancel cannot reach the job that starts next
+            self._cancel.set()
+            child = self._child
+            if child is not None and child.poll() is None:
+                child.terminate()  # SIGTERM: the fine-tune stops cleanly and keeps its checkpoint
+
+    def _close_jobs(self) -> None:
+        """Closing: drop the waiting jobs (each ends ``cancelled``), stop the running one and wait for it."""
+        with self._jobs_changed:
+            self._closing = True
+            dropped = [job_id for job_id, _ in self._jobs]
+            self._jobs.clear()
+            self._jobs_changed.notify()
+        self._stop_running_job()
+        for job_id in dropped:
+            self.emit(job_id, "cancelled")
+        if self._job_thread.is_alive():
+            self._job_thread.join(timeout=60)
 
 
 def main(model: str, device: str, models_dir: str | None) -> int:
