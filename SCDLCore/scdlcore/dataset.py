@@ -218,6 +218,7 @@ class Suggestion:
 
     Attributes:
         case_id: the case.
+        image: the stored CT file (absolute path), to load for correcting.
         score: in [0, 1], higher = a correction helps more. For ``measure="disagreement"`` the fraction of
             body voxels where the two networks' class maps differ; for ``"entropy"`` the mean softmax entropy
             of the body voxels over its maximum, log(C).
@@ -230,6 +231,7 @@ class Suggestion:
     """
 
     case_id: str
+    image: str
     score: float
     measure: str
     organs: dict[str, float]
@@ -518,9 +520,10 @@ class DatasetStore:
         suggestions = []
         for index, case in enumerate(cases, start=1):
             _log.info("Scoring case %s (%d/%d)", case.id, index, len(cases))
-            image = io.read_image(dataset.path(case.image))
+            path = dataset.path(case.image)
             with torch.inference_mode():
-                suggestions.append(_score_case(case.id, image, predictor))
+                measure, score, organs, reason = _score_case(io.read_image(path), predictor)
+            suggestions.append(Suggestion(case.id, str(path.resolve()), score, measure, organs, reason))
         suggestions.sort(key=lambda s: (-s.score, s.case_id))
         return suggestions if top is None else suggestions[:top]
 
@@ -676,8 +679,12 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _score_case(case_id: str, image: Volume, predictor: Predictor) -> Suggestion:
-    """Score one CT on the model grid (body voxels only), each network on its own; see :class:`Suggestion`."""
+def _score_case(image: Volume, predictor: Predictor) -> tuple[str, float, dict[str, float], str]:
+    """Score one CT on the model grid (body voxels only), each network on its own.
+
+    Returns:
+        ``(measure, score, organs, reason)`` as in :class:`Suggestion`.
+    """
     import torch
 
     from .preprocess import body_bbox, hu_window, resample_to_spacing
@@ -689,12 +696,12 @@ def _score_case(case_id: str, image: Volume, predictor: Predictor) -> Suggestion
     x = torch.from_numpy(hu_window(hu, bundle.hu_window))  # (D, H, W)
     probs = [predictor.sliding_window(x, networks=[net]) for net in predictor.networks[:2]]  # each (C, D, H, W)
     if len(probs) >= 2:
-        return _disagreement(case_id, probs[0].argmax(0), probs[1].argmax(0), body, bundle.labels)
-    return _entropy(case_id, probs[0], body, bundle.labels)
+        return "disagreement", *_disagreement(probs[0].argmax(0), probs[1].argmax(0), body, bundle.labels)
+    return "entropy", *_entropy(probs[0], body, bundle.labels)
 
 
-def _disagreement(case_id: str, a: torch.Tensor, b: torch.Tensor, body: torch.Tensor, table: LabelTable) -> Suggestion:
-    """Class maps a, b (D, H, W) of two networks; body (D, H, W) bool."""
+def _disagreement(a: torch.Tensor, b: torch.Tensor, body: torch.Tensor, table: LabelTable) -> tuple[float, dict[str, float], str]:
+    """Class maps a, b (D, H, W) of two networks; body (D, H, W) bool. Returns ``(score, organs, reason)``."""
     differ = (a != b) & body
     score = float(differ.sum()) / max(1, int(body.sum()))
     organs, involved = {}, {}
@@ -708,11 +715,11 @@ def _disagreement(case_id: str, a: torch.Tensor, b: torch.Tensor, body: torch.Te
         reason = "networks agree on every body voxel"
     else:
         reason = f"networks disagree on {_percent(score)} of body voxels" + _mostly(involved, table, ", mostly ")
-    return Suggestion(case_id, score, "disagreement", organs, reason)
+    return score, organs, reason
 
 
-def _entropy(case_id: str, probs: torch.Tensor, body: torch.Tensor, table: LabelTable) -> Suggestion:
-    """Class probabilities (C, D, H, W) of one network; body (D, H, W) bool."""
+def _entropy(probs: torch.Tensor, body: torch.Tensor, table: LabelTable) -> tuple[float, dict[str, float], str]:
+    """Class probabilities (C, D, H, W) of one network; body (D, H, W) bool. Returns ``(score, organs, reason)``."""
     import torch
 
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(0) / math.log(probs.shape[0])
@@ -725,7 +732,7 @@ def _entropy(case_id: str, probs: torch.Tensor, body: torch.Tensor, table: Label
             organs[name] = float(entropy[voxels].mean())
             total[name] = float(entropy[voxels].sum())
     reason = f"mean voxel uncertainty {_percent(score)} of the maximum" + _mostly(total, table, ", highest in ")
-    return Suggestion(case_id, score, "entropy", organs, reason)
+    return score, organs, reason
 
 
 def _mostly(amounts: dict[str, float], table: LabelTable, prefix: str) -> str:

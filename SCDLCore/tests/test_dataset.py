@@ -517,20 +517,19 @@ def test_disagreement_and_entropy_scores_by_hand() -> None:
     b = a.clone()
     b[4, :5] = 0  # pancreas (50 voxels): network b misses it
     b[0, 0, :2] = SYNAPSE13.class_index("adrenal_gland_right")  # 2 liver voxels become adrenal
-    scored = _disagreement("c", a, b, body, SYNAPSE13)
-    assert scored.score == pytest.approx(52 / 1000)
-    assert scored.organs == pytest.approx({"liver": 2 / 400, "pancreas": 1.0, "adrenal_gland_right": 1.0})
-    assert scored.reason == "networks disagree on 5.2% of body voxels, mostly pancreas"
-    agree = _disagreement("c", a, a, body, SYNAPSE13)
-    assert (agree.score, agree.reason) == (0.0, "networks agree on every body voxel")
+    score, organs, reason = _disagreement(a, b, body, SYNAPSE13)
+    assert score == pytest.approx(52 / 1000)
+    assert organs == pytest.approx({"liver": 2 / 400, "pancreas": 1.0, "adrenal_gland_right": 1.0})
+    assert reason == "networks disagree on 5.2% of body voxels, mostly pancreas"
+    score, _, reason = _disagreement(a, a, body, SYNAPSE13)
+    assert (score, reason) == (0.0, "networks agree on every body voxel")
 
     uniform = torch.full((SYNAPSE13.num_classes, 4, 4, 4), 1 / SYNAPSE13.num_classes)
     certain = torch.zeros_like(uniform)
     certain[SYNAPSE13.class_index("spleen")] = 1.0
     body = torch.ones((4, 4, 4), dtype=torch.bool)
-    assert _entropy("u", uniform, body, SYNAPSE13).score == pytest.approx(1.0)
-    sure = _entropy("s", certain, body, SYNAPSE13)
-    assert (sure.score, sure.organs, sure.reason) == (0.0, {"spleen": 0.0}, "mean voxel uncertainty 0.0% of the maximum")
+    assert _entropy(uniform, body, SYNAPSE13)[0] == pytest.approx(1.0)
+    assert _entropy(certain, body, SYNAPSE13) == (0.0, {"spleen": 0.0}, "mean voxel uncertainty 0.0% of the maximum")
 
 
 def test_suggest_ranks_unlabeled_cases_with_reasons(
@@ -551,6 +550,8 @@ def test_suggest_ranks_unlabeled_cases_with_reasons(
     assert result["model"] == "tiny@1"
     ranked = result["suggestions"]
     assert sorted(s["case_id"] for s in ranked) == ["abdomen", "chest"]
+    for suggestion in ranked:  # the stored CT, for the panel to load
+        assert suggestion["image"] == str(store.root.resolve() / store.case(suggestion["case_id"]).image)
     assert ranked[0]["score"] >= ranked[1]["score"]
     for suggestion in ranked:
         assert suggestion["measure"] == "disagreement" and 0 <= suggestion["score"] <= 1
