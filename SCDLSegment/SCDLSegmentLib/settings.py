@@ -105,8 +105,13 @@ def _coerce(raw: Any, default: Any) -> Any:
     try:
         if isinstance(default, Device):
             return Device(str(raw))
+        if isinstance(default, bool):  # before int: bool is an int; an INI file hands back "true"/"false"
+            return _BOOLEANS[str(raw).strip().lower()]
         if isinstance(default, int):
             return int(raw)
         return str(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         return default
+
+
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}

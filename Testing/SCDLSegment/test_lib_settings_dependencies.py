@@ -39,6 +39,28 @@ def test_settings_round_trip():
     assert Settings.load(store) == Settings("/data/ds", "/data/models", "abdomen@3", Device.CPU, 1200)
 
 
+def test_settings_survive_a_restart_through_real_qsettings(tmp_path):
+    """Real QSettings (PySide6) in an INI file, as Slicer stores them. Within one process Qt caches the typed
+    values, so the "restart" reads a copy of the file that this process never opened: from disk, a bool comes
+    back as the string "true" and an int as "1200"."""
+    import shutil
+
+    from PySide6.QtCore import QSettings
+
+    def restarted(settings: Settings, name: str) -> QSettings:
+        written = QSettings(str(tmp_path / f"{name}-written.ini"), QSettings.IniFormat)
+        settings.save(written)
+        written.sync()
+        return QSettings(str(shutil.copy(written.fileName(), tmp_path / f"{name}-read.ini")), QSettings.IniFormat)
+
+    chosen = Settings(dataset_dir="/data/ds", model_dir="", model="abdomen@3", device=Device.GPU, finetune_steps=1200,
+                      collect_unlabeled=True)
+    store = restarted(chosen, "on")
+    assert (store.value("SCDLSegment/collect_unlabeled"), store.value("SCDLSegment/finetune_steps")) == ("true", "1200")
+    assert Settings.load(store) == chosen
+    assert Settings.load(restarted(Settings(collect_unlabeled=False), "off")).collect_unlabeled is False
+
+
 def test_settings_defaults_and_unreadable_values():
     assert Settings.load(DictSettings()) == Settings()
     store = DictSettings({"SCDLSegment/device": "tpu", "SCDLSegment/finetune_steps": "many",
@@ -47,6 +69,7 @@ def test_settings_defaults_and_unreadable_values():
     assert settings.device is Device.AUTO and settings.finetune_steps == 300
     assert settings.model == "starter" and settings.dataset_dir == "/x"
     assert Settings.load(DictSettings({"SCDLSegment/finetune_steps": "50"})).finetune_steps == 50
+    assert Settings.load(DictSettings({"SCDLSegment/collect_unlabeled": "maybe"})).collect_unlabeled is False
 
 
 def test_effective_dataset_dir():
