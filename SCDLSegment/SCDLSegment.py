@@ -466,8 +466,10 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.appendLog(error)
 
     def onSuggest(self) -> None:
+        node = self._parameters()
         with _ErrorDialog(_("No case could be suggested.")):
-            self.logic.startSuggestCase(self.logic.datasetDir(self._parameters()), self._onSuggestion)
+            self.logic.startSuggestCase(self.logic.datasetDir(node), self._selectedModel(), node.device, self._onSuggestion)
+            self.ui.datasetStatusLabel.setText(_("Ranking the unlabeled cases with {model}…").format(model=self._selectedModel()))
             self._startPolling()
 
     def _onSuggestion(self, suggestion, error: str | None) -> None:
@@ -479,7 +481,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with _ErrorDialog(_("The suggested case could not be loaded.")):
                 self._parameters().inputVolume = slicer.util.loadVolume(suggestion.image)
                 self.ui.datasetStatusLabel.setText(
-                    _("Loaded {case}: {reason}").format(case=suggestion.case_id or suggestion.image, reason=suggestion.reason)
+                    _("Loaded {case}: {reason}").format(case=suggestion.case_id, reason=suggestion.reason)
                 )
 
     # ---------------------------------------------------------------- fine-tune
@@ -494,7 +496,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._dependenciesReady():
                 return
             self.logic.startFinetune(
-                self.logic.datasetDir(node), self._selectedModel(), node.finetuneSteps,
+                self.logic.datasetDir(node), self._selectedModel(), node.finetuneSteps, node.device,
                 onEvent=self._onFinetuneEvent, onDone=self._onFinetuneDone,
             )
             self.ui.finetuneButton.setText(_("Cancel fine-tuning"))
@@ -517,7 +519,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onFinetuneDone(self, outcome: FinetuneOutcome) -> None:
         self.ui.finetuneButton.setText(_("Start fine-tuning"))
         if outcome.cancelled:
-            self.ui.finetuneStatusLabel.setText(_("Cancelled; the next run resumes from the last checkpoint."))
+            self.ui.finetuneStatusLabel.setText(_("Cancelled; no model was registered."))
             return
         if outcome.error:
             self.ui.finetuneStatusLabel.setText(_("Failed."))
@@ -640,6 +642,7 @@ class _SegmentationJob:
     onDone: Callable[[SegmentationOutcome], None]
     beforeModify: Callable[[Any, Any], None] | None
     requestId: str | None = None
+    cancelled: bool = False  # a result that was already on its way is then dropped
 
 
 class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
@@ -762,19 +765,34 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             time.sleep(0.05)
 
     def ensureWorker(self, model: str, device: Device) -> WorkerClient:
-        """The running worker for this model and device; (re)started when either changed."""
+        """The running worker for this model and device; (re)started when either changed.
+
+        Raises:
+            RuntimeError: the running worker still has requests to answer for another model or device.
+        """
         engine = self.engine()
         args = engine.worker(model, device)
         if self.worker is not None and self.worker.running and self.worker.args == args and self._workerModelDir == engine.model_dir:
             return self.worker
         if self.worker is not None and self.worker.running:
-            self.worker.kill()
-            self.worker.poll()
+            if self.worker.pending:
+                raise RuntimeError(
+                    "The SCDL engine is still busy with the previous model or device: wait for it to finish "
+                    "(or cancel it) before switching."
+                )
+            self.worker.close()  # idle: it exits at once
         self.worker = WorkerClient(args, env=self._environment(), on_status=self._onWorkerStatus)
         self._workerModelDir = engine.model_dir
         self.onLog(f"Starting the SCDL engine: model {model}, device {device.value}.")
         self.worker.start()
         return self.worker
+
+    def _anyWorker(self, model: str, device: Device) -> WorkerClient:
+        """The running worker, whatever model it holds (adding a case needs none; it records that model, the
+        one that segmented the case), else a new one for ``model`` on ``device``."""
+        if self.worker is not None and self.worker.running and self._workerModelDir == self.engine().model_dir:
+            return self.worker
+        return self.ensureWorker(model, device)
 
     def startCommand(self, args: list[str], onDone: Callable[[Any, str | None], None]) -> None:
         """Run a one-shot engine command that prints one JSON document; ``onDone(data, error)``."""
@@ -809,7 +827,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             self.onLog(event.get("message", ""))
         elif kind == "ready" and self.worker is not None and self.worker.info is not None:
             self.onLog(f"SCDL engine ready: {self.worker.info.model} on {self.worker.info.describe()}.")
-        elif kind == "stopped" and event.get("message"):
+        elif kind in ("stopped", "error") and event.get("message"):
             self.onLog(event["message"])
         self.onWorkerStatus(event)
 
@@ -841,18 +859,20 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startDatasetSummary(self, datasetDir: Path, onDone: Callable[[catalog.DatasetSummary | None, str | None], None]) -> None:
         if not Path(datasetDir).is_dir():
-            onDone(catalog.DatasetSummary(0, 0), None)  # nothing submitted yet
+            onDone(catalog.DatasetSummary(0, 0, 0), None)  # nothing submitted yet
             return
         self.startCommand(self.engine().dataset_list(datasetDir), self._parsed(catalog.parse_dataset, onDone))
 
     def datasetSummary(self, datasetDir: Path) -> catalog.DatasetSummary:
         return catalog.parse_dataset(self.runCommand(self.engine().dataset_list(datasetDir)))
 
-    def startSuggestCase(self, datasetDir: Path, onDone: Callable[[catalog.Suggestion | None, str | None], None]) -> None:
-        """Ask the engine which unlabeled case to review next."""
+    def startSuggestCase(self, datasetDir: Path, model: str, device: Device,
+                         onDone: Callable[[catalog.Suggestion | None, str | None], None]) -> None:
+        """Ask the engine which unlabeled case to review next: ``model`` scores every unlabeled case on
+        ``device`` (the networks' disagreement, or the softmax entropy) in a child process."""
         if not Path(datasetDir).is_dir():
             raise ValueError(f"The dataset folder {datasetDir} does not exist yet: add cases first.")
-        self.startCommand(self.engine().dataset_suggest(datasetDir), self._parsed(catalog.parse_suggestion, onDone))
+        self.startCommand(self.engine().dataset_suggest(datasetDir, model, device), self._parsed(catalog.parse_suggestion, onDone))
 
     def startLoadSample(self, onDone: Callable[[Any, str | None], None], name: str = "ct_abdomen") -> None:
         """Fetch a public sample CT into the engine's cache (first time only) and load it."""
@@ -959,6 +979,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         """Cancel the running segmentation; the worker is ended if it does not stop in time."""
         job = self._segmentation
         if job is not None and job.requestId is not None and self.worker is not None:
+            job.cancelled = True
             job.onProgress("cancel", 0.0)
             self.worker.cancel(job.requestId)
 
@@ -969,7 +990,16 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             return
         if kind == "progress":
             job.onProgress(str(event.get("stage", "infer")), float(event.get("progress", 0.0)))
+        elif kind == "result" and job.cancelled:
+            self._finishSegmentation(SegmentationOutcome(table=job.table, cancelled=True))
+        elif kind == "result" and not slicer.mrmlScene.IsNodePresent(job.volumeNode):
+            self._finishSegmentation(SegmentationOutcome(table=job.table, error=(
+                f"The volume {job.volumeNode.GetName()!r} was removed from the scene while it was segmented; "
+                "nothing was imported.")))
         elif kind == "result":
+            if job.segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(job.segmentationNode):
+                self.onLog("The segmentation chosen for the result was removed meanwhile; the result goes into a new one.")
+                job.segmentationNode = None
             job.onProgress("import", 0.0)
             try:
                 node = self.importLabelmap(
@@ -1128,7 +1158,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             imagePath, labelPath = self.exportCase(volumeNode, segmentationNode, folder, table)
             Path(datasetDir).mkdir(parents=True, exist_ok=True)
-            self.ensureWorker(model, device).request(
+            self._anyWorker(model, device).request(
                 "add_case", handle, dataset=str(datasetDir), image=str(imagePath),
                 label=None if labelPath is None else str(labelPath), reviewed=reviewed,
             )
@@ -1154,10 +1184,11 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         datasetDir: Path,
         model: str,
         steps: int,
+        device: Device,
         onEvent: Callable[[dict], None] | None = None,
         onDone: Callable[[FinetuneOutcome], None] | None = None,
     ) -> None:
-        """Fine-tune ``model`` on the dataset in a ``scdl finetune`` child process.
+        """Fine-tune ``model`` on the dataset in a ``scdl finetune`` child process on ``device``.
 
         ``onEvent`` receives ``progress`` (step, total, losses, lr, eta_s) and ``validation`` (dice,
         mean_dice) events; ``onDone`` the outcome with the new model version.
@@ -1173,19 +1204,20 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             self._finetune = None
             onDone(outcome)
 
-        args = self.engine().finetune(datasetDir, model, steps)
+        args = self.engine().finetune(datasetDir, model, steps, device)
         self._finetune = FinetuneJob(args, self._environment(), onEvent or (lambda event: None), done, self.onLog).start()
-        self.onLog(f"Fine-tuning {model} for {steps} steps on {datasetDir}.")
+        self.onLog(f"Fine-tuning {model} for {steps} steps on {datasetDir} (device {device.value}).")
 
-    def finetune(self, datasetDir: Path, model: str, steps: int, timeout_s: float = 3600.0) -> FinetuneOutcome:
+    def finetune(self, datasetDir: Path, model: str, steps: int, device: Device, timeout_s: float = 3600.0) -> FinetuneOutcome:
         """Blocking :meth:`startFinetune`; returns the outcome (check its ``error``)."""
         outcomes: list[FinetuneOutcome] = []
-        self.startFinetune(datasetDir, model, steps, onDone=outcomes.append)
+        self.startFinetune(datasetDir, model, steps, device, onDone=outcomes.append)
         self.waitFor(lambda: bool(outcomes), timeout_s)
         return outcomes[0]
 
     def cancelFinetune(self) -> None:
-        """Kill the fine-tuning process tree (the engine resumes from its last checkpoint next time)."""
+        """Kill the fine-tuning process tree; nothing is registered (the next run starts afresh, with the
+        cases the dataset holds then)."""
         if self._finetune is not None:
             self._finetune.cancel()
 
@@ -1360,13 +1392,13 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Adding the CT unlabeled, then submitting it reviewed")
         datasetDir = Path(slicer.util.tempDirectory("SCDLSegmentTest-dataset"))
         added = logic.submitCase(volume, None, [], datasetDir, model.ref, Device.CPU)
-        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=0, unlabeled=1))
+        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=0, partial=0, unlabeled=1))
         reviewed = logic.submitCase(volume, segmentationNode, ["liver", "spleen"], datasetDir, model.ref, Device.CPU)
         self.assertEqual((reviewed["case_id"], reviewed["previous"]), (added["case_id"], "unlabeled"), "One CT is one case.")
-        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=1, unlabeled=0))
+        self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=0, partial=1, unlabeled=0))
 
         self.delayDisplay("Fine-tuning for a few steps")
-        tuned = logic.finetune(datasetDir, model.ref, steps=2)
+        tuned = logic.finetune(datasetDir, model.ref, steps=2, device=Device.CPU)
         self.assertIsNone(tuned.error)
         refs = [entry.ref for entry in logic.listModels()]
         self.assertIn(tuned.model, refs)

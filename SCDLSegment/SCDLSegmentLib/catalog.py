@@ -68,13 +68,21 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    """How many cases the dataset holds."""
+    """How many cases the dataset holds: every organ reviewed, some organs reviewed (the organs the
+    user ticked on submit), none (unlabeled)."""
 
     labeled: int
+    partial: int
     unlabeled: int
 
+    @property
+    def reviewed(self) -> int:
+        """Cases that train as labeled data (fine-tuning needs at least one)."""
+        return self.labeled + self.partial
+
     def describe(self) -> str:
-        return f"{self.labeled} reviewed (labeled), {self.unlabeled} unlabeled"
+        part = f" ({self.partial} with some organs)" if self.partial else ""
+        return f"{self.reviewed} reviewed{part}, {self.unlabeled} unlabeled"
 
 
 @dataclass(frozen=True)
@@ -82,14 +90,14 @@ class Suggestion:
     """The case the engine suggests reviewing next.
 
     Attributes:
-        image: path of the CT to load.
-        case_id: its id in the dataset, if given.
+        image: path of the stored CT to load.
+        case_id: its id in the dataset.
         reason: why it was chosen, for the panel.
     """
 
     image: str
-    case_id: str | None = None
-    reason: str = ""
+    case_id: str
+    reason: str
 
 
 def parse_models(data: Any) -> list[ModelEntry]:
@@ -120,29 +128,33 @@ def pick_model(models: Sequence[ModelEntry], wanted: str) -> ModelEntry | None:
 
 
 def parse_dataset(data: Any) -> DatasetSummary:
-    """Read ``scdl dataset list DIR --json``: ``{"counts": {"labeled", "unlabeled"}}`` or a list of cases
-    (``{"cases": [...]}`` or ``[...]``), a case being labeled when its ``label`` is set."""
-    if isinstance(data, Mapping) and isinstance(data.get("counts"), Mapping):
-        counts = data["counts"]
-        return DatasetSummary(int(counts.get("labeled", 0)), int(counts.get("unlabeled", 0)))
-    cases = data.get("cases") if isinstance(data, Mapping) else data
-    if not isinstance(cases, Sequence) or isinstance(cases, str):
-        raise ValueError(f"The dataset listing has neither 'counts' nor a list of cases: {str(data)[:200]}")
-    labeled = sum(1 for case in cases if isinstance(case, Mapping) and case.get("label"))
-    return DatasetSummary(labeled, len(cases) - labeled)
+    """Read ``scdl dataset list DIR --json``: ``{"counts": {"labeled", "partial", "unlabeled"}, ...}``.
+
+    Raises:
+        ValueError: no ``counts``.
+    """
+    counts = data.get("counts") if isinstance(data, Mapping) else None
+    if not isinstance(counts, Mapping):
+        raise ValueError(f"The dataset listing has no 'counts': {str(data)[:200]}")
+    return DatasetSummary(*(int(counts.get(status, 0)) for status in ("labeled", "partial", "unlabeled")))
 
 
 def parse_suggestion(data: Any) -> Suggestion | None:
-    """Read ``scdl dataset suggest DIR --json``: ``{"image", "case_id"|"id", "reason"}``, possibly under
-    ``"case"``; None (or an object without ``image``) means there is nothing to suggest."""
-    if not isinstance(data, Mapping):
+    """Read ``scdl dataset suggest DIR --json``: ``{"model", "suggestions": [{"case_id", "image", "reason", ...}]}``,
+    best first; None when there is no unlabeled case.
+
+    Raises:
+        ValueError: no ``suggestions`` list, or a suggestion without ``case_id`` or ``image``.
+    """
+    suggestions = data.get("suggestions") if isinstance(data, Mapping) else None
+    if not isinstance(suggestions, Sequence) or isinstance(suggestions, str):
+        raise ValueError(f"The engine's suggestion has no 'suggestions' list: {str(data)[:200]}")
+    if not suggestions:
         return None
-    case = data.get("case") if isinstance(data.get("case"), Mapping) else data
-    image = case.get("image")
-    if not image:
-        return None
-    case_id = case.get("case_id", case.get("id"))
-    return Suggestion(str(image), None if case_id is None else str(case_id), str(data.get("reason", case.get("reason", ""))))
+    best = suggestions[0]
+    if not isinstance(best, Mapping) or not best.get("case_id") or not best.get("image"):
+        raise ValueError(f"The engine's suggestion names no case and image: {str(best)[:200]}")
+    return Suggestion(str(best["image"]), str(best["case_id"]), str(best.get("reason", "")))
 
 
 def _model(entry: Any) -> ModelEntry:

@@ -53,13 +53,13 @@ class EngineCommand:
         """``scdl worker --model NAME --device auto|cuda|cpu``: the long-lived inference process."""
         return self._scdl("worker", "--model", _required(model, "model"), "--device", device.value)
 
-    def finetune(self, dataset: str | os.PathLike, model: str, steps: int) -> list[str]:
-        """``scdl finetune --dataset DIR --model NAME --steps N --events``: JSON-lines progress on stdout."""
+    def finetune(self, dataset: str | os.PathLike, model: str, steps: int, device: Device) -> list[str]:
+        """``scdl finetune --dataset DIR --model NAME --steps N --device D --events``: JSON-lines progress on stdout."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"Fine-tuning steps must be a whole number >= 1, got {steps!r}.")
         return self._scdl(
             "finetune", "--dataset", _folder(dataset), "--model", _required(model, "model"), "--steps", str(steps),
-            "--events",
+            "--device", device.value, "--events",
         )
 
     def models_list(self) -> list[str]:
@@ -76,8 +76,11 @@ class EngineCommand:
     def dataset_list(self, dataset: str | os.PathLike) -> list[str]:
         return self._scdl("dataset", "list", _folder(dataset), "--json")
 
-    def dataset_suggest(self, dataset: str | os.PathLike) -> list[str]:
-        return self._scdl("dataset", "suggest", _folder(dataset), "--json")
+    def dataset_suggest(self, dataset: str | os.PathLike, model: str, device: Device) -> list[str]:
+        """``scdl dataset suggest DIR --model NAME --device D --top 1 --json``: the unlabeled case whose
+        correction would help ``model`` most."""
+        return self._scdl("dataset", "suggest", _folder(dataset), "--model", _required(model, "model"),
+                          "--device", device.value, "--top", "1", "--json")
 
     def sample_data(self, name: str) -> list[str]:
         """``scdl sample-data NAME --json``: fetch a public sample CT into the engine's cache (once) and

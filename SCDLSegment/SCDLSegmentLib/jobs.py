@@ -95,7 +95,7 @@ class FinetuneOutcome:
         before: Dice per organ of the starting model on the reviewed cases.
         after: Dice per organ of the new model.
         error: a message for people when it failed.
-        cancelled: the run was cancelled (the engine resumes it from its last checkpoint next time).
+        cancelled: the run was cancelled; nothing was registered.
     """
 
     model: str | None = None

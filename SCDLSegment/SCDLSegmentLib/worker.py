@@ -77,8 +77,9 @@ class WorkerClient:
         args: the worker's command line (see :meth:`SCDLSegmentLib.engine.EngineCommand.worker`).
         env: the worker's environment.
         on_status: called with the worker's id-less events: ``ready`` (after :attr:`info` is set),
-            ``log``, and ``{"event": "stopped", "message": str | None}`` once the process is gone
-            (``message`` says why when it crashed or spoke another protocol version).
+            ``log``, ``error`` (``fatal``: it could not start), and ``{"event": "stopped", "message":
+            str | None}`` once the process is gone (``message`` says why when it could not start,
+            crashed or spoke another protocol version).
         cancel_grace_s: how long a cancelled request may take to answer ``cancelled`` before the
             whole worker process tree is killed.
         clock: monotonic time source (tests pass a fake one).
@@ -158,11 +159,6 @@ class WorkerClient:
             self._process.cancel()
         self._process.wait(timeout)
 
-    def kill(self) -> None:
-        """Kill the worker's process tree at once; pending requests end as cancelled."""
-        self._cancelling.update(self._handlers)
-        self._process.cancel()
-
     def poll(self) -> None:
         """Deliver the events that arrived; kill the worker if a cancel or shutdown went unanswered."""
         for event in self._process.events():
@@ -202,7 +198,9 @@ class WorkerClient:
         # events of requests already finished (e.g. the answer to a cancel request) are dropped
 
     def _status(self, event: dict[str, Any]) -> None:
-        if event.get("event") == "ready":
+        if event.get("event") == "error" and event.get("fatal"):  # the worker could not start; it exits next
+            self._stop_reason = str(event.get("message") or "The SCDL worker could not start.")
+        elif event.get("event") == "ready":
             version = event.get("protocol")
             if version != PROTOCOL_VERSION:
                 self._stop_reason = (

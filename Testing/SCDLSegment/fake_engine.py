@@ -7,10 +7,11 @@ torch. It reads and writes real NRRD files (pynrrd) and keeps its registry and d
 
 Commands (the same command lines as ``scdl``):
     worker --model M --device D        protocol version 1 on stdin/stdout (``segment``, ``add_case``,
-                                       ``status``, ``cancel``, ``shutdown``)
+                                       ``status``, ``cancel``, ``shutdown``); jobs queue and run one at a
+                                       time, as in the engine
     finetune --dataset D --model M --steps N --events
     models list --json | models info NAME --json | models import PATH --json
-    dataset list DIR --json | dataset suggest DIR --json
+    dataset list DIR --json | dataset suggest DIR --model M --device D --top 1 --json
     spawn-tree                         starts a grandchild, prints both pids, then sleeps (tree-kill test)
 
 Behaviour switches, through the model name:
@@ -29,6 +30,7 @@ import argparse
 import hashlib
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,7 @@ import numpy as np
 
 LIVER, SPLEEN = 6, 1
 ORGAN_NAMES = {LIVER: "liver", SPLEEN: "spleen"}
+ORGAN_COUNT = 13  # the panel's label table, Synapse-13: a case is fully labeled when all 13 are reviewed
 
 
 _STDOUT_LOCK = threading.Lock()
@@ -85,13 +88,15 @@ class Worker:
         self.model, self.device = model, device
         self.cancelled: set[str] = set()
         self.lock = threading.Lock()
-        self.busy: threading.Thread | None = None
+        self.jobs: queue.Queue[dict] = queue.Queue()
+        self.running: str | None = None
 
     def run(self) -> None:
         emit({"protocol": int(os.environ.get("FAKE_ENGINE_PROTOCOL", 1)), "id": None, "event": "ready",
               "model": f"{self.model}@1", "device": "cpu" if self.device != "cuda" else "cuda", "torch": "2.13.0",
               "cuda": False, "gpu": None, "gpu_memory_gb": None})
         print("fake worker ready", file=sys.stderr, flush=True)
+        threading.Thread(target=self.run_jobs, daemon=True).start()
         for line in sys.stdin:
             request = json.loads(line)
             command, request_id = request["command"], request["id"]
@@ -104,14 +109,22 @@ class Worker:
                         self.cancelled.add(request["target"])
                 emit({"id": request_id, "event": "result"})
             elif command == "status":
-                emit({"id": request_id, "event": "result", "model": f"{self.model}@1", "busy": self.busy is not None})
-            elif command == "segment":
-                self.busy = threading.Thread(target=self.segment, args=(request,), daemon=True)
-                self.busy.start()
-            elif command == "add_case":
-                self.add_case(request)
+                emit({"id": request_id, "event": "result", "model": f"{self.model}@1", "busy": self.running})
+            elif command in ("segment", "add_case"):
+                self.jobs.put(request)
             else:
                 emit({"id": request_id, "event": "error", "message": f"unknown command {command}"})
+
+    def run_jobs(self) -> None:
+        while True:
+            request = self.jobs.get()
+            with self.lock:
+                if request["id"] in self.cancelled:  # cancelled while it waited
+                    emit({"id": request["id"], "event": "cancelled"})
+                    continue
+                self.running = request["id"]
+            (self.segment if request["command"] == "segment" else self.add_case)(request)
+            self.running = None
 
     def segment(self, request: dict) -> None:
         request_id = request["id"]
@@ -239,11 +252,22 @@ def models(args: argparse.Namespace) -> int:
 def dataset(args: argparse.Namespace) -> int:
     cases = manifest(Path(args.dir))["cases"]
     if args.action == "list":
-        print(json.dumps({"cases": cases}))
+        statuses = [status(case) for case in cases]
+        print(json.dumps({"counts": {name: statuses.count(name) for name in ("labeled", "partial", "unlabeled")},
+                          "cases": cases}))
     else:
         unlabeled = [case for case in cases if not case["label"]]
-        print(json.dumps({"case": unlabeled[0], "reason": "most uncertain"} if unlabeled else {}))
+        print(json.dumps({"model": f"{args.model}@1", "suggestions": [
+            {"case_id": case["id"], "image": case["image"], "score": 0.5, "measure": "entropy", "organs": {},
+             "reason": "most uncertain"} for case in unlabeled][:args.top]}))
     return 0
+
+
+def status(case: dict) -> str:
+    """As the engine's store: a label map with every organ reviewed is labeled, with some of them partial."""
+    if not case["label"]:
+        return "unlabeled"
+    return "labeled" if len(case["reviewed"]) >= ORGAN_COUNT else "partial"
 
 
 def spawn_tree() -> int:
@@ -263,6 +287,7 @@ def main() -> int:
     tune.add_argument("--dataset", required=True)
     tune.add_argument("--model", required=True)
     tune.add_argument("--steps", type=int, required=True)
+    tune.add_argument("--device", required=True)
     tune.add_argument("--events", action="store_true")
     model_cmd = commands.add_parser("models")
     model_cmd.add_argument("action", choices=["list", "info", "import"])
@@ -271,6 +296,9 @@ def main() -> int:
     data_cmd = commands.add_parser("dataset")
     data_cmd.add_argument("action", choices=["list", "suggest"])
     data_cmd.add_argument("dir")
+    data_cmd.add_argument("--model")
+    data_cmd.add_argument("--device")
+    data_cmd.add_argument("--top", type=int)
     data_cmd.add_argument("--json", action="store_true")
     commands.add_parser("spawn-tree")
     args = parser.parse_args()

@@ -301,6 +301,10 @@ class Scene(Observable):
     def RemoveNode(self, node):
         self.nodes.remove(node)
 
+    def IsNodePresent(self, node) -> int:
+        """Slicer returns an int: the node's 1-based position in the scene, 0 when absent."""
+        return next((index for index, present in enumerate(self.nodes, start=1) if present is node), 0)
+
     def GetFirstNodeByClass(self, class_name):
         return next((node for node in self.nodes if node.className == class_name), None)
 
@@ -324,11 +328,25 @@ def _write_nrrd(node: VolumeNode, filename: str) -> None:
 
 
 def _read_nrrd(filename: str, cls: type[VolumeNode], scene: Scene, name: str | None = None) -> VolumeNode:
+    """NRRD through pynrrd; any other format (NIfTI: the dataset store's files) through SimpleITK, as Slicer's ITK reader."""
+    if not str(filename).endswith(".nrrd"):
+        return _read_itk(filename, cls, scene)
     array, header = nrrd.read(filename, index_order="C")
     ijk_to_ras = np.eye(4)
     ijk_to_ras[:3, :3] = LPS_FROM_RAS @ np.asarray(header["space directions"], dtype=float).T
     ijk_to_ras[:3, 3] = LPS_FROM_RAS @ np.asarray(header["space origin"], dtype=float)
     return scene.AddNode(cls(name or Path(filename).name.split(".")[0], array, ijk_to_ras))
+
+
+def _read_itk(filename: str, cls: type[VolumeNode], scene: Scene) -> VolumeNode:
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(filename))
+    ijk_to_ras = np.eye(4)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    ijk_to_ras[:3, :3] = LPS_FROM_RAS @ direction @ np.diag(image.GetSpacing())
+    ijk_to_ras[:3, 3] = LPS_FROM_RAS @ np.asarray(image.GetOrigin(), dtype=float)
+    return scene.AddNode(cls(Path(filename).name.split(".")[0], sitk.GetArrayFromImage(image), ijk_to_ras))
 
 
 def make_util(standin: SlicerStandIn) -> types.ModuleType:

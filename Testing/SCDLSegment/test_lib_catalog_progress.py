@@ -55,21 +55,28 @@ def test_pick_model_prefers_the_wanted_one_then_the_latest_trained():
     assert pick_model([], "x") is None
 
 
-def test_dataset_counts_from_cases_or_counts():
-    cases = [{"id": "a", "label": "a/label.nrrd"}, {"id": "b", "label": None}, {"id": "c"}]
-    assert parse_dataset({"cases": cases}) == DatasetSummary(1, 2)
-    assert parse_dataset(cases) == DatasetSummary(1, 2)
-    assert parse_dataset({"counts": {"labeled": 4, "unlabeled": 7}}) == DatasetSummary(4, 7)
-    assert DatasetSummary(4, 7).describe() == "4 reviewed (labeled), 7 unlabeled"
-    with pytest.raises(ValueError, match="neither 'counts' nor a list of cases"):
-        parse_dataset("nope")
+def test_dataset_counts_are_read_from_the_engines_listing():
+    listing = {"root": "/d", "counts": {"labeled": 4, "partial": 2, "unlabeled": 7}, "cases": []}
+    assert parse_dataset(listing) == DatasetSummary(4, 2, 7)
+    assert DatasetSummary(4, 2, 7).reviewed == 6
+    assert DatasetSummary(4, 2, 7).describe() == "6 reviewed (2 with some organs), 7 unlabeled"
+    assert DatasetSummary(1, 0, 0).describe() == "1 reviewed, 0 unlabeled"
+    for bad in ("nope", {"cases": []}, None):
+        with pytest.raises(ValueError, match="has no 'counts'"):
+            parse_dataset(bad)
 
 
-def test_suggestion_is_read_from_either_shape():
-    assert parse_suggestion({"case": {"id": "c7", "image": "/d/c7/image.nrrd"}, "reason": "most uncertain"}) == \
-        Suggestion("/d/c7/image.nrrd", "c7", "most uncertain")
-    assert parse_suggestion({"image": "/x.nrrd", "case_id": 3}) == Suggestion("/x.nrrd", "3", "")
-    assert parse_suggestion({}) is None and parse_suggestion(None) is None
+def test_the_best_suggestion_is_read_from_the_engines_ranking():
+    ranking = {"model": "starter@1", "suggestions": [
+        {"case_id": "case0007", "image": "/d/case0007/image.nii.gz", "score": 0.4, "reason": "networks disagree on 40.0%"},
+        {"case_id": "case0002", "image": "/d/case0002/image.nii.gz", "score": 0.1, "reason": "..."},
+    ]}
+    assert parse_suggestion(ranking) == Suggestion("/d/case0007/image.nii.gz", "case0007", "networks disagree on 40.0%")
+    assert parse_suggestion({"model": "starter@1", "suggestions": []}) is None
+    with pytest.raises(ValueError, match="no 'suggestions' list"):
+        parse_suggestion({"case": {"image": "/x.nrrd"}})
+    with pytest.raises(ValueError, match="names no case and image"):
+        parse_suggestion({"suggestions": [{"case_id": "c1"}]})
 
 
 @pytest.mark.parametrize(

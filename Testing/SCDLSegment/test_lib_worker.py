@@ -183,14 +183,16 @@ def test_engine_command_lines_and_environment(tmp_path):
     assert engine.worker("starter@1", Device.GPU) == [
         "/opt/Slicer/bin/PythonSlicer", "-m", "scdlcore", "worker", "--model", "starter@1", "--device", "cuda"
     ]
-    assert engine.finetune(tmp_path, "starter", 50)[3:] == [
-        "finetune", "--dataset", str(tmp_path), "--model", "starter", "--steps", "50", "--events"
+    assert engine.finetune(tmp_path, "starter", 50, Device.GPU)[3:] == [
+        "finetune", "--dataset", str(tmp_path), "--model", "starter", "--steps", "50", "--device", "cuda", "--events"
     ]
     assert engine.models_list()[3:] == ["models", "list", "--json"]
     assert engine.models_info("starter@1")[3:] == ["models", "info", "starter@1", "--json"]
     assert engine.models_import("/media/abdomen.scdlmodel")[3:] == ["models", "import", "/media/abdomen.scdlmodel", "--json"]
     assert engine.sample_data("ct_abdomen")[3:] == ["sample-data", "ct_abdomen", "--json"]
-    assert engine.dataset_suggest(tmp_path)[3:] == ["dataset", "suggest", str(tmp_path), "--json"]
+    assert engine.dataset_suggest(tmp_path, "starter@2", Device.CPU)[3:] == [
+        "dataset", "suggest", str(tmp_path), "--model", "starter@2", "--device", "cpu", "--top", "1", "--json"
+    ]
     env = engine.environment({"PYTHONPATH": "/other", "HOME": "/home/u"})
     assert env["PYTHONPATH"] == os.pathsep.join(["/ext/lib", "/other"])
     assert env["SCDL_MODELS_DIR"] == "/data/models" and env["PYTHONUNBUFFERED"] == "1" and env["HOME"] == "/home/u"
@@ -200,7 +202,7 @@ def test_engine_command_lines_and_environment(tmp_path):
 @pytest.mark.parametrize("steps", [0, -3, 2.5, True])
 def test_finetune_steps_must_be_a_positive_whole_number(steps, tmp_path):
     with pytest.raises(ValueError, match="steps must be a whole number"):
-        EngineCommand(python="py").finetune(tmp_path, "starter", steps)
+        EngineCommand(python="py").finetune(tmp_path, "starter", steps, Device.AUTO)
 
 
 def test_missing_dataset_folder_says_where_to_set_it():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import types
 
 import nrrd
@@ -144,6 +145,55 @@ def test_cancel_stops_a_running_segmentation(logic, standin):
     assert not logic.segmentationRunning
 
 
+def test_a_result_that_crosses_the_cancel_is_not_imported(logic, standin):
+    """Cancel is final: the engine had already written its result (so it answers "result", not "cancelled")."""
+    volume = add_ct(standin)
+    outcomes = []
+    logic.startSegmentation(volume, "starter", Device.CPU, onDone=outcomes.append)
+    wait_until(lambda: any(standin.temp_root.glob("SCDLSegment*/labels.nrrd")))  # written, events not yet delivered
+    time.sleep(0.2)
+    logic.cancelSegmentation()
+    wait_until(lambda: bool(outcomes), logic.poll)
+    assert outcomes[0].cancelled and outcomes[0].segmentationNode is None
+    assert not standin.modules["slicer"].util.getNodesByClass("vtkMRMLSegmentationNode")
+
+
+def test_a_volume_removed_while_it_is_segmented_gets_no_result(logic, standin):
+    volume = add_ct(standin)
+    outcomes = []
+    logic.startSegmentation(volume, "starter", Device.CPU, onDone=outcomes.append)
+    standin.scene.RemoveNode(volume)
+    wait_until(lambda: bool(outcomes), logic.poll)
+    assert "The volume 'CT' was removed from the scene while it was segmented" in outcomes[0].error
+    assert not standin.modules["slicer"].util.getNodesByClass("vtkMRMLSegmentationNode")
+
+
+def test_a_segmentation_removed_meanwhile_is_replaced_by_a_new_one(logic, standin):
+    volume = add_ct(standin)
+    target, _, _ = user_segmentation(standin, volume)
+    outcomes = []
+    logic.startSegmentation(volume, "starter", Device.CPU, segmentationNode=target, onDone=outcomes.append)
+    standin.scene.RemoveNode(target)
+    wait_until(lambda: bool(outcomes), logic.poll)
+    assert outcomes[0].error is None and outcomes[0].segmentationNode is not target
+    assert standin.scene.IsNodePresent(outcomes[0].segmentationNode)
+    assert outcomes[0].segmentationNode.GetName() == "CT segmentation"
+
+
+def test_a_busy_worker_is_not_replaced_and_a_case_submitted_meanwhile_waits_its_turn(logic, standin, tmp_path):
+    volume = add_ct(standin)
+    outcomes, added = [], []
+    logic.startSegmentation(volume, "slow", Device.CPU, onDone=outcomes.append)
+    worker = logic.worker
+    with pytest.raises(RuntimeError, match="still busy with the previous model or device"):
+        logic.ensureWorker("starter", Device.CPU)
+    # Adding a case needs no model: it goes to the running worker, whatever model the panel shows now.
+    logic.startSubmitCase(volume, None, [], tmp_path / "ds", "starter", Device.GPU, lambda result, error: added.append((result, error)))
+    assert logic.worker is worker
+    wait_until(lambda: bool(outcomes) and bool(added), logic.poll)
+    assert outcomes[0].error is None and added[0][1] is None and added[0][0]["case_id"] == "case001"
+
+
 def test_an_engine_crash_becomes_a_message_not_a_traceback(logic, standin):
     outcome = logic.segment(add_ct(standin), "crash", Device.CPU, timeout_s=30)
     assert "exit code 3" in outcome.error and "CUDA out of memory (simulated)" in outcome.error
@@ -179,7 +229,7 @@ def test_submitted_case_has_fixed_label_values_on_the_volume_grid(logic, module,
     np.testing.assert_allclose(header["space directions"], image_header["space directions"])
     np.testing.assert_allclose(header["space origin"], image_header["space origin"])
     np.testing.assert_allclose(image_header["space origin"], [-40.0, 20.0, 100.0])  # RAS (40, -20, 100) in LPS
-    assert logic.datasetSummary(dataset) == module.catalog.DatasetSummary(labeled=1, unlabeled=1)
+    assert logic.datasetSummary(dataset) == module.catalog.DatasetSummary(labeled=0, partial=1, unlabeled=1)
     assert not list(standin.temp_root.glob("SCDLSegment-case-*/*"))  # exported files cleaned up
 
 
@@ -198,7 +248,7 @@ def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, t
     logic.submitCase(volume, segmentation_node, ["liver"], tmp_path / "ds", "starter", Device.CPU)
     events, outcomes = [], []
 
-    logic.startFinetune(tmp_path / "ds", "starter@1", 3, onEvent=events.append, onDone=outcomes.append)
+    logic.startFinetune(tmp_path / "ds", "starter@1", 3, Device.CPU, onEvent=events.append, onDone=outcomes.append)
     wait_until(lambda: bool(outcomes), logic.poll)
 
     outcome = outcomes[0]
@@ -211,7 +261,7 @@ def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, t
 
 def test_finetune_error_from_the_engine_is_shown(logic, tmp_path):
     (tmp_path / "empty").mkdir()
-    outcome = logic.finetune(tmp_path / "empty", "starter@1", 3, timeout_s=30)
+    outcome = logic.finetune(tmp_path / "empty", "starter@1", 3, Device.CPU, timeout_s=30)
     assert outcome.error.startswith("No reviewed case in")
 
 
@@ -221,7 +271,7 @@ def test_finetune_cancel_kills_the_training_process(logic, standin, tmp_path):
     logic.submitCase(volume, logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode,
                      ["liver"], tmp_path / "ds", "starter", Device.CPU)
     events, outcomes = [], []
-    logic.startFinetune(tmp_path / "ds", "starter@1", 100, onEvent=events.append, onDone=outcomes.append)
+    logic.startFinetune(tmp_path / "ds", "starter@1", 100, Device.CPU, onEvent=events.append, onDone=outcomes.append)
     wait_until(lambda: bool(events), logic.poll)
     logic.cancelFinetune()
     wait_until(lambda: bool(outcomes), logic.poll)
@@ -323,7 +373,7 @@ def test_panel_setup_binds_the_ui_and_reads_the_registry(widget):
     assert widget._parameters().model == "starter@1"
     assert ui.reviewedOrgansList.count == 13
     assert ui.inputVolumeSelector.bound_value.GetName() == "CT"
-    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 0 unlabeled"
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed, 0 unlabeled"
     assert ui.segmentEditorWidget.calls[0][0] == "setMRMLSegmentEditorNode"  # before the scene is set
     assert ui.segmentEditorWidget.calls[1] == ("setMRMLScene",)
 
@@ -375,7 +425,7 @@ def test_panel_submit_then_finetune_selects_the_new_model(widget, standin):
     ui.submitButton.clicked.emit()
     pump(widget)
     assert ui.datasetStatusLabel.text == "Added case001 (reviewed)."
-    assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (labeled), 0 unlabeled"
+    assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (1 with some organs), 0 unlabeled"
 
     widget._parameters().finetuneSteps = 2
     ui.finetuneButton.clicked.emit()
@@ -406,7 +456,7 @@ def test_panel_suggest_loads_the_suggested_case(widget, standin):
     ui.submitButton.clicked.emit()
     pump(widget)
     assert ui.datasetStatusLabel.text == "Updated case001: was unlabeled, now reviewed."
-    assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (labeled), 0 unlabeled"
+    assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (1 with some organs), 0 unlabeled"
 
 
 def test_panel_imports_a_model_and_selects_it(widget, standin, tmp_path):
@@ -433,18 +483,18 @@ def test_panel_keeps_each_segmented_ct_in_the_dataset_once_when_asked(widget, st
     ui = widget.ui
     ui.applyButton.clicked.emit()
     pump(widget)
-    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 0 unlabeled"  # off by default
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed, 0 unlabeled"  # off by default
 
     widget._parameters().collectUnlabeled = True
     assert standin.settings.values["SCDLSegment/collect_unlabeled"] is True
     ui.applyButton.clicked.emit()
     pump(widget)
     assert ui.datasetStatusLabel.text == "Kept in the dataset as case001 (unlabeled)."
-    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 1 unlabeled"
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed, 1 unlabeled"
     ui.applyButton.clicked.emit()  # the same CT again: one CT is one case
     pump(widget)
     assert ui.datasetStatusLabel.text == "Already in the dataset as case001 (unlabeled)."
-    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed (labeled), 1 unlabeled"
+    assert ui.datasetCountsLabel.text == "Dataset: 0 reviewed, 1 unlabeled"
 
     ui.reviewedOrgansList.item(SYNAPSE13.names.index("liver")).setCheckState(2)
     ui.submitButton.clicked.emit()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scdlsegment_testing import REPO_ROOT
 from slicer_standin import SlicerStandIn
+from SCDLSegmentLib.catalog import DatasetSummary
 from SCDLSegmentLib.engine import EngineCommand
 from SCDLSegmentLib.settings import Device
 
@@ -66,8 +67,36 @@ def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
     case = store.case(result["case_id"])
     assert case.reviewed == ["spleen", "liver"] and case.model == "threshold@1"
     assert store.counts() == {"labeled": 0, "partial": 1, "unlabeled": 0}
+    assert logic.datasetSummary(dataset) == DatasetSummary(labeled=0, partial=1, unlabeled=0)
 
-    tuned = logic.finetune(dataset, "threshold", steps=2, timeout_s=600)
+    tuned = logic.finetune(dataset, "threshold", steps=2, device=Device.CPU, timeout_s=600)
     assert tuned.error is None, tuned.error
     assert tuned.model == "threshold@2" and set(tuned.before) == {"spleen", "liver"}
     assert [model.ref for model in logic.listModels() if model.ref.startswith("threshold")] == ["threshold@1", "threshold@2"]
+
+
+def test_a_submit_waits_for_the_running_segmentation_and_suggest_names_a_stored_case(logic, standin, tmp_path):
+    """The worker queues jobs: "Add as unlabeled" clicked while a segmentation runs is answered after it."""
+    volume, other = abdomen_like_ct(standin), abdomen_like_ct(standin)
+    other.array[10, 20, 20] = 300  # another CT: other voxels
+    dataset = tmp_path / "dataset"
+    segmented, added = [], {}
+    logic.startSegmentation(volume, "threshold", Device.CPU, onDone=segmented.append)
+    logic.startSubmitCase(other, None, [], dataset, "threshold", Device.CPU, lambda result, error: added.update(r=result, e=error))
+    logic.waitFor(lambda: bool(segmented) and bool(added), 120)
+    assert segmented[0].error is None and added["e"] is None, (segmented[0].error, added["e"])
+    assert logic.datasetSummary(dataset) == DatasetSummary(labeled=0, partial=0, unlabeled=1)
+
+    suggested = {}
+    logic.startSuggestCase(dataset, "threshold", Device.CPU, lambda suggestion, error: suggested.update(s=suggestion, e=error))
+    logic.waitFor(lambda: bool(suggested), 120)
+    assert suggested["e"] is None, suggested["e"]
+    suggestion = suggested["s"]
+    assert suggestion.case_id == added["r"]["case_id"] and "uncertainty" in suggestion.reason
+    loaded = standin.modules["slicer"].util.loadVolume(suggestion.image)  # the stored CT, as the panel loads it
+    np.testing.assert_array_equal(loaded.array, other.array)
+
+
+def test_a_worker_that_cannot_start_says_why(logic, standin):
+    outcome = logic.segment(abdomen_like_ct(standin), "no_such_model", Device.CPU, timeout_s=120)
+    assert "No model 'no_such_model'" in outcome.error and "threshold@1" in outcome.error
