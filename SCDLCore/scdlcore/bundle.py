@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -597,6 +598,8 @@ class ModelRegistry:
             index = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(index.get("models"), list):
                 raise ValueError("no 'models' list")
+            for item in index["models"]:
+                _check_index_entry(item)
         except (ValueError, AttributeError) as err:
             raise BundleError(f"Model registry index {path} is damaged ({err}); restore it or move the folder away.") from err
         return index
@@ -609,6 +612,24 @@ class ModelRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         with file_lock(self.root / _LOCK_FILE, timeout_s=_LOCK_TIMEOUT_S):
             yield
+
+
+def _check_index_entry(item: Any) -> None:
+    """An index entry names a model version and its folder ``NAME/VERSION`` inside the registry: a folder
+    anywhere else (``..``, an absolute path) is refused, since ``remove`` deletes it.
+
+    Raises:
+        ValueError: what is wrong with the entry.
+    """
+    if not isinstance(item, dict):
+        raise ValueError(f"an entry is not an object: {str(item)[:100]}")
+    name, version = item.get("name"), item.get("version")
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"an entry has no valid 'name': {str(item)[:100]}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"model {name!r} has no whole-number 'version'")
+    if item.get("folder") != f"{name}/{version}":
+        raise ValueError(f"{name}@{version} names the folder {item.get('folder')!r}, not {name}/{version} inside the registry")
 
 
 def default_models_dir() -> Path:
@@ -723,15 +744,18 @@ def _is_pickle(path: Path) -> bool:
 
 def _extract_archive(archive_path: Path, dest: Path) -> None:
     """Extract model.json and the weights (flat, or inside one top folder); nothing else is written."""
-    with zipfile.ZipFile(archive_path) as archive:
-        members = {}
-        for info in archive.infolist():
-            parts = info.filename.rstrip("/").split("/")
-            if len(parts) <= 2 and parts[-1] in (META_FILE, WEIGHTS_FILE) and not info.is_dir():
-                members.setdefault(parts[-1], info)
-        for name, info in members.items():
-            with archive.open(info) as source, open(dest / name, "wb") as target:
-                shutil.copyfileobj(source, target, length=1 << 20)
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            members = {}
+            for info in archive.infolist():
+                parts = info.filename.rstrip("/").split("/")
+                if len(parts) <= 2 and parts[-1] in (META_FILE, WEIGHTS_FILE) and not info.is_dir():
+                    members.setdefault(parts[-1], info)
+            for name, info in members.items():
+                with archive.open(info) as source, open(dest / name, "wb") as target:
+                    shutil.copyfileobj(source, target, length=1 << 20)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # a bad CRC, a damaged deflate stream, a cut file
+        raise BundleError(f"{archive_path} is damaged ({err}); copy or export the model again.") from err
 
 
 def _stage(bundle: ModelBundle, tmp: Path) -> Path:

@@ -225,6 +225,43 @@ def test_registry_import_list_resolve_export_remove(tmp_path: Path, bundle_dir: 
         registry.remove("tiny")
 
 
+@pytest.mark.parametrize("entry", [
+    {"name": "evil", "version": 1, "folder": "../victim"},  # remove would delete a folder outside the registry
+    {"name": "evil", "version": 1, "folder": "/tmp/victim"},
+    {"name": "evil", "version": 1},
+    {"name": "ev/il", "version": 1, "folder": "ev/il/1"},
+    {"name": "evil", "version": "1", "folder": "evil/1"},
+    7,
+])
+def test_a_tampered_registry_index_is_refused_and_nothing_outside_it_is_touched(
+    tmp_path: Path, bundle_dir: Path, entry: object
+) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.import_(bundle_dir)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("mine")
+    index_path = registry.root / "registry.json"
+    index = json.loads(index_path.read_text())
+    index["models"].append(entry)
+    index_path.write_text(json.dumps(index))
+    for action in (registry.list, lambda: registry.remove("evil"), lambda: registry.resolve("tiny")):
+        with pytest.raises(BundleError, match=r"Model registry index .*registry\.json is damaged"):
+            action()
+    assert (victim / "keep.txt").read_text() == "mine"
+    assert (registry.root / "tiny" / "1" / "weights.safetensors").is_file()
+
+
+def test_a_damaged_archive_is_named_not_a_traceback(tmp_path: Path, bundle_dir: Path) -> None:
+    archive = save_bundle(tmp_path / "tiny.scdlmodel", load_bundle(bundle_dir).build_networks("cpu"), **META)
+    data = bytearray(archive.read_bytes())
+    start = data.index(b"safetensors") + 200  # inside the stored weights: the CRC no longer matches
+    data[start:start + 64] = bytes(64)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"tiny\.scdlmodel is damaged \(Bad CRC-32"):
+        load_bundle(archive)
+
+
 def test_import_with_checksum_mismatch_stores_nothing(tmp_path: Path, bundle_dir: Path) -> None:
     _tamper_weights(bundle_dir)
     registry = ModelRegistry(tmp_path / "registry")
