@@ -149,6 +149,17 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
 
     send(id="x1", command="no_such_command")
     assert "Unknown command 'no_such_command'" in events_until("x1")[-1]["message"]
+    # A malformed request is answered with an error naming the field, and the worker serves on.
+    for request_id, request, message in (
+        ("b1", {"command": "finetune", "dataset": str(tmp_path / "dataset"), "steps": "abc"},
+         "Request 'finetune': the field 'steps' must be a whole number, got \"abc\"."),
+        ("b2", {"command": "segment", "output": str(output)}, "Request 'segment' lacks the field 'input'."),
+        ("b3", {"command": "segment", "input": str(output), "output": str(output), "organs": "liver"},
+         "Request 'segment': the field 'organs' must be a list of strings, got \"liver\"."),
+    ):
+        send(id=request_id, **request)
+        answer = events_until(request_id)[-1]
+        assert (answer["event"], answer["message"]) == ("error", message)
     send(id="q1", command="status")
     status = events_until("q1")[-1]
     assert (status["busy"], status["queued"]) == (None, [])

@@ -21,12 +21,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .config import DEFAULT_FINETUNE_STEPS
 from .events import PROTOCOL_VERSION, Progress, to_jsonable
 
 __all__ = ["Worker"]
 
 #: A job's work: returns the fields of its ``result`` event, or None when it emitted its own ending.
 Job = Callable[[], "dict[str, Any] | None"]
+
+#: Per command, its fields: (type, required). Anything else in a request is ignored.
+_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
+    "segment": {"input": (str, True), "output": (str, True), "organs": (list, False), "collect": (str, False)},
+    "add_case": {"dataset": (str, True), "image": (str, True), "label": (str, False), "reviewed": (list, False),
+                 "case_id": (str, False), "source": (str, False)},
+    "finetune": {"dataset": (str, True), "steps": (int, False), "model": (str, False), "device": (str, False)},
+    "cancel": {"target": (str, False)},
+}
 
 
 class _LineWriter:
@@ -84,8 +94,8 @@ class Worker:
             self.bundle = ModelRegistry(self.models_dir).resolve(self.model_ref)
             self.device = resolve_device(self.device_name)
             self.predictor = Predictor(self.bundle, self.device)
-        except (ValueError, FileNotFoundError) as err:
-            self.emit(None, "error", message=str(err), fatal=True)
+        except Exception as err:  # whatever stops the start must reach the client in the protocol, not a traceback
+            self.emit(None, "error", message=str(err) or type(err).__name__, fatal=True)
             return 2
         cuda = self.device.type == "cuda"
         self.emit(None, "ready", model=self.bundle.ref, device=self.device.type, torch=torch.__version__, cuda=cuda,
@@ -108,6 +118,11 @@ class Worker:
             handler = self._handlers.get(command)
             if handler is None:
                 self.emit(request_id, "error", message=f"Unknown command {command!r}; known: {', '.join([*self._handlers, 'shutdown'])}.")
+                continue
+            try:
+                _check_fields(command, request)
+            except ValueError as err:  # answered, and the worker serves on
+                self.emit(request_id, "error", message=str(err))
                 continue
             handler(request_id, request)
         self._close_jobs()
@@ -169,8 +184,8 @@ class Worker:
 
     def _start_finetune(self, request_id: str, request: dict[str, Any]) -> None:
         command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", str(request["dataset"]),
-                   "--model", str(request.get("model", self.bundle.ref)), "--steps", str(int(request.get("steps", 300))),
-                   "--device", str(request.get("device", self.device_name)), "--events"]
+                   "--model", request.get("model") or self.bundle.ref, "--steps", str(DEFAULT_FINETUNE_STEPS if request.get("steps") is None else request["steps"]),
+                   "--device", request.get("device") or self.device_name, "--events"]
         if self.models_dir:
             command += ["--models-dir", self.models_dir]
 
@@ -267,6 +282,19 @@ class Worker:
             self.emit(job_id, "cancelled")
         if self._job_thread.is_alive():
             self._job_thread.join(timeout=60)
+
+
+def _check_fields(command: str, request: dict[str, Any]) -> None:
+    """Raises ValueError naming the first field of ``request`` that is missing or of the wrong type
+    (null stands for an optional field left out)."""
+    for name, (kind, required) in _FIELDS.get(command, {}).items():
+        value = request.get(name)
+        if value is None:
+            if required:
+                raise ValueError(f"Request {command!r} lacks the field {name!r}.")
+        elif isinstance(value, bool) or not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            wanted = {str: "a string", int: "a whole number", list: "a list of strings"}[kind]
+            raise ValueError(f"Request {command!r}: the field {name!r} must be {wanted}, got {json.dumps(value)[:100]}.")
 
 
 def main(model: str, device: str, models_dir: str | None) -> int:
