@@ -48,6 +48,8 @@ __all__ = [
     "WRITE_SUFFIXES",
     "Volume",
     "case_name",
+    "check_label_output",
+    "check_writable_folder",
     "files_by_case",
     "is_dicom_folder",
     "read_image",
@@ -224,10 +226,7 @@ def read_image(path: str | os.PathLike) -> Volume:
     array = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkFloat32))
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
-        raise ImageError(
-            f"{path}: {bad} voxels are NaN or infinite; a CT must hold finite Hounsfield units. "
-            "Fix or re-export the image."
-        )
+        raise _nonfinite_error(path, bad)
     low, high = float(array.min()), float(array.max())
     if low > _MIN_CT_HU:
         warnings.warn(
@@ -425,11 +424,9 @@ def write_image(path: str | os.PathLike, volume: Volume) -> None:
     Raises:
         ValueError: unsupported file extension.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     _check_write_suffix(path, allow_segmentation=False)
-    atomic_write(path, lambda tmp: sitk.WriteImage(_to_sitk(volume), str(tmp), useCompression=True))
+    _write_sitk(path, _to_sitk(volume))
 
 
 def write_label(
@@ -455,8 +452,6 @@ def write_label(
     Raises:
         ValueError: unsupported extension, non-integer array, or values missing from the table.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     suffix = _check_write_suffix(path, allow_segmentation=True)
     if not np.issubdtype(labels.array.dtype, np.integer):
@@ -476,7 +471,20 @@ def write_label(
         segments = [label for label in table.labels if include_absent or label.value in present]
         for key, value in _segmentation_header(segments, table, labels.shape).items():
             image.SetMetaData(key, value)
-    atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    _write_sitk(path, image)
+
+
+def _write_sitk(path: Path, image: sitk.Image) -> None:
+    """Write atomically; SimpleITK's RuntimeError (a folder that cannot be written, a full disk) becomes an
+    OSError that names the file."""
+    import SimpleITK as sitk
+
+    try:
+        atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    except RuntimeError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "ermission" in line or "space" in line), "")
+        raise OSError(f"Could not write {path}{': ' + reason if reason else ''} (check that the folder is writable "
+                      "and the disk has space).") from err
 
 
 def _read_scalar_3d(path: Path) -> sitk.Image:
@@ -513,7 +521,7 @@ def _read_checked(path: Path) -> sitk.Image:
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes). Copy or export the image again.")
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+        _check_nifti_data(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -572,22 +580,29 @@ def _describe_series(uid: str, files: Sequence[str], modality: str, description:
     return f"series {uid or '(no UID)'} ({modality or '?'}, {len(files)} files, {description or 'no description'!r})"
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise ImageError if a NIfTI file holds less voxel data than its header declares.
-
-    ITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros).
+def _check_nifti_data(path: Path) -> None:
+    """Raise ImageError if a NIfTI file holds less voxel data than its header declares, or NaN/infinite
+    floats: ITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros), and its
+    NIfTI reader turns non-finite floats into zeros, so neither can be seen after reading.
     """
     compressed = path.name.lower().endswith(".gz")
+    nonfinite = 0
     try:
         with (gzip.open if compressed else open)(path, "rb") as stream:
             header = stream.read(540)
-            expected = _nifti_expected_bytes(header)
-            if expected is None:
+            layout = _nifti_layout(header)
+            if layout is None:
                 return  # not NIfTI-1/2: let the reader report it
-            actual = len(header) if compressed else path.stat().st_size
-            # Decompress to the end: gzip raises on a cut stream, and the byte count shows a cut image.
-            while compressed and (chunk := stream.read(1 << 22)):
-                actual += len(chunk)
+            expected, offset, float_dtype = layout
+            if float_dtype is None and not compressed:
+                actual = path.stat().st_size
+            else:  # read to the end: gzip raises on a cut stream, the byte count shows a cut image
+                scan, actual = _FloatScan(float_dtype, skip=offset - len(header)), len(header)
+                scan.add(header[offset:])
+                while chunk := stream.read(1 << 22):
+                    scan.add(chunk)
+                    actual += len(chunk)
+                nonfinite = scan.nonfinite
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise ImageError(
             f"{path}: the file is truncated or damaged ({err}). Copy or export the image again."
@@ -596,18 +611,46 @@ def _check_nifti_complete(path: Path) -> None:
         raise ImageError(
             f"{path}: the file is truncated ({actual} of {expected} bytes). Copy or export the image again."
         )
+    if nonfinite:
+        raise _nonfinite_error(path, nonfinite)
 
 
-def _nifti_expected_bytes(header: bytes) -> int | None:
-    """File size (uncompressed) that a NIfTI-1 or NIfTI-2 header declares, or None if not NIfTI."""
+class _FloatScan:
+    """Counts the NaN/infinite values of a float voxel stream fed in chunks (``dtype`` None: nothing to count)."""
+
+    def __init__(self, dtype: np.dtype | None, skip: int) -> None:
+        self.dtype, self.skip = dtype, max(skip, 0)  # bytes between the header read and the voxel data
+        self.nonfinite, self._rest = 0, b""
+
+    def add(self, chunk: bytes) -> None:
+        if self.dtype is None or not chunk:
+            return
+        dropped = min(self.skip, len(chunk))
+        self.skip -= dropped
+        data = self._rest + chunk[dropped:]
+        whole = len(data) - len(data) % self.dtype.itemsize
+        self.nonfinite += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:whole], dtype=self.dtype))))
+        self._rest = data[whole:]
+
+
+def _nonfinite_error(path: Path, count: int) -> ImageError:
+    return ImageError(
+        f"{path}: {count} voxels are NaN or infinite; an image must hold finite values (a CT: Hounsfield units). "
+        "Fix or re-export the image."
+    )
+
+
+def _nifti_layout(header: bytes) -> tuple[int, int, np.dtype | None] | None:
+    """What a NIfTI-1 or NIfTI-2 header declares: (file size uncompressed, voxel data offset, the voxels' float
+    dtype or None when they are integers); None if not NIfTI."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
@@ -615,7 +658,9 @@ def _nifti_expected_bytes(header: bytes) -> int | None:
         return None
     if not 1 <= dims[0] <= 7:
         return None
-    return offset + int(np.prod([max(int(n), 1) for n in dims[1 : dims[0] + 1]])) * bitpix // 8
+    size = offset + int(np.prod([max(int(n), 1) for n in dims[1 : dims[0] + 1]])) * bitpix // 8
+    floats = {16: "f4", 64: "f8"}.get(datatype)  # NIfTI DT_FLOAT32, DT_FLOAT64
+    return size, offset, None if floats is None else np.dtype(endian + floats)
 
 
 def _itk_reason(err: RuntimeError) -> str:
@@ -681,6 +726,36 @@ def _to_sitk(volume: Volume) -> sitk.Image:
     image.SetOrigin(volume.origin)
     image.SetDirection(volume.direction)
     return image
+
+
+def check_label_output(path: str | os.PathLike) -> Path:
+    """Check, before any work, that a label map can be written to ``path``: a known file type, and the
+    nearest existing folder above it writable (missing folders are created on write).
+
+    Raises:
+        ValueError: an unsupported file type, or a file where a folder is needed.
+        PermissionError: the folder cannot be written.
+    """
+    path = Path(path)
+    _check_write_suffix(path, allow_segmentation=True)
+    check_writable_folder(path.parent)
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """The folder (or, if missing, the nearest existing folder above it) can be written.
+
+    Raises:
+        ValueError: a file stands where the folder should be.
+        PermissionError: it cannot be written.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{folder}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write into {existing}: permission denied; choose another output folder.")
 
 
 def _check_write_suffix(path: Path, *, allow_segmentation: bool) -> str:

@@ -367,17 +367,24 @@ def test_multi_component_image(tmp_path):
     )
 
 
-def test_nan_voxels(synthetic_ct, tmp_path):
-    array = synthetic_ct.array.copy()
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii", ".nii.gz"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_voxels(synthetic_ct, tmp_path, suffix, dtype):
+    """NIfTI included: ITK's NIfTI reader turns NaN into 0, so the file's voxels are checked before reading."""
+    array = synthetic_ct.array.astype(dtype)
     array[0, 0, :3] = np.nan
     array[1, 1, 1] = np.inf
-    write_image(tmp_path / "nan.nrrd", synthetic_ct.with_array(array))
+    array[-1, -1, -1] = -np.inf  # the last voxel: the scan reads to the end of the data
+    path = tmp_path / f"nan{suffix}"
+    write_image(path, synthetic_ct.with_array(array))
     with pytest.raises(ImageError) as err:
-        read_image(tmp_path / "nan.nrrd")
+        read_image(path)
     assert str(err.value) == (
-        f"{tmp_path / 'nan.nrrd'}: 4 voxels are NaN or infinite; a CT must hold finite Hounsfield units. "
+        f"{path}: 5 voxels are NaN or infinite; an image must hold finite values (a CT: Hounsfield units). "
         "Fix or re-export the image."
     )
+    with pytest.raises(ImageError, match="NaN or infinite"):
+        read_label(path)
 
 
 @pytest.mark.parametrize(("low", "high"), [(0.0, 1.0), (-400.0, 800.0)])
