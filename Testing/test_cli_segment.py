@@ -162,6 +162,25 @@ def test_bad_input_and_organ_names_are_user_errors(threshold_bundle: Path, tmp_p
     assert "Unknown organ 'livr' in label table 'synapse13'; did you mean 'liver'?" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Checked before the model loads: a wrong file type, a file where a folder should be; and a write that
+    fails anyway (here: the JSON report under a file) is one line naming the path, not a traceback."""
+    ct = samples["ct_chest_nrrd"].image
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert _segment(ct, "-o", tmp_path / "out.txt", "--model", threshold_bundle) == 2
+    assert capsys.readouterr().err == (f"scdl segment: error: {tmp_path / 'out.txt'}: cannot write this file type; "
+                                       "use one of .seg.nrrd, .nii.gz, .nii, .nrrd, .mha.\n")
+    assert _segment(ct, "-o", blocker / "out.nii.gz", "--model", threshold_bundle) == 2
+    assert capsys.readouterr().err == f"scdl segment: error: {blocker}: {blocker} is a file, not a folder.\n"
+    label = samples["ct_abdomen"].label
+    assert main(["evaluate", str(label), str(label), "--json", str(blocker / "scores.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scdl evaluate: error: [Errno ") and str(blocker) in err and "Traceback" not in err
+
+
 @pytest.fixture
 def no_shipped_starter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """For the registry commands: hide the starter model shipped with the package."""

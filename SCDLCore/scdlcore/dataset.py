@@ -58,7 +58,7 @@ from . import io
 from ._atomic import TEMP_PREFIX, atomic_write_text, fsync_file
 from ._filelock import file_lock
 from .io import Volume
-from .labels import LabelTable, get_label_table, value_counts
+from .labels import LabelTable, get_label_table
 
 if TYPE_CHECKING:
     import torch
@@ -559,7 +559,7 @@ class DatasetStore:
                 f"image {image.describe_grid()}. Export the label map on the image's grid, or resample it onto the image with "
                 "scdlcore.io.resample_label_to. Nothing was stored."
             )
-        unknown = sorted(set(value_counts(volume.array)) - {0} - set(self.table.values))
+        unknown = self.table.unknown_values(volume.array)
         if unknown:
             raise DatasetError(
                 f"Label map {name} holds values {unknown} that are not in label table {self.table.name!r} "

@@ -93,6 +93,10 @@ class LabelTable:
         """Network channel of an organ (1..C-1; 0 is background)."""
         return self.names.index(self[name].name) + 1
 
+    def unknown_values(self, labels: np.ndarray) -> list[int]:
+        """The values of an integer label map that are neither background (0) nor in this table, sorted."""
+        return sorted(set(value_counts(labels)) - {0} - set(self.values))
+
     def values_to_classes(self, labels: np.ndarray) -> np.ndarray:
         """Map label values to class indices 0..C-1 (uint8). Unknown values raise ValueError."""
         lut_size = max(self.values) + 1

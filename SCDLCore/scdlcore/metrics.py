@@ -321,13 +321,20 @@ def evaluate_files(
         paper_mode: see :func:`evaluate_labels`.
 
     Raises:
-        ValueError: the two files are not on the same grid.
+        ValueError: the two files are not on the same grid, or a plain map holds values not in ``table``.
         FileNotFoundError, scdlcore.io.ImageError: a file is missing or unreadable.
     """
     from scdlcore.io import read_label_map
 
     pred = read_label_map(pred_path, table)
     ref = read_label_map(ref_path, table)
+    for path, labels in ((pred_path, pred), (ref_path, ref)):
+        unknown = table.unknown_values(labels.array)
+        if unknown:  # another label table's map would be scored as if it were this one
+            raise ValueError(
+                f"{path} holds label values {unknown} that are not in label table {table.name!r} "
+                f"(values {table.values}); convert them with scdlcore.labels.map_label_values, or choose its table."
+            )
     if not pred.same_grid(ref):
         raise ValueError(
             f"Prediction {pred_path} and reference {ref_path} are not on the same grid: "

@@ -362,6 +362,18 @@ def test_evaluate_files_names_both_files_when_grids_differ(tmp_path):
         evaluate_files(tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz", TABLE)
 
 
+def test_evaluate_files_refuses_values_of_another_label_table(tmp_path):
+    """A map with values the table lacks (another dataset's numbering) would be scored silently as if it matched."""
+    ref = _cube((10, 9, 8), (2, 2, 2), value=3)
+    _write_label(tmp_path / "ref.nii.gz", ref, (1.0, 1.0, 1.0))
+    foreign = ref.copy()
+    foreign[0, 0, 0] = 99
+    _write_label(tmp_path / "foreign.nii.gz", foreign, (1.0, 1.0, 1.0))
+    for pred, reference in (("ref", "foreign"), ("foreign", "ref")):
+        with pytest.raises(ValueError, match=r"foreign\.nii\.gz holds label values \[99\] that are not in label table 'test3'"):
+            evaluate_files(tmp_path / f"{pred}.nii.gz", tmp_path / f"{reference}.nii.gz", TABLE)
+
+
 def test_evaluate_files_reports_a_missing_file(tmp_path):
     _write_label(tmp_path / "ref.nii.gz", _cube((6, 6, 6), (1, 1, 1)), (1.0, 1.0, 1.0))
 

@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 from .. import __version__
 
-__all__ = ["main", "build_parser"]
+__all__ = ["DEVICES", "add_device_option", "build_parser", "main"]
+
+#: What ``--device`` takes: auto = the GPU when PyTorch sees one, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
 
 #: Sub-command modules of this package, in the order ``scdl --help`` lists them.
 _COMMAND_MODULES = ("segment", "train", "finetune", "evaluate", "models", "dataset", "sample_data", "worker")
@@ -23,6 +26,12 @@ _COMMAND_MODULES = ("segment", "train", "finetune", "evaluate", "models", "datas
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad option); printed without a traceback, exit code 2."""
+
+
+def add_device_option(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """``--device auto|cpu|cuda`` (default auto); ``what`` ends the help, e.g. " (with --model)"."""
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help=f"auto = the GPU when PyTorch sees one, else CPU (default: auto){what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``scdl``; returns the process exit code (0 ok, 1 failure, 2 bad input, 130 cancelled)."""
+    """Run ``scdl``; returns the process exit code (0 ok, 1 failure (a file that cannot be written too),
+    2 bad input, 130 cancelled)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -47,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as err:
         print(f"scdl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be written, a full disk: the message names the path
+        print(f"scdl {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"scdl {args.command}: cancelled", file=sys.stderr)
         return 130

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from . import add_device_option
+
 if TYPE_CHECKING:
     from ..dataset import Case, DatasetStore
 
@@ -73,8 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     suggest.add_argument("--model", required=True,
                          help="installed model NAME or NAME@VERSION, or a bundle folder/.scdlmodel path")
     suggest.add_argument("--top", type=int, help="show only the N best cases (default: all)")
-    suggest.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                         help="auto = the GPU when PyTorch sees one, else CPU (default: auto)")
+    add_device_option(suggest)
     suggest.add_argument("--models-dir", metavar="DIR", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
     parser.set_defaults(func=run)
 

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import add_device_option
+
 __all__ = ["register", "run"]
 
 
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="file or folder pairs (label maps, .seg.nrrd, or images with --model)")
     parser.add_argument("--model", help="segment each IMAGE with this model (name, name@version or bundle path) first")
     parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (with --model)")
+    add_device_option(parser, " (with --model)")
     parser.add_argument("--labels", default="synapse13", help="label table of the label maps (default: synapse13)")
     parser.add_argument("--paper", action="store_true",
                         help="paper-compatible mode: maps resized to 160x160x80, distances in voxels, 128 for a missed organ")

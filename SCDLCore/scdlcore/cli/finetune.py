@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_device_option
+
 __all__ = ["register", "run"]
 
 
@@ -22,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS}; more adapts further but takes longer)")
     parser.add_argument("--rehearsal", default="", help="another dataset folder whose labeled cases also train (keeps old knowledge)")
     parser.add_argument("--output", help="run folder (default DATASET/runs/finetune-NAME-vVERSION)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_option(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its last checkpoint")
     parser.add_argument("--events", action="store_true", help="JSON lines on stdout instead of a progress bar")
     parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import add_device_option
+
 if TYPE_CHECKING:
     from ..batch import BatchCase, CaseResult
     from ..events import Progress
@@ -44,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="file type written into an output folder: seg.nrrd (default), nii.gz, nii, nrrd or mha")
     parser.add_argument("--model", default="starter",
                         help="installed model NAME or NAME@VERSION, or a bundle folder/.scdlmodel path (default: starter)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto = the GPU when PyTorch sees one, else CPU (default: auto)")
+    add_device_option(parser)
     parser.add_argument("--organs", nargs="+", metavar="ORGAN",
                         help="keep only these organs (machine names, e.g. liver spleen); default: all")
     parser.add_argument("--overlap", type=float, default=0.5,
@@ -121,14 +122,19 @@ def _output_folder(args: argparse.Namespace, *, batch: bool) -> Path | None:
 
 
 def _plan(args: argparse.Namespace, folder: Path | None) -> list[BatchCase]:
+    """The cases, their outputs checked to be writable before any work."""
     from ..batch import BatchCase, overview_path, plan_cases
+    from ..io import check_label_output, check_writable_folder
 
     if folder is None:
         overview = None if args.overview is None else Path(args.overview or overview_path(args.output))
-        return [BatchCase(Path(args.inputs[0]), Path(args.output), overview)]
+        if overview is not None:
+            check_writable_folder(overview.parent)
+        return [BatchCase(Path(args.inputs[0]), check_label_output(args.output), overview)]
     if args.overview:
         raise ValueError("With an output folder, --overview takes no file name: each CT's overview is written "
                          "next to its output as NAME_overview.png.")
+    check_writable_folder(folder)
     suffix = "." + (args.format or "seg.nrrd").lstrip(".")
     return plan_cases(args.inputs, folder, suffix=suffix, overviews=args.overview is not None)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_device_option
+
 __all__ = ["register", "run"]
 
 
@@ -16,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "See the README's 'Worker protocol' section.",
     )
     parser.add_argument("--model", default="starter", help="model name, name@version or bundle path (default: starter)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_device_option(parser)
     parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
     parser.set_defaults(func=run)
 
