@@ -41,7 +41,8 @@ from .dataset import Dataset, DatasetError, load_dataset
 from .events import Progress
 from .ssl import Batch, build_base
 
-__all__ = ["Trainer", "TrainResult", "load_checkpoint_weights", "optimisation_step", "resolve_device", "split_validation"]
+__all__ = ["Trainer", "TrainResult", "holds_run", "load_checkpoint_weights", "optimisation_step", "resolve_device",
+           "split_validation"]
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "scdl-checkpoint-1"
@@ -59,6 +60,11 @@ class TrainResult:
     output: Path
     bundle: Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether a training run has written into ``folder`` (its history or its last checkpoint)."""
+    return (folder / "history.jsonl").is_file() or (folder / "checkpoints" / "last.safetensors").is_file()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,6 +168,9 @@ class Trainer:
     def setup(self) -> None:
         """Data, model, optimiser, and the checkpoint to resume from."""
         config = self.config
+        if not self.resume and holds_run(self.output):  # its checkpoints and history would be mixed with this run's
+            raise ValueError(f"{self.output} holds a training run already: continue it with --resume, or choose a "
+                             "new output folder.")
         if not config.data.dataset:
             raise ValueError("The config names no dataset folder (data.dataset).")
         dataset = load_dataset(config.data.dataset)
@@ -186,8 +195,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.base = build_base(config, dataset.table.num_classes).to(self.device)
         if self.init_weights is not None:
-            missing = self.base.load_state_dict(self.init_weights, strict=False).missing_keys
-            _log.info("Initialised from given weights; %d parameters kept their fresh values.", len(missing))
+            self._load_init_weights()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not config.train.deterministic
             torch.backends.cudnn.deterministic = config.train.deterministic
@@ -208,6 +216,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(1.0 - s / total, 0.0) ** power)
         if self.resume:
             self.load_checkpoint(self.output / "checkpoints" / "last.safetensors")
+
+    def _load_init_weights(self) -> None:
+        """Start from ``init_weights``. A network they do not cover starts as a copy of the first network: a
+        bundle ships one network of its CPS pair, and an untrained partner would teach the other noise."""
+        missing = set(self.base.load_state_dict(self.init_weights, strict=False).missing_keys)
+        networks = self.base.networks
+        for index in range(1, len(networks)):
+            keys = {f"networks.{index}.{name}" for name, _ in networks[index].named_parameters()}
+            if keys <= missing:
+                networks[index].load_state_dict(networks[0].state_dict())
+                missing = {key for key in missing if not key.startswith(f"networks.{index}.")}
+                _log.info("Network %d starts as a copy of network 0 (the given weights hold one network).", index)
+        _log.info("Initialised from given weights; %d parameters kept their fresh values.", len(missing))
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step on the batch of ``self.step``; returns the losses as floats."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scdlcore.config import Config
 from scdlcore.dataset import DatasetError
 from scdlcore.sample_data import make_sample_dataset
+from scdlcore.nets import VNet
 from scdlcore.train import Trainer, load_checkpoint_weights
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,19 @@ def test_resumed_run_matches_the_uninterrupted_run(dataset_dir, cache_dir, tmp_p
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_weights_of_one_network_start_both_networks_of_a_cps_pair(dataset_dir, cache_dir, tmp_path):
+    """Fine-tuning a bundle that ships one network of its CPS pair: the partner is a copy, not a random network."""
+    config = tiny_config(dataset_dir, cache_dir, **{"network.width": 2})
+    torch.manual_seed(7)
+    shipped = VNet(num_classes=14, width=2)
+    trainer = Trainer(config, tmp_path / "run", init_weights={f"networks.0.{k}": v for k, v in shipped.state_dict().items()})
+    trainer.setup()
+    assert len(trainer.base.networks) == 2
+    for index, network in enumerate(trainer.base.networks):
+        for key, value in shipped.state_dict().items():
+            torch.testing.assert_close(network.state_dict()[key], value, msg=f"network {index}: {key}")
 
 
 def test_two_process_gloo_ddp_run_completes(dataset_dir, cache_dir, tmp_path):
