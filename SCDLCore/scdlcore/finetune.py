@@ -23,9 +23,9 @@ import torch
 from .bundle import ModelBundle, ModelRegistry, load_bundle, update_bundle_metadata
 from .config import DEFAULT_FINETUNE_STEPS, Config, SCDLConfig
 from .dataset import load_dataset
-from .train import Trainer
+from .train import Trainer, holds_run
 
-__all__ = ["FinetuneResult", "finetune", "finetune_config", "bundle_weights_for_base"]
+__all__ = ["FinetuneResult", "bundle_weights_for_base", "default_run_folder", "finetune", "finetune_config"]
 
 MIN_CASES_TO_HOLD_OUT = 3
 
@@ -74,6 +74,17 @@ def bundle_weights_for_base(bundle: ModelBundle, base: str) -> dict[str, torch.T
     return state
 
 
+def default_run_folder(dataset_dir: Path, parent: ModelBundle, *, resume: bool) -> Path:
+    """``DATASET/runs/finetune-NAME-vN``, then ``...-2``, ``...-3``: the first that holds no run (an earlier
+    fine-tune of the same parent is never overwritten), or with ``resume`` the last that holds one."""
+    base = dataset_dir / "runs" / f"finetune-{parent.name}-v{parent.version}"
+    folder, number, last_run = base, 1, None
+    while holds_run(folder):
+        last_run, number = folder, number + 1
+        folder = base.with_name(f"{base.name}-{number}")
+    return last_run if resume and last_run is not None else folder
+
+
 def finetune(
     model: str,
     dataset_dir: str | Path,
@@ -101,7 +112,7 @@ def finetune(
     dataset_dir = Path(dataset_dir)
     parent = registry.resolve(model)
     config = finetune_config(parent, dataset_dir, steps=steps, device=device, rehearsal=rehearsal, overrides=overrides)
-    output = Path(output) if output else dataset_dir / "runs" / f"finetune-{parent.name}-v{parent.version}"
+    output = Path(output) if output else default_run_folder(dataset_dir, parent, resume=resume)
     lineage = {"parent": parent.ref, "trained_on": f"fine-tune on {dataset_dir.name}"}
     trainer = Trainer(
         config, output, json_events=json_events, resume=resume, cancel=cancel,
