@@ -8,6 +8,7 @@ not accuracy.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -67,6 +68,22 @@ def test_cancelled_finetune_registers_nothing_and_resumes(store, registry, tmp_p
     resumed = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu",
                        resume=True, overrides=FAST)
     assert (resumed.status, resumed.model) == ("completed", "threshold@2")
+
+
+def test_a_finetune_never_overwrites_an_earlier_run(store, registry, tmp_path):
+    """The default run folder: a run cancelled in the panel is resumed by --resume, and a new fine-tune of the
+    same parent goes into the next free folder; a run folder given twice without --resume is refused."""
+    store = Path(shutil.copytree(store, tmp_path / "dataset"))
+    cancel = threading.Event()
+    cancel.set()
+    first = finetune("threshold", store, registry=registry, steps=4, device="cpu", cancel=cancel, overrides=FAST)
+    assert (first.status, first.output) == ("cancelled", store / "runs" / "finetune-threshold-v1")
+    resumed = finetune("threshold", store, registry=registry, steps=4, device="cpu", resume=True, overrides=FAST)
+    assert (resumed.status, resumed.model, resumed.output) == ("completed", "threshold@2", first.output)
+    again = finetune("threshold@1", store, registry=registry, steps=4, device="cpu", overrides=FAST)
+    assert (again.model, again.output) == ("threshold@3", store / "runs" / "finetune-threshold-v1-2")
+    with pytest.raises(ValueError, match=r"finetune-threshold-v1 holds a training run already: continue it with --resume"):
+        finetune("threshold@1", store, registry=registry, steps=4, device="cpu", output=first.output, overrides=FAST)
 
 
 def test_sigkilled_finetune_resumes_to_completion(store, registry, tmp_path):
@@ -160,6 +177,11 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
         send(id=request_id, **request)
         answer = events_until(request_id)[-1]
         assert (answer["event"], answer["message"]) == ("error", message)
+    # A fine-tune that fails before training: one error, with the child's reason.
+    send(id="f1", command="finetune", dataset=str(tmp_path / "dataset"), steps=2, device="cpu")
+    seen = events_until("f1")
+    assert [e["event"] for e in seen if e["id"] == "f1"] == ["error"]
+    assert "exit code 2 before its result" in seen[-1]["message"] and "has no labeled case" in seen[-1]["message"]
     send(id="q1", command="status")
     status = events_until("q1")[-1]
     assert (status["busy"], status["queued"]) == (None, [])

@@ -190,21 +190,33 @@ class Worker:
             command += ["--models-dir", self.models_dir]
 
         def finetune() -> None:  # the child's own events end the request
+            from .infer import InferenceCancelled
+
             with self._jobs_changed:  # a cancel that came before the child existed still stops it
                 self._child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 if self._cancel.is_set():
                     self._child.terminate()
+            stderr_tail: deque[str] = deque(maxlen=5)  # drained meanwhile: a full pipe would stall the child
+            drain = threading.Thread(target=stderr_tail.extend, args=(self._child.stderr,), daemon=True)
+            drain.start()
+            ended = False  # the child's own result, error or cancelled event ends the request, once
             for line in self._child.stdout:  # type: ignore[union-attr]
                 try:
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
                 event.pop("id", None)
-                self.emit(request_id, event.pop("event", "log"), **{k: v for k, v in event.items() if k != "protocol"})
+                kind = event.pop("event", "log")
+                ended = ended or kind in ("result", "error", "cancelled")
+                self.emit(request_id, kind, **{k: v for k, v in event.items() if k != "protocol"})
             code = self._child.wait()
-            if code not in (0, 130):
-                tail = (self._child.stderr.read() or "").strip().splitlines()[-5:]  # type: ignore[union-attr]
-                raise RuntimeError(f"fine-tuning stopped with exit code {code}: {' | '.join(tail)}")
+            drain.join(timeout=10)
+            if ended:
+                return  # a second SIGTERM (cancel, then shutdown) may change the exit code: the request is answered
+            if self._cancel.is_set():
+                raise InferenceCancelled
+            tail = " | ".join(line.strip() for line in stderr_tail if line.strip())
+            raise RuntimeError(f"fine-tuning stopped with exit code {code} before its result: {tail}")
 
         self._run_job(request_id, finetune)
 
