@@ -57,7 +57,7 @@ def fill_example(panel: QWidget) -> None:
         organs.addItem(item)
     widget("submitButton").setEnabled(True)
     widget("addUnlabeledButton").setEnabled(True)
-    widget("datasetCountsLabel").setText(f"Dataset: {catalog.DatasetSummary(3, 12).describe()}")
+    widget("datasetCountsLabel").setText(f"Dataset: {catalog.DatasetSummary(3, 1, 12).describe()}")
     widget("finetuneProgressBar").setValue(100)
     widget("finetuneStatusLabel").setText("New model starter@2 selected.")
     widget("validationLabel").setText(progress.format_validation(
@@ -71,7 +71,8 @@ def fill_example(panel: QWidget) -> None:
             table.setItem(row, column, QTableWidgetItem(text))
 
 
-def main() -> None:
+def render(output: Path) -> None:
+    """Load the .ui, fill it with the example content and save it as a PNG."""
     qt_app()
     panel = load_ui(REPO_ROOT / "SCDLSegment" / "Resources" / "UI" / "SCDLSegment.ui")
     fill_example(panel)
@@ -80,11 +81,11 @@ def main() -> None:
     qt_app().processEvents()
     panel.resize(460, panel.sizeHint().height())
     qt_app().processEvents()
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    if not panel.grab().save(str(OUTPUT)):
-        raise OSError(f"Could not write {OUTPUT}")
-    print(f"wrote {OUTPUT}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not panel.grab().save(str(output)):
+        raise OSError(f"Could not write {output}")
 
 
 if __name__ == "__main__":
-    main()
+    render(OUTPUT)
+    print(f"wrote {OUTPUT}")

@@ -133,3 +133,13 @@ def test_stand_ins_cover_every_custom_widget_of_the_ui():
 
 def _text(name) -> str:
     return bytes(name).decode()
+
+
+def test_the_readme_screenshot_renders_from_the_real_ui(tmp_path):
+    """make_panel_screenshot.py fills the panel with the module's own formatting helpers; it must keep up with them."""
+    from make_panel_screenshot import render
+    from PySide6.QtGui import QImage
+
+    render(tmp_path / "panel.png")
+    image = QImage(str(tmp_path / "panel.png"))
+    assert image.width() >= 460 and image.height() > 400
