@@ -40,8 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from scdlcore._atomic import atomic_write_text
-from scdlcore.dataset import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Case
+from scdlcore.dataset import MANIFEST_NAME, DatasetStore
 from scdlcore.io import read_image, read_label, resample_label_to, write_label
 from scdlcore.labels import TOTALSEGMENTATOR_TO_SYNAPSE13, map_label_values
 
@@ -273,7 +272,7 @@ def fetch_all(cache_dir: str | os.PathLike | None = None) -> dict[str, Sample]:
 def make_sample_dataset(folder: str | os.PathLike, samples: dict[str, Sample] | None = None) -> Path:
     """Write a dataset folder (see :mod:`scdlcore.dataset`) made of the samples, for tests and demos.
 
-    Labeled cases: ``ct_abdomen`` (NIfTI) and ``ct_abdomen_dicom`` (its DICOM folder); unlabeled case:
+    Labeled cases: ``ct_abdomen`` and ``ct_abdomen_dicom`` (read from its DICOM folder); unlabeled case:
     ``ct_chest_cta``. Case ids are the sample names; labels use the Synapse-13 table.
 
     Args:
@@ -290,24 +289,10 @@ def make_sample_dataset(folder: str | os.PathLike, samples: dict[str, Sample] | 
     if (root / MANIFEST_NAME).exists():
         raise FileExistsError(f"{root} already holds a dataset ({MANIFEST_NAME}); give a new or empty folder.")
     samples = samples if samples is not None else fetch_all()
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(exist_ok=True)
-    cases = []
-    for name in ("ct_abdomen", "ct_abdomen_dicom", "ct_chest_cta"):
+    store = DatasetStore.init(root, labels="synapse13")
+    for name in ("ct_abdomen", "ct_abdomen_dicom", "ct_chest_cta"):  # stored as any added case: NIfTI, voxel digest
         sample = samples[name]
-        if sample.image.is_dir():
-            image = f"images/{name}"
-            shutil.copytree(sample.image, root / image)
-        else:
-            image = f"images/{name}{''.join(sample.image.suffixes)}"
-            shutil.copyfile(sample.image, root / image)
-        label = None
-        if sample.label is not None:
-            label = f"labels/{name}.nii.gz"
-            shutil.copyfile(sample.label, root / label)
-        cases.append(Case(id=name, image=image, label=label, extra={"source": f"scdlcore sample {name}"}).to_dict())
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "labels": "synapse13", "cases": cases}
-    atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n", durable=True)  # last: the folder is complete
+        store.add(sample.image, sample.label, case_id=name, source=f"scdlcore sample {name}")
     return root
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scdlcore.dataset import load_dataset
+from scdlcore.dataset import CTAlreadyStored, DatasetStore, load_dataset
 from scdlcore.io import read_image, read_label
 from scdlcore.labels import SYNAPSE13
 from scdlcore.sample_data import (
@@ -162,6 +162,10 @@ def test_sample_dataset_has_two_labeled_cases_and_one_unlabeled(samples, tmp_pat
     assert dataset.table.name == "synapse13"
     for case in dataset.labeled:
         read_label(dataset.path(case.label), reference=read_image(dataset.path(case.image)))
+    # Stored as any added case, so "one CT is one case" holds: the sample CT added again is recognised.
+    assert all(case.image.endswith(".nii.gz") and case.extra["voxels_sha256"] for case in dataset.cases)
+    with pytest.raises(CTAlreadyStored, match="ct_abdomen_dicom"):
+        DatasetStore(dataset.root).add(samples["ct_abdomen_dicom"].image)
 
 
 def test_unknown_sample_lists_the_valid_names(tmp_path):
