@@ -8,8 +8,8 @@ not accuracy.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import subprocess
 import sys

@@ -555,6 +555,7 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
             _describe_series(chosen, *series[chosen]),
             others,
         )
+    _check_slice_positions(folder, series[chosen][0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series[chosen][0])
     try:
@@ -562,6 +563,45 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     except RuntimeError as err:
         raise ImageError(f"{folder}: the DICOM series cannot be read ({_itk_reason(err)}).") from err
     return _clean_direction(image)
+
+
+def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
+    """Raise ImageError for a series with an unreadable slice, or slices not evenly spaced along the slice
+    normal (a missing or duplicated slice): ITK only warns and reads it onto a wrong, uniform grid."""
+    import SimpleITK as sitk
+
+    positions = []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            raise ImageError(f"{folder}: the slice {Path(file).name} cannot be read ({_itk_reason(err)}); "
+                             "the series is damaged. Copy or export it again.") from err
+        if not reader.HasMetaDataKey("0020|0032") or not reader.HasMetaDataKey("0020|0037"):
+            return  # no patient positions (e.g. a secondary capture): nothing to check against
+        positions.append(_dicom_numbers(reader.GetMetaData("0020|0032")))
+        if len(positions) == 1:
+            cosines = _dicom_numbers(reader.GetMetaData("0020|0037"))
+            normal = np.cross(cosines[:3], cosines[3:])
+    if len(positions) < 3:
+        return
+    gaps = np.abs(np.diff(np.asarray(positions) @ normal))
+    typical = float(np.median(gaps))
+    odd = np.flatnonzero(np.abs(gaps - typical) > 0.01 * typical + 1e-3)
+    if typical > 0 and odd.size == 0:
+        return
+    first = int(odd[0]) if odd.size else 0
+    raise ImageError(
+        f"{folder}: the slices are not evenly spaced ({typical:g} mm apart, but {gaps[first]:g} mm between "
+        f"{Path(files[first]).name} and {Path(files[first + 1]).name}): a slice is missing or repeated. "
+        "Copy or export the whole series again."
+    )
+
+
+def _dicom_numbers(value: str) -> np.ndarray:
+    return np.array([float(number) for number in value.split("\\")])
 
 
 def _dicom_tag(file: str, tag: str) -> str:

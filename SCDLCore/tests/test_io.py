@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -442,6 +444,22 @@ def test_dicom_folder_with_two_series_reads_the_largest_and_logs_it(samples, tmp
         f"{tmp_path / 'dicom'} holds 2 DICOM series; reading series (no UID) (CT, 15 files, 'CT Body 3.0'). "
         "Not read: series 1.2.3.4 (CT, 5 files, 'CT Body 3.0')."
     ]
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate", "garbage"])
+def test_a_dicom_series_with_a_missing_or_damaged_slice_is_refused(samples, tmp_path, damage):
+    """ITK only warns about the gap and reads the series onto a wrong, evenly spaced grid."""
+    folder = Path(shutil.copytree(samples["ct_abdomen_dicom"].image, tmp_path / "dicom"))
+    victim = sorted(folder.iterdir())[10]
+    if damage == "remove":
+        victim.unlink()
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:2000])
+    else:
+        victim.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 4000)
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(folder))}: (the slices are not evenly spaced \(2 mm apart, "
+                       r"but 4 mm between .+\): a slice is missing or repeated|the slice .+ cannot be read)"):
+        read_image(folder)
 
 
 def test_dicom_folder_prefers_a_ct_series_over_a_larger_other_one(samples, tmp_path):
