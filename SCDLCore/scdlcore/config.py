@@ -252,6 +252,8 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"Cannot read config file {path}: {err.strerror or err}.") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path} is not a text file (YAML or JSON); is it an image or an archive?") from err
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml

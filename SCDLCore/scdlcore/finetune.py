@@ -128,7 +128,11 @@ def finetune(
     if result.status != "completed" or result.bundle is None:
         return FinetuneResult(result.status, None, before, after, output)
     _record_lineage(result.bundle, trainer, before, after, config, lineage)
-    registered = registry.register(result.bundle)
+    try:
+        registered = registry.register(result.bundle)
+    except OSError as err:  # a read-only or full registry: the trained bundle is kept in the run folder
+        raise OSError(f"The fine-tuned model could not be registered ({err}). It is complete in {result.bundle}: "
+                      f"install it with `scdl models import {result.bundle}` once the registry can be written.") from err
     if json_events:
         from .events import Progress
 

@@ -172,6 +172,10 @@ def test_file_errors_name_the_file(tmp_path):
     broken_json.write_text("{'train': 1}", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"broken\.json is not valid JSON"):
         load_config(broken_json)
+    binary = tmp_path / "ct.nii.gz"  # a CT given where the config goes
+    binary.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"Config file .*ct\.nii\.gz is not a text file \(YAML or JSON\)"):
+        load_config(binary)
     listing = tmp_path / "list.yaml"
     listing.write_text("- train\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"list\.yaml must hold a mapping of sections, got list"):
