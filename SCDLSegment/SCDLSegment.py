@@ -952,9 +952,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             job.onProgress("export", 0.0)
             inputPath = job.folder / "input.nrrd"
-            slicer.util.exportNode(volumeNode, str(inputPath), {"useCompression": 0})
-            if not inputPath.is_file():
-                raise RuntimeError(f"The volume {volumeNode.GetName()!r} could not be written to {inputPath}.")
+            _exportForEngine(volumeNode, inputPath)
             worker = self.ensureWorker(model, device)
             job.onProgress("start", 0.0)
             fields: dict[str, Any] = {"input": str(inputPath), "output": str(job.folder / "labels.nrrd")}
@@ -1102,7 +1100,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             ValueError: two segments claim one organ.
         """
         imagePath, labelPath = folder / "image.nrrd", folder / "label.nrrd"
-        slicer.util.exportNode(volumeNode, str(imagePath), {"useCompression": 1})
+        _exportForEngine(volumeNode, imagePath)
         if segmentationNode is None:
             return imagePath, None
         organSegments = labelmap.organs_to_segments(table, existingSegments(segmentationNode))
@@ -1117,7 +1115,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         volumeNode.GetIJKToRASMatrix(ijkToRas)
         labelNode = slicer.util.addVolumeFromArray(labels, ijkToRas, "SCDLSegment export", "vtkMRMLLabelMapVolumeNode")
         try:
-            slicer.util.exportNode(labelNode, str(labelPath), {"useCompression": 1})
+            _exportForEngine(labelNode, labelPath)
         finally:
             slicer.mrmlScene.RemoveNode(labelNode)
         return imagePath, labelPath
@@ -1275,6 +1273,14 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(packages)
         else:
             slicerPackaging.pip_ensure(packages, skip_packages=skip, prompt_install=confirm, requester="SCDL Segment")
+
+
+def _exportForEngine(node, path: Path) -> None:
+    """Write a volume for the engine to read (uncompressed: the engine reads it once, and the dataset store
+    rewrites it as compressed NIfTI anyway); exportNode logs a failure rather than raising it."""
+    slicer.util.exportNode(node, str(path), {"useCompression": 0})
+    if not path.is_file():
+        raise RuntimeError(f"{node.GetName()!r} could not be written to {path}; see the log.")
 
 
 def _importedRef(data: Any) -> str:
