@@ -183,8 +183,9 @@ class Worker:
         self._run_job(request_id, add_case)
 
     def _start_finetune(self, request_id: str, request: dict[str, Any]) -> None:
-        command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", str(request["dataset"]),
-                   "--model", request.get("model") or self.bundle.ref, "--steps", str(DEFAULT_FINETUNE_STEPS if request.get("steps") is None else request["steps"]),
+        steps = DEFAULT_FINETUNE_STEPS if request.get("steps") is None else request["steps"]
+        command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", request["dataset"],
+                   "--model", request.get("model") or self.bundle.ref, "--steps", str(steps),
                    "--device", request.get("device") or self.device_name, "--events"]
         if self.models_dir:
             command += ["--models-dir", self.models_dir]
