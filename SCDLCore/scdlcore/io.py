@@ -555,36 +555,27 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
             _describe_series(chosen, *series[chosen]),
             others,
         )
-    _check_slice_positions(folder, series[chosen][0])
+    files = series[chosen][0]
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series[chosen][0])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, read with its pixels
     try:
         image = reader.Execute()
     except RuntimeError as err:
         raise ImageError(f"{folder}: the DICOM series cannot be read ({_itk_reason(err)}).") from err
+    _check_slice_positions(folder, files, reader)
     return _clean_direction(image)
 
 
-def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
-    """Raise ImageError for a series with an unreadable slice, or slices not evenly spaced along the slice
-    normal (a missing or duplicated slice): ITK only warns and reads it onto a wrong, uniform grid."""
-    import SimpleITK as sitk
-
-    positions = []
-    for file in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(file)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as err:
-            raise ImageError(f"{folder}: the slice {Path(file).name} cannot be read ({_itk_reason(err)}); "
-                             "the series is damaged. Copy or export it again.") from err
-        if not reader.HasMetaDataKey("0020|0032") or not reader.HasMetaDataKey("0020|0037"):
-            return  # no patient positions (e.g. a secondary capture): nothing to check against
-        positions.append(_dicom_numbers(reader.GetMetaData("0020|0032")))
-        if len(positions) == 1:
-            cosines = _dicom_numbers(reader.GetMetaData("0020|0037"))
-            normal = np.cross(cosines[:3], cosines[3:])
+def _check_slice_positions(folder: Path, files: Sequence[str], reader: sitk.ImageSeriesReader) -> None:
+    """Raise ImageError when the slices ``reader`` read are not evenly spaced along the slice normal (a
+    missing, damaged or repeated slice): ITK only warns and puts them on a wrong, evenly spaced grid."""
+    tags = ("0020|0032", "0020|0037")  # Image Position, Image Orientation (Patient)
+    if not all(reader.HasMetaDataKey(index, tag) for index in range(len(files)) for tag in tags):
+        return  # no patient positions (e.g. a secondary capture): nothing to check against
+    positions = [_dicom_numbers(reader.GetMetaData(index, tags[0])) for index in range(len(files))]
+    cosines = _dicom_numbers(reader.GetMetaData(0, tags[1]))
+    normal = np.cross(cosines[:3], cosines[3:])
     if len(positions) < 3:
         return
     gaps = np.abs(np.diff(np.asarray(positions) @ normal))

@@ -457,8 +457,9 @@ def test_a_dicom_series_with_a_missing_or_damaged_slice_is_refused(samples, tmp_
         victim.write_bytes(victim.read_bytes()[:2000])
     else:
         victim.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 4000)
-    with pytest.raises(ImageError, match=rf"^{re.escape(str(folder))}: (the slices are not evenly spaced \(2 mm apart, "
-                       r"but 4 mm between .+\): a slice is missing or repeated|the slice .+ cannot be read)"):
+    # GDCM leaves a damaged file out of the series, so every damage shows as the gap it leaves.
+    with pytest.raises(ImageError, match=rf"^{re.escape(str(folder))}: the slices are not evenly spaced \(2 mm apart, "
+                       r"but 4 mm between .+\): a slice is missing or repeated"):
         read_image(folder)
 
 
