@@ -181,6 +181,22 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     assert err.startswith("scdl evaluate: error: [Errno ") and str(blocker) in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["segment", "finetune", "train"])
+def test_with_events_a_failure_is_also_an_error_event_on_stdout(
+    threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    """Programs reading --events get the failure as a JSON line; people get the one line on stderr."""
+    missing = tmp_path / "missing"
+    argv = {"segment": ["segment", str(missing), "-o", str(tmp_path / "o.nrrd"), "--model", str(threshold_bundle)],
+            "finetune": ["finetune", "--dataset", str(missing), "--model", str(threshold_bundle)],
+            "train": ["train", "--config", str(missing), "-o", str(tmp_path / "run")]}[command]
+    assert main([*argv, "--events"]) == 2
+    out, err = capsys.readouterr()
+    (event,) = [json.loads(line) for line in out.splitlines()]
+    assert (event["event"], event["stage"]) == ("error", command)
+    assert str(missing) in event["message"] and err == f"scdl {command}: error: {event['message']}\n"
+
+
 @pytest.fixture
 def no_shipped_starter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """For the registry commands: hide the starter model shipped with the package."""

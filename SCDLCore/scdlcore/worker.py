@@ -26,8 +26,10 @@ from .events import PROTOCOL_VERSION, Progress, to_jsonable
 
 __all__ = ["Worker"]
 
-#: A job's work: returns the fields of its ``result`` event, or None when it emitted its own ending.
-Job = Callable[[], "dict[str, Any] | None"]
+#: How a request ends: ``("result" | "error" | "cancelled", fields)``.
+Ending = tuple[str, dict[str, Any]]
+#: A job's work: emits its progress and returns its ending (sent once the job thread is free again).
+Job = Callable[[], Ending]
 
 #: Per command, its fields: (type, required). Anything else in a request is ignored.
 _FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
@@ -134,7 +136,7 @@ class Worker:
 
     # --- requests -------------------------------------------------------------------------------------
     def _start_segment(self, request_id: str, request: dict[str, Any]) -> None:
-        def segment() -> dict[str, Any]:
+        def segment() -> Ending:
             from .infer import organ_volumes_ml
 
             start = time.monotonic()
@@ -147,7 +149,7 @@ class Worker:
                 progress.stage = "collect"
                 progress.update(progress.total)  # tells the panel what the last seconds are spent on
                 result["collected"] = self._collect(request["input"], request["collect"])
-            return result
+            return "result", result
 
         self._run_job(request_id, segment)
 
@@ -169,7 +171,7 @@ class Worker:
             return {"error": str(err)}
 
     def _start_add_case(self, request_id: str, request: dict[str, Any]) -> None:
-        def add_case() -> dict[str, Any]:
+        def add_case() -> Ending:
             from .dataset import DatasetStore
 
             store = DatasetStore.init(Path(request["dataset"]), labels=self.bundle.labels.name)  # opens an existing store
@@ -178,7 +180,8 @@ class Worker:
             case = store.add(request["image"], label, case_id=request.get("case_id"),
                              reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
                              source=request.get("source", "3D Slicer"), model=self.bundle.ref)
-            return {"case_id": case.id, "labeled": case.is_labeled, "previous": before.get(case.id), "counts": store.counts()}
+            return "result", {"case_id": case.id, "labeled": case.is_labeled, "previous": before.get(case.id),
+                              "counts": store.counts()}
 
         self._run_job(request_id, add_case)
 
@@ -190,7 +193,7 @@ class Worker:
         if self.models_dir:
             command += ["--models-dir", self.models_dir]
 
-        def finetune() -> None:  # the child's own events end the request
+        def finetune() -> Ending:  # the child's own result, error or cancelled event ends the request
             from .infer import InferenceCancelled
 
             with self._jobs_changed:  # a cancel that came before the child existed still stops it
@@ -200,20 +203,22 @@ class Worker:
             stderr_tail: deque[str] = deque(maxlen=5)  # drained meanwhile: a full pipe would stall the child
             drain = threading.Thread(target=stderr_tail.extend, args=(self._child.stderr,), daemon=True)
             drain.start()
-            ended = False  # the child's own result, error or cancelled event ends the request, once
+            ending: Ending | None = None
             for line in self._child.stdout:  # type: ignore[union-attr]
                 try:
                     event = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                event.pop("id", None)
                 kind = event.pop("event", "log")
-                ended = ended or kind in ("result", "error", "cancelled")
-                self.emit(request_id, kind, **{k: v for k, v in event.items() if k != "protocol"})
+                fields = {key: value for key, value in event.items() if key not in ("id", "protocol")}
+                if kind not in ("result", "error", "cancelled"):
+                    self.emit(request_id, kind, **fields)
+                elif ending is None:
+                    ending = kind, fields
             code = self._child.wait()
             drain.join(timeout=10)
-            if ended:
-                return  # a second SIGTERM (cancel, then shutdown) may change the exit code: the request is answered
+            if ending is not None:
+                return ending  # a second SIGTERM (cancel, then shutdown) may change the exit code: it is answered
             if self._cancel.is_set():
                 raise InferenceCancelled
             tail = " | ".join(line.strip() for line in stderr_tail if line.strip())
@@ -242,7 +247,7 @@ class Worker:
 
     # --- the job thread -------------------------------------------------------------------------------
     def _run_job(self, request_id: str, work: Job) -> None:
-        """Queue ``work`` for the job thread; its returned fields (if any) become the request's ``result``."""
+        """Queue ``work`` for the job thread."""
         with self._jobs_changed:
             self._jobs.append((request_id, work))
             self._jobs_changed.notify()
@@ -258,23 +263,21 @@ class Worker:
                 request_id, work = self._jobs.popleft()
                 self._job_id = request_id
                 self._cancel.clear()
-            ending = self._run_one(work)
+            event, fields = self._run_one(work)
             with self._jobs_changed:
                 self._job_id, self._child = None, None  # free before the last event: `status` must say so
-            if ending is not None:
-                self.emit(request_id, ending[0], **ending[1])
+            self.emit(request_id, event, **fields)
 
     @staticmethod
-    def _run_one(work: Job) -> tuple[str, dict[str, Any]] | None:
+    def _run_one(work: Job) -> Ending:
         from .infer import InferenceCancelled
 
         try:
-            fields = work()
+            return work()
         except InferenceCancelled:
             return "cancelled", {}
         except Exception as err:  # every failure becomes an error event; the worker lives on
             return "error", {"message": str(err) or type(err).__name__, "kind": type(err).__name__}
-        return None if fields is None else ("result", fields)
 
     def _stop_running_job(self) -> None:
         with self._jobs_changed:  # so the cancel cannot reach the job that starts next

@@ -55,11 +55,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as err:
-        print(f"scdl {args.command}: error: {err}", file=sys.stderr)
+        _report_error(args, err)
         return 2
     except OSError as err:  # a folder that cannot be written, a full disk: the message names the path
-        print(f"scdl {args.command}: error: {err}", file=sys.stderr)
+        _report_error(args, err)
         return 1
     except KeyboardInterrupt:
         print(f"scdl {args.command}: cancelled", file=sys.stderr)
         return 130
+
+
+def _report_error(args: argparse.Namespace, err: Exception) -> None:
+    """One line for people on stderr; with ``--events`` also an ``error`` event on stdout for programs."""
+    if getattr(args, "events", False):
+        from ..events import Progress
+
+        Progress(0, args.command, json_lines=True).emit("error", message=str(err), error=type(err).__name__)
+    print(f"scdl {args.command}: error: {err}", file=sys.stderr)

@@ -70,23 +70,18 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     events = Progress(total=0, stage="segment", json_lines=True) if args.events else None
-    try:
-        args.inputs, expanded = _expand_folders(args.inputs)
-        folder = _output_folder(args, batch=expanded)
-        cases = _plan(args, folder)
-        device = resolve_device(args.device)
-        bundle = ModelRegistry(args.models_dir).resolve(args.model)
-        organs = check_organs(bundle.labels, args.organs)
-        predictor = Predictor(bundle, device, overlap=args.overlap)
-        if folder is None:
-            (result,) = segment_cases(predictor, cases, organs=args.organs, skip_existing=args.skip_existing,
-                                      progress=lambda _index, _case: Progress(100, "segment", json_lines=args.events))
-            if result.error is not None:
-                raise result.error
-    except Exception as err:
-        if events is not None:  # the human form is printed by scdl's main
-            events.emit("error", message=str(err), error=type(err).__name__)
-        raise
+    args.inputs, expanded = _expand_folders(args.inputs)
+    folder = _output_folder(args, batch=expanded)
+    cases = _plan(args, folder)
+    device = resolve_device(args.device)
+    bundle = ModelRegistry(args.models_dir).resolve(args.model)
+    organs = check_organs(bundle.labels, args.organs)
+    predictor = Predictor(bundle, device, overlap=args.overlap)
+    if folder is None:
+        (result,) = segment_cases(predictor, cases, organs=args.organs, skip_existing=args.skip_existing,
+                                  progress=lambda _index, _case: Progress(100, "segment", json_lines=args.events))
+        if result.error is not None:
+            raise result.error  # scdl's main reports it (with --events also as an error event)
     summary = {"model": bundle.ref, "device": str(device)}
     if folder is not None:
         return _run_batch(args, predictor, cases, folder, organs, events, summary, start)
