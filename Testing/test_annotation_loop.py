@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from scdlcore.bundle import ModelRegistry, load_bundle
+from scdlcore.bundle import ModelRegistry, load_bundle, save_bundle
 from scdlcore.dataset import DatasetStore
 from scdlcore.finetune import finetune
+from scdlcore.labels import SYNAPSE13
+from scdl_test_support import threshold_vnet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = {"train.patch_size": [32, 32, 32], "train.labeled_batch": 1, "train.unlabeled_batch": 1}
@@ -55,6 +57,19 @@ def test_finetune_registers_a_new_version_naming_its_parent(store, registry, tmp
     assert set(child.metrics["before_dice"]) == set(child.metrics["after_dice"]) == {"liver", "spleen"}
     assert all(0.0 <= v <= 1.0 for v in [*child.metrics["before_dice"].values(), *child.metrics["after_dice"].values()])
     assert registry.info("threshold").ref == "threshold@2", "the new version is the latest"
+
+
+def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_child_segments_as_fast(
+    store, registry, tmp_path
+):
+    """The starter's case: a CPS bundle with one network. The child trains both networks from it (see
+    test_train's test of the copy), keeps both for `dataset suggest`, and segments with the first, like its parent."""
+    parent = save_bundle(tmp_path / "cps1", [threshold_vnet()], name="pair", base="cps", labels=SYNAPSE13,
+                         spacing=(6.0, 6.0, 6.0), hu_window=(-125, 275), patch_size=(64, 64, 64))
+    registry.import_(parent)
+    result = finetune("pair", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
+    child = registry.info(result.model)
+    assert (result.model, len(child.networks), child.ensemble) == ("pair@2", 2, "first")
 
 
 def test_cancelled_finetune_registers_nothing_and_resumes(store, registry, tmp_path):

@@ -117,7 +117,10 @@ def finetune(
     trainer = Trainer(
         config, output, json_events=json_events, resume=resume, cancel=cancel,
         init_weights=bundle_weights_for_base(parent, config.ssl.base),
-        bundle_meta={"name": parent.name, "labels": parent.labels.to_dict(), "ensemble": parent.ensemble,
+        # A one-network parent (the starter ships one of its CPS pair): the child segments with its first network,
+        # as fast as its parent; the second is kept for the disagreement that `dataset suggest` ranks by.
+        bundle_meta={"name": parent.name, "labels": parent.labels.to_dict(),
+                     "ensemble": parent.ensemble if len(parent.networks) > 1 else "first",
                      "description": f"{parent.name} fine-tuned from {parent.ref}"},
         final_event="trained",
     )

@@ -288,10 +288,13 @@ class Trainer:
 
     @torch.no_grad()
     def predict_prepared(self, case: PreparedCase) -> np.ndarray:
-        """Class map (D, H, W) of a prepared image with the inference networks (mean of logits)."""
+        """Class map (D, H, W) of a prepared image with the networks the bundle segments with (mean of logits;
+        the first only when ``bundle_meta`` says ``ensemble: first``), so validation scores what ships."""
         from monai.inferers import sliding_window_inference
 
         networks = self.base.inference_networks()
+        if self.bundle_meta.get("ensemble") == "first":
+            networks = networks[:1]
         for network in networks:
             network.eval()
         image = torch.from_numpy(case.image.astype(np.float32))[None, None].to(self.device)
