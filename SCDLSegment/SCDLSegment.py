@@ -299,8 +299,8 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameters().outputSegmentation = outcome.segmentationNode
             self.ui.segmentStatusLabel.setText(progress.format_volumes(outcome.volumes_ml, outcome.table))
             self._fillOrgans(outcome.table)
-            if outcome.collected is not None:
-                self._showCollected(outcome.collected)
+        if outcome.collected is not None:  # kept by the engine even when the result itself was dropped
+            self._showCollected(outcome.collected)
         self._onParameterNodeModified()
 
     def onLoadSample(self) -> None:
@@ -474,6 +474,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onSuggestion(self, suggestion, error: str | None) -> None:
         if error:
+            self.ui.datasetStatusLabel.setText(_("No case was suggested."))
             slicer.util.errorDisplay(error, windowTitle=_("Suggest next case"))
         elif suggestion is None:
             self.ui.datasetStatusLabel.setText(_("Nothing to suggest: add CTs as unlabeled cases first."))
@@ -827,8 +828,8 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             self.onLog(event.get("message", ""))
         elif kind == "ready" and self.worker is not None and self.worker.info is not None:
             self.onLog(f"SCDL engine ready: {self.worker.info.model} on {self.worker.info.describe()}.")
-        elif kind in ("stopped", "error") and event.get("message"):
-            self.onLog(event["message"])
+        elif kind in ("stopped", "error") and event.get("message") and not event.get("fatal"):
+            self.onLog(event["message"])  # a fatal error comes back as the reason the worker stopped
         self.onWorkerStatus(event)
 
     # ---------------------------------------------------------------- listings
@@ -989,9 +990,9 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         if kind == "progress":
             job.onProgress(str(event.get("stage", "infer")), float(event.get("progress", 0.0)))
         elif kind == "result" and job.cancelled:
-            self._finishSegmentation(SegmentationOutcome(table=job.table, cancelled=True))
+            self._finishSegmentation(SegmentationOutcome(table=job.table, cancelled=True, collected=event.get("collected")))
         elif kind == "result" and not slicer.mrmlScene.IsNodePresent(job.volumeNode):
-            self._finishSegmentation(SegmentationOutcome(table=job.table, error=(
+            self._finishSegmentation(SegmentationOutcome(table=job.table, collected=event.get("collected"), error=(
                 f"The volume {job.volumeNode.GetName()!r} was removed from the scene while it was segmented; "
                 "nothing was imported.")))
         elif kind == "result":

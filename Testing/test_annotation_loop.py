@@ -99,6 +99,8 @@ def test_a_finetune_never_overwrites_an_earlier_run(store, registry, tmp_path):
     assert (again.model, again.output) == ("threshold@3", store / "runs" / "finetune-threshold-v1-2")
     with pytest.raises(ValueError, match=r"finetune-threshold-v1 holds a training run already: continue it with --resume"):
         finetune("threshold@1", store, registry=registry, steps=4, device="cpu", output=first.output, overrides=FAST)
+    with pytest.raises(FileNotFoundError, match=r"Cannot resume: no checkpoint at .*finetune-threshold-v1-3"):
+        finetune("threshold@1", store, registry=registry, steps=4, device="cpu", resume=True, overrides=FAST)  # all finished
 
 
 def test_sigkilled_finetune_resumes_to_completion(store, registry, tmp_path):
@@ -179,6 +181,8 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
         assert collected == {**collected, "case_id": "case0002", "new": new, "status": "unlabeled"}
         assert collected["counts"] == {"labeled": 0, "partial": 0, "unlabeled": 2}
 
+    send(id="x0", command=["segment"])  # not a request: answered without an id, and the worker serves on
+    assert events_until(None, ends=("error",))[-1]["message"].startswith("Not a request")
     send(id="x1", command="no_such_command")
     assert "Unknown command 'no_such_command'" in events_until("x1")[-1]["message"]
     # A malformed request is answered with an error naming the field, and the worker serves on.

@@ -174,7 +174,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     assert capsys.readouterr().err == (f"scdl segment: error: {tmp_path / 'out.txt'}: cannot write this file type; "
                                        "use one of .seg.nrrd, .nii.gz, .nii, .nrrd, .mha.\n")
     assert _segment(ct, "-o", blocker / "out.nii.gz", "--model", threshold_bundle) == 2
-    assert capsys.readouterr().err == f"scdl segment: error: {blocker}: {blocker} is a file, not a folder.\n"
+    assert capsys.readouterr().err == f"scdl segment: error: Cannot write into {blocker}: {blocker} is a file, not a folder.\n"
     label = samples["ct_abdomen"].label
     assert main(["evaluate", str(label), str(label), "--json", str(blocker / "scores.json")]) == 1
     err = capsys.readouterr().err

@@ -23,7 +23,7 @@ import torch
 from .bundle import ModelBundle, ModelRegistry, load_bundle, update_bundle_metadata
 from .config import DEFAULT_FINETUNE_STEPS, Config, SCDLConfig
 from .dataset import load_dataset
-from .train import Trainer, holds_run
+from .train import Trainer, finished_run, holds_run
 
 __all__ = ["FinetuneResult", "bundle_weights_for_base", "default_run_folder", "finetune", "finetune_config"]
 
@@ -76,13 +76,14 @@ def bundle_weights_for_base(bundle: ModelBundle, base: str) -> dict[str, torch.T
 
 def default_run_folder(dataset_dir: Path, parent: ModelBundle, *, resume: bool) -> Path:
     """``DATASET/runs/finetune-NAME-vN``, then ``...-2``, ``...-3``: the first that holds no run (an earlier
-    fine-tune of the same parent is never overwritten), or with ``resume`` the last that holds one."""
+    fine-tune of the same parent is never overwritten), or with ``resume`` the last unfinished run."""
     base = dataset_dir / "runs" / f"finetune-{parent.name}-v{parent.version}"
-    folder, number, last_run = base, 1, None
+    folder, number, unfinished = base, 1, None
     while holds_run(folder):
-        last_run, number = folder, number + 1
+        unfinished = unfinished if finished_run(folder) else folder
+        number += 1
         folder = base.with_name(f"{base.name}-{number}")
-    return last_run if resume and last_run is not None else folder
+    return unfinished if resume and unfinished is not None else folder
 
 
 def finetune(
@@ -104,8 +105,8 @@ def finetune(
     Args:
         model: the parent bundle. dataset_dir: the store; its reviewed cases are the labeled data.
         registry: where the parent is looked up and the new version registered.
-        steps: optimiser steps. output: the run folder (default: ``DATASET/runs/finetune-NAME-vVERSION``),
-            which ``resume`` continues. rehearsal: another dataset folder whose labeled cases join training.
+        steps: optimiser steps. output: the run folder (default: :func:`default_run_folder`), which ``resume``
+            continues. rehearsal: another dataset folder whose labeled cases join training.
         json_events: JSON-lines progress on stdout. cancel: set it to stop cleanly (nothing is registered).
         overrides: dotted config overrides (``{"train.patch_size": [32, 32, 32]}``).
     """

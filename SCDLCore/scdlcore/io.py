@@ -482,9 +482,8 @@ def _write_sitk(path: Path, image: sitk.Image) -> None:
     try:
         atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
     except RuntimeError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "ermission" in line or "space" in line), "")
-        raise OSError(f"Could not write {path}{': ' + reason if reason else ''} (check that the folder is writable "
-                      "and the disk has space).") from err
+        raise OSError(f"Could not write {path} ({_itk_reason(err)}); check that the folder is writable and the disk "
+                      "has space.") from err
 
 
 def _read_scalar_3d(path: Path) -> sitk.Image:
@@ -571,24 +570,27 @@ def _check_slice_positions(folder: Path, files: Sequence[str], reader: sitk.Imag
     """Raise ImageError when the slices ``reader`` read are not evenly spaced along the slice normal (a
     missing, damaged or repeated slice): ITK only warns and puts them on a wrong, evenly spaced grid."""
     tags = ("0020|0032", "0020|0037")  # Image Position, Image Orientation (Patient)
-    if not all(reader.HasMetaDataKey(index, tag) for index in range(len(files)) for tag in tags):
-        return  # no patient positions (e.g. a secondary capture): nothing to check against
-    positions = [_dicom_numbers(reader.GetMetaData(index, tags[0])) for index in range(len(files))]
-    cosines = _dicom_numbers(reader.GetMetaData(0, tags[1]))
-    normal = np.cross(cosines[:3], cosines[3:])
-    if len(positions) < 3:
+    try:
+        positions = np.array([_dicom_numbers(reader.GetMetaData(index, tags[0])) for index in range(len(files))])
+        cosines = _dicom_numbers(reader.GetMetaData(0, tags[1]))
+    except (RuntimeError, ValueError):  # no positions (e.g. a secondary capture) or unreadable ones: nothing to check
         return
-    gaps = np.abs(np.diff(np.asarray(positions) @ normal))
+    if positions.shape != (len(files), 3) or cosines.shape != (6,) or len(files) < 3:
+        return
+    gaps = np.abs(np.diff(positions @ np.cross(cosines[:3], cosines[3:])))
     typical = float(np.median(gaps))
-    odd = np.flatnonzero(np.abs(gaps - typical) > 0.01 * typical + 1e-3)
-    if typical > 0 and odd.size == 0:
-        return
-    first = int(odd[0]) if odd.size else 0
-    raise ImageError(
-        f"{folder}: the slices are not evenly spaced ({typical:g} mm apart, but {gaps[first]:g} mm between "
-        f"{Path(files[first]).name} and {Path(files[first + 1]).name}): a slice is missing or repeated. "
-        "Copy or export the whole series again."
-    )
+    if typical == 0:
+        raise ImageError(f"{folder}: its {len(files)} slices lie at one position; it is not a volume (or every slice is "
+                         "repeated). Copy or export the series again.")
+    # A missing slice doubles a gap and a repeated one zeroes it; positions written with 2 decimals move it by ~2%.
+    odd = np.flatnonzero(np.abs(gaps - typical) > 0.25 * typical)
+    if odd.size:
+        first = int(odd[0])
+        raise ImageError(
+            f"{folder}: the slices are not evenly spaced ({typical:g} mm apart, but {gaps[first]:g} mm between "
+            f"{Path(files[first]).name} and {Path(files[first + 1]).name}): a slice is missing or repeated. "
+            "Copy or export the whole series again."
+        )
 
 
 def _dicom_numbers(value: str) -> np.ndarray:
@@ -784,7 +786,7 @@ def check_writable_folder(folder: str | os.PathLike) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{folder}: {existing} is a file, not a folder.")
+        raise ValueError(f"Cannot write into {folder}: {existing} is a file, not a folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"Cannot write into {existing}: permission denied; choose another output folder.")
 

@@ -41,7 +41,7 @@ from .dataset import Dataset, DatasetError, load_dataset
 from .events import Progress
 from .ssl import Batch, build_base
 
-__all__ = ["Trainer", "TrainResult", "holds_run", "load_checkpoint_weights", "optimisation_step", "resolve_device",
+__all__ = ["Trainer", "TrainResult", "finished_run", "holds_run", "load_checkpoint_weights", "optimisation_step", "resolve_device",
            "split_validation"]
 
 _log = logging.getLogger(__name__)
@@ -63,8 +63,14 @@ class TrainResult:
 
 
 def holds_run(folder: Path) -> bool:
-    """Whether a training run has written into ``folder`` (its history or its last checkpoint)."""
-    return (folder / "history.jsonl").is_file() or (folder / "checkpoints" / "last.safetensors").is_file()
+    """Whether ``folder`` holds a run that ``resume`` can continue (its last checkpoint). A run killed before its
+    first checkpoint leaves at most a history, which a new run replaces."""
+    return (folder / "checkpoints" / "last.safetensors").is_file()
+
+
+def finished_run(folder: Path) -> bool:
+    """Whether the run in ``folder`` completed (it exported its bundle)."""
+    return (folder / "model" / "model.json").is_file()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,6 +177,9 @@ class Trainer:
         if not self.resume and holds_run(self.output):  # its checkpoints and history would be mixed with this run's
             raise ValueError(f"{self.output} holds a training run already: continue it with --resume, or choose a "
                              "new output folder.")
+        if not self.resume and self.is_main:  # leftovers of a run killed before its first checkpoint
+            for stale in (self.output / "history.jsonl", self.output / "checkpoints" / "best.safetensors"):
+                stale.unlink(missing_ok=True)
         if not config.data.dataset:
             raise ValueError("The config names no dataset folder (data.dataset).")
         dataset = load_dataset(config.data.dataset)

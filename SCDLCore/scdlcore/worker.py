@@ -110,8 +110,10 @@ class Worker:
             try:
                 request = json.loads(line)
                 request_id, command = request.get("id"), request["command"]
-            except (json.JSONDecodeError, KeyError, AttributeError):
-                self.emit(None, "error", message=f"Not a request (a JSON object with \"id\" and \"command\"): {line.strip()[:200]}")
+                if not isinstance(command, str) or not isinstance(request_id, (str, type(None))):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                self.emit(None, "error", message=f"Not a request (a JSON object with \"id\" and \"command\" strings): {line.strip()[:200]}")
                 continue
             if command == "shutdown":
                 self._close_jobs()
@@ -228,8 +230,8 @@ class Worker:
 
     def _cancel_request(self, request_id: str, request: dict[str, Any]) -> None:
         """Cancel the running job (it ends with ``cancelled`` when it stops) or drop a waiting one."""
-        target = request.get("target", self._job_id)
         with self._jobs_changed:
+            target = request.get("target") or self._job_id  # no target: the running job
             running = target is not None and target == self._job_id
             if running:
                 self._stop_running_job()

@@ -24,6 +24,7 @@ from scdlcore.io import (
     write_image,
     write_label,
 )
+from scdlcore import io as io_module
 from scdlcore import labels as labels_module
 from scdlcore.labels import SYNAPSE13, value_counts
 
@@ -461,6 +462,30 @@ def test_a_dicom_series_with_a_missing_or_damaged_slice_is_refused(samples, tmp_
     with pytest.raises(ImageError, match=rf"^{re.escape(str(folder))}: the slices are not evenly spaced \(2 mm apart, "
                        r"but 4 mm between .+\): a slice is missing or repeated"):
         read_image(folder)
+
+
+class _SliceTags:
+    """The per-slice tags of a series as SimpleITK's ImageSeriesReader hands them out (a stand-in for its tags only)."""
+
+    def __init__(self, z_positions):
+        self.z = list(z_positions)
+
+    def GetMetaData(self, index, key):  # noqa: N802 (SimpleITK's name)
+        return {"0020|0032": f"-100\\-120\\{self.z[index]}", "0020|0037": "1\\0\\0\\0\\1\\0"}[key]
+
+
+@pytest.mark.parametrize(("z", "problem"), [
+    ([round(-100 - 0.625 * i, 2) for i in range(12)], None),  # 0.625 mm written with 2 decimals: 0.62 / 0.63 gaps
+    ([-100 - 0.625 * i for i in range(12) if i != 6], "0.625 mm apart, but 1.25 mm between s5.dcm and s6.dcm"),
+    ([-100.0] * 12, "its 12 slices lie at one position"),
+])
+def test_slice_positions_tolerate_rounding_and_catch_gaps(tmp_path, z, problem):
+    files = [f"s{index}.dcm" for index in range(len(z))]
+    if problem is None:
+        io_module._check_slice_positions(tmp_path, files, _SliceTags(z))
+    else:
+        with pytest.raises(ImageError, match=re.escape(problem)):
+            io_module._check_slice_positions(tmp_path, files, _SliceTags(z))
 
 
 def test_dicom_folder_prefers_a_ct_series_over_a_larger_other_one(samples, tmp_path):

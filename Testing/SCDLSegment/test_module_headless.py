@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import time
 import types
 
 import nrrd
@@ -150,8 +149,7 @@ def test_a_result_that_crosses_the_cancel_is_not_imported(logic, standin):
     volume = add_ct(standin)
     outcomes = []
     logic.startSegmentation(volume, "starter", Device.CPU, onDone=outcomes.append)
-    wait_until(lambda: any(standin.temp_root.glob("SCDLSegment*/labels.nrrd")))  # written, events not yet delivered
-    time.sleep(0.2)
+    wait_until(lambda: any(standin.temp_root.glob("SCDLSegment*/labels.nrrd")))  # written: the result comes next
     logic.cancelSegmentation()
     wait_until(lambda: bool(outcomes), logic.poll)
     assert outcomes[0].cancelled and outcomes[0].segmentationNode is None

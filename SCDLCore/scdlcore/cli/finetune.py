@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default="starter", help="parent model: name, name@version or bundle path (default: starter)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS}; more adapts further but takes longer)")
     parser.add_argument("--rehearsal", default="", help="another dataset folder whose labeled cases also train (keeps old knowledge)")
-    parser.add_argument("--output", help="run folder (default DATASET/runs/finetune-NAME-vVERSION)")
+    parser.add_argument("--output", help="run folder (default DATASET/runs/finetune-NAME-vVERSION, or -2, -3...: "
+                        "a folder that holds a run is never reused; --resume continues the last unfinished one)")
     add_device_option(parser)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its last checkpoint")
     parser.add_argument("--events", action="store_true", help="JSON lines on stdout instead of a progress bar")
