@@ -1204,6 +1204,9 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             onDone(outcome)
 
         args = self.engine().finetune(datasetDir, model, steps, device)
+        if device is not Device.CPU and self.worker is not None and self.worker.running and not self.worker.pending:
+            self.worker.close()  # its model and cached GPU memory would compete with training on a small GPU
+            self.onLog("The SCDL engine was stopped to free the GPU for fine-tuning; the next segmentation restarts it.")
         self._finetune = FinetuneJob(args, self._environment(), onEvent or (lambda event: None), done, self.onLog).start()
         self.onLog(f"Fine-tuning {model} for {steps} steps on {datasetDir} (device {device.value}).")
 

@@ -247,6 +247,7 @@ def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, t
     events, outcomes = [], []
 
     logic.startFinetune(tmp_path / "ds", "starter@1", 3, Device.CPU, onEvent=events.append, onDone=outcomes.append)
+    assert logic.worker.running, "training on the CPU: the idle engine keeps its model loaded"
     wait_until(lambda: bool(outcomes), logic.poll)
 
     outcome = outcomes[0]
@@ -255,6 +256,17 @@ def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, t
     assert [event["step"] for event in events if event["event"] == "progress"] == [1, 2, 3]
     assert events[-1]["event"] == "validation"
     assert [model.ref for model in logic.listModels()] == ["starter@1", "starter@2"]
+
+
+def test_finetune_on_the_gpu_frees_it_from_the_idle_engine_first(logic, standin, tmp_path):
+    volume = add_ct(standin)
+    logic.submitCase(volume, None, [], tmp_path / "ds", "starter", Device.CPU)  # starts the engine
+    assert logic.worker.running and not logic.worker.pending
+    outcomes = []
+    logic.startFinetune(tmp_path / "ds", "starter@1", 1, Device.AUTO, onDone=outcomes.append)
+    wait_until(lambda: not logic.worker.running, logic.poll)  # stopped; the next segmentation starts it again
+    wait_until(lambda: bool(outcomes), logic.poll)
+    assert logic.segment(volume, "starter", Device.CPU, timeout_s=30).error is None
 
 
 def test_finetune_error_from_the_engine_is_shown(logic, tmp_path):
