@@ -989,32 +989,33 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             return
         if kind == "progress":
             job.onProgress(str(event.get("stage", "infer")), float(event.get("progress", 0.0)))
-        elif kind == "result" and job.cancelled:
-            self._finishSegmentation(SegmentationOutcome(table=job.table, cancelled=True, collected=event.get("collected")))
-        elif kind == "result" and not slicer.mrmlScene.IsNodePresent(job.volumeNode):
-            self._finishSegmentation(SegmentationOutcome(table=job.table, collected=event.get("collected"), error=(
-                f"The volume {job.volumeNode.GetName()!r} was removed from the scene while it was segmented; "
-                "nothing was imported.")))
-        elif kind == "result":
-            if job.segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(job.segmentationNode):
-                self.onLog("The segmentation chosen for the result was removed meanwhile; the result goes into a new one.")
-                job.segmentationNode = None
-            job.onProgress("import", 0.0)
-            try:
-                node = self.importLabelmap(
-                    event.get("output") or job.folder / "labels.nrrd", job.volumeNode, job.segmentationNode, job.table,
-                    job.organs, job.beforeModify,
-                )
-            except _USER_ERRORS as err:
-                self._finishSegmentation(SegmentationOutcome(table=job.table, error=str(err)))
-            else:
-                self._finishSegmentation(SegmentationOutcome(
-                    node, job.table, dict(event.get("volumes_ml") or {}), event.get("seconds"), collected=event.get("collected"),
-                ))
+        elif kind == "result":  # the engine kept the CT (collect) whatever becomes of the result here
+            self._finishSegmentation(replace(self._resultOutcome(job, event), collected=event.get("collected")))
         elif kind in TERMINAL_EVENTS:
             cancelled = kind == "cancelled"
             message = None if cancelled else str(event.get("message") or "The SCDL engine reported an error.")
             self._finishSegmentation(SegmentationOutcome(table=job.table, error=message, cancelled=cancelled))
+
+    def _resultOutcome(self, job: _SegmentationJob, event: dict) -> SegmentationOutcome:
+        """The engine's result imported as segments, unless it was cancelled or its volume has gone meanwhile."""
+        if job.cancelled:
+            return SegmentationOutcome(table=job.table, cancelled=True)
+        if not slicer.mrmlScene.IsNodePresent(job.volumeNode):
+            return SegmentationOutcome(table=job.table, error=(
+                f"The volume {job.volumeNode.GetName()!r} was removed from the scene while it was segmented; "
+                "nothing was imported."))
+        if job.segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(job.segmentationNode):
+            self.onLog("The segmentation chosen for the result was removed meanwhile; the result goes into a new one.")
+            job.segmentationNode = None
+        job.onProgress("import", 0.0)
+        try:
+            node = self.importLabelmap(
+                event.get("output") or job.folder / "labels.nrrd", job.volumeNode, job.segmentationNode, job.table,
+                job.organs, job.beforeModify,
+            )
+        except _USER_ERRORS as err:
+            return SegmentationOutcome(table=job.table, error=str(err))
+        return SegmentationOutcome(node, job.table, dict(event.get("volumes_ml") or {}), event.get("seconds"))
 
     def _finishSegmentation(self, outcome: SegmentationOutcome) -> None:
         job, self._segmentation = self._segmentation, None

@@ -156,14 +156,15 @@ def test_a_result_that_crosses_the_cancel_is_not_imported(logic, standin):
     assert not standin.modules["slicer"].util.getNodesByClass("vtkMRMLSegmentationNode")
 
 
-def test_a_volume_removed_while_it_is_segmented_gets_no_result(logic, standin):
+def test_a_volume_removed_while_it_is_segmented_gets_no_result(logic, standin, tmp_path):
     volume = add_ct(standin)
     outcomes = []
-    logic.startSegmentation(volume, "starter", Device.CPU, onDone=outcomes.append)
+    logic.startSegmentation(volume, "starter", Device.CPU, onDone=outcomes.append, collectTo=tmp_path / "ds")
     standin.scene.RemoveNode(volume)
     wait_until(lambda: bool(outcomes), logic.poll)
     assert "The volume 'CT' was removed from the scene while it was segmented" in outcomes[0].error
     assert not standin.modules["slicer"].util.getNodesByClass("vtkMRMLSegmentationNode")
+    assert outcomes[0].collected["case_id"] == "case001", "the engine kept the CT: the panel says so"
 
 
 def test_a_segmentation_removed_meanwhile_is_replaced_by_a_new_one(logic, standin):
