@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .config import DEFAULT_FINETUNE_STEPS
 from .events import PROTOCOL_VERSION, Progress, to_jsonable
 
 __all__ = ["Worker"]
@@ -188,10 +187,11 @@ class Worker:
         self._run_job(request_id, add_case)
 
     def _start_finetune(self, request_id: str, request: dict[str, Any]) -> None:
-        steps = DEFAULT_FINETUNE_STEPS if request.get("steps") is None else request["steps"]
         command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", request["dataset"],
-                   "--model", request.get("model") or self.bundle.ref, "--steps", str(steps),
+                   "--model", request.get("model") or self.bundle.ref,
                    "--device", request.get("device") or self.device_name, "--events"]
+        if request.get("steps") is not None:  # else scdl finetune's default
+            command += ["--steps", str(request["steps"])]
         if self.models_dir:
             command += ["--models-dir", self.models_dir]
 
