@@ -80,6 +80,19 @@ def test_a_slicer_segmentation_is_matched_by_segment_name_not_by_its_label_value
     assert summary["mean_dice"] == 1.0 and summary["mean_hd95"] == 0.0
 
 
+def test_folders_pair_nnunet_channel_names_as_dataset_import_does(samples, tmp_path, capsys):
+    """imagesTs/case_0000 with labelsTs/case: the same rule as `scdl dataset import` (io.match_by_case)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    shutil.copy(samples["ct_abdomen"].label, first / "abdomen_0000.nii.gz")
+    shutil.copy(samples["ct_abdomen"].label, second / "abdomen.nii.gz")
+    assert main(["evaluate", str(first), str(second), "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert len(scores["cases"]) == 1 and scores["summary"]["mean_dice"] == pytest.approx(1.0)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_folder_of_predictions_is_scored_against_a_folder_of_references_by_case_name(
     samples, threshold_bundle, tmp_path, capsys
 ):

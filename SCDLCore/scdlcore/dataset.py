@@ -91,7 +91,6 @@ CASE_SUFFIX = ".nii.gz"
 LOCK_TIMEOUT_S = 120.0  # writing one large CT takes seconds; a minute's wait means something is stuck
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_ID = re.compile(r"^case(\d+)$")
-_NNUNET_CHANNEL = "_0000"  # nnU-Net names the (only) CT channel of case X "X_0000"
 _BODY_HU = -500.0  # body voxels for the suggestion scores, as preprocess.body_bbox finds the body
 _MOSTLY_SHARE = 0.6  # a reason names the organs holding this share of the disagreement/uncertainty
 _log = logging.getLogger(__name__)
@@ -291,10 +290,9 @@ def pair_cases(images: str | os.PathLike, labels: str | os.PathLike | None = Non
     if not found:
         raise DatasetError(f"{images}: no CT image files or DICOM series folders in this folder.")
     maps = io.files_by_case(labels) if labels is not None else {}
-    pairs = []
-    for name, image in found.items():
-        label_name = next((n for n in (name, name.removesuffix(_NNUNET_CHANNEL)) if n in maps), None)
-        pairs.append((name, image, maps.pop(label_name) if label_name else None))
+    matches = io.match_by_case(found, maps)
+    pairs = [(name, image, maps[matches[name]] if matches[name] else None) for name, image in found.items()]
+    maps = {name: path for name, path in maps.items() if name not in matches.values()}
     if maps:
         raise DatasetError(
             f"{labels}: label maps {', '.join(path.name for path in maps.values())} have no image of the same name in "

@@ -28,7 +28,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +51,7 @@ __all__ = [
     "check_label_output",
     "check_writable_folder",
     "files_by_case",
+    "match_by_case",
     "is_dicom_folder",
     "read_image",
     "read_label",
@@ -72,6 +73,7 @@ _READ_FORMATS = "NRRD (.nrrd), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) or 
 #: File types the writers take; ``.seg.nrrd`` (3D Slicer segmentation) for label maps only.
 WRITE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 _FILE_SUFFIXES = (*WRITE_SUFFIXES, ".mhd")  # longest first where one ends another (.seg.nrrd, .nrrd)
+_NNUNET_CHANNEL = "_0000"  # nnU-Net names the (only) CT channel of case X "X_0000"
 _MIN_CT_HU = -500.0  # every CT with air in view has voxels far below this; MR and normalised images do not
 _DIRECTION_SNAP = 1e-12  # ITK's NRRD reader leaves cosines like 0.9999999999999999
 
@@ -199,6 +201,13 @@ def files_by_case(folder: str | os.PathLike, *, cts: bool = False) -> dict[str, 
             raise ImageError(f"{folder}: {found[name].name} and {path.name} are both case {name!r}; keep one.")
         found[name] = path
     return found
+
+
+def match_by_case(firsts: Mapping[str, Path], seconds: Mapping[str, Path]) -> dict[str, str | None]:
+    """For each case name of ``firsts`` (as :func:`files_by_case` lists them), the case name of ``seconds`` that
+    belongs to it: the same name or, for nnU-Net's channel names (``case01_0000``), the name without
+    ``_0000``; None when there is none."""
+    return {name: next((n for n in (name, name.removesuffix(_NNUNET_CHANNEL)) if n in seconds), None) for name in firsts}
 
 
 def read_image(path: str | os.PathLike) -> Volume:

@@ -80,22 +80,23 @@ def run(args: argparse.Namespace) -> int:
 
 def _expand(first: Path, second: Path, images: bool) -> list[tuple[Path, Path]]:
     """A file pair as it is; a pair of folders as the pairs of their entries with the same case name (with
-    ``images``, the first folder holds CTs: image files and DICOM-series subfolders)."""
+    ``images``, the first folder holds CTs: image files and DICOM-series subfolders; see io.match_by_case)."""
     if not (first.is_dir() and second.is_dir()):
         return [(first, second)]
-    from ..io import files_by_case
+    from ..io import files_by_case, match_by_case
 
     firsts, seconds = files_by_case(first, cts=images), files_by_case(second)
-    common = [name for name in firsts if name in seconds]
-    if not common:
+    matches = {name: match for name, match in match_by_case(firsts, seconds).items() if match}
+    if not matches:
         raise ValueError(f"No file of {first} has a namesake in {second}; files are paired by their name without "
                          "suffix (case01.seg.nrrd with case01.nii.gz).")
-    for missing, where, other in ((seconds, second, first), (firsts, first, second)):
-        alone = [name for name in missing if name not in common]
+    unpaired = ((set(seconds) - set(matches.values()), second, first), (set(firsts) - set(matches), first, second))
+    for names, where, other in unpaired:
+        alone = sorted(names)
         if alone:
             print(f"scdl evaluate: warning: {len(alone)} case(s) of {where} have no namesake in {other} and are not "
                   f"scored: {', '.join(alone)}", file=sys.stderr)
-    return [(firsts[name], seconds[name]) for name in common]
+    return [(firsts[name], seconds[match]) for name, match in matches.items()]
 
 
 def _segment_first(pairs, args, folder: Path):
