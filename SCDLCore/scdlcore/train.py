@@ -35,17 +35,20 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write, atomic_write_text
+from .bundle import META_FILE
 from .config import Config
 from .data import Augmenter, PatchSampler, PreparedCase, prepare_dataset
 from .dataset import Dataset, DatasetError, load_dataset
 from .events import Progress
 from .ssl import Batch, build_base
 
-__all__ = ["Trainer", "TrainResult", "finished_run", "holds_run", "load_checkpoint_weights", "optimisation_step", "resolve_device",
-           "split_validation"]
+__all__ = ["Trainer", "TrainResult", "checkpoint_path", "finished_run", "holds_run", "load_checkpoint_weights",
+           "optimisation_step", "resolve_device", "split_validation"]
 
 _log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "scdl-checkpoint-1"
+_HISTORY = "history.jsonl"  # the run folder's layout: see the module docstring
+_BUNDLE_DIR = "model"
 LOG_EVERY = 10
 
 
@@ -62,15 +65,20 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def checkpoint_path(folder: Path, name: str = "last") -> Path:
+    """A run folder's checkpoint ``last`` or ``best``."""
+    return folder / "checkpoints" / f"{name}.safetensors"
+
+
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` holds a run that ``resume`` can continue (its last checkpoint). A run killed before its
     first checkpoint leaves at most a history, which a new run replaces."""
-    return (folder / "checkpoints" / "last.safetensors").is_file()
+    return checkpoint_path(folder).is_file()
 
 
 def finished_run(folder: Path) -> bool:
     """Whether the run in ``folder`` completed (it exported its bundle)."""
-    return (folder / "model" / "model.json").is_file()
+    return (folder / _BUNDLE_DIR / META_FILE).is_file()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,7 +186,7 @@ class Trainer:
             raise ValueError(f"{self.output} holds a training run already: continue it with --resume, or choose a "
                              "new output folder.")
         if not self.resume and self.is_main:  # leftovers of a run killed before its first checkpoint
-            for stale in (self.output / "history.jsonl", self.output / "checkpoints" / "best.safetensors"):
+            for stale in (self.output / _HISTORY, checkpoint_path(self.output, "best")):
                 stale.unlink(missing_ok=True)
         if not config.data.dataset:
             raise ValueError("The config names no dataset folder (data.dataset).")
@@ -224,7 +232,7 @@ class Trainer:
         total, power = config.train.steps, config.train.poly_power
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(1.0 - s / total, 0.0) ** power)
         if self.resume:
-            self.load_checkpoint(self.output / "checkpoints" / "last.safetensors")
+            self.load_checkpoint(checkpoint_path(self.output))
 
     def _load_init_weights(self) -> None:
         """Start from ``init_weights``. A network they do not cover starts as a copy of the first network: a
@@ -338,7 +346,7 @@ class Trainer:
             "best_mean_dice": self.best_mean_dice,
             "best_step": self.best_step,
         }
-        path = self.output / "checkpoints" / f"{name}.safetensors"
+        path = checkpoint_path(self.output, name)
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"scdl": json.dumps(meta)}))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -366,7 +374,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.step = int(meta["step"])
         self.best_mean_dice, self.best_step = meta["best_mean_dice"], meta["best_step"]
-        self.history = _read_history(self.output / "history.jsonl", up_to_step=self.step)
+        self.history = _read_history(self.output / _HISTORY, up_to_step=self.step)
         _log.info("Resumed %s at step %d.", path, self.step)
 
     # --- the end of a run -------------------------------------------------------------------------------
@@ -375,10 +383,10 @@ class Trainer:
         if not self.is_main:
             return None
         plot_curves(self.history, self.output / "curves.png")
-        best = self.output / "checkpoints" / "best.safetensors"
+        best = checkpoint_path(self.output, "best")
         if best.is_file():
             self.base.load_state_dict(load_checkpoint_weights(best))
-        return self.export_bundle(self.output / "model")
+        return self.export_bundle(self.output / _BUNDLE_DIR)
 
     def export_bundle(self, path: Path) -> Path:
         from .bundle import save_bundle
@@ -414,7 +422,7 @@ class Trainer:
         self.history.append(entry)
         from .events import to_jsonable
 
-        with open(self.output / "history.jsonl", "a", encoding="utf-8") as handle:
+        with open(self.output / _HISTORY, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(to_jsonable(entry)) + "\n")
 
 

@@ -284,7 +284,7 @@ def train_run(config: Config, output: Path, stop_at: float | None = None, resume
         FileExistsError: ``output`` exists and ``resume`` is off (runs never mix; give a new --work).
         RunCancelled: the run was stopped (a signal, or ``stop_at`` before half its steps) before its last step.
     """
-    from scdlcore.train import Trainer
+    from scdlcore.train import Trainer, holds_run
 
     if output.exists() and not resume:
         raise FileExistsError(f"Run folder {output} already exists; give a new --work folder.")
@@ -294,7 +294,7 @@ def train_run(config: Config, output: Path, stop_at: float | None = None, resume
         timer = threading.Timer(max(0.0, stop_at - time.time()), cancel.set)
         timer.daemon = True
         timer.start()
-    trainer = Trainer(config, output, resume=resume and (output / "checkpoints" / "last.safetensors").is_file(), cancel=cancel)
+    trainer = Trainer(config, output, resume=resume and holds_run(output), cancel=cancel)
     result = trainer.run()
     bundle = result.bundle
     if bundle is None and stop_at is not None and time.time() >= stop_at and result.step >= config.train.steps // 2:
