@@ -77,14 +77,13 @@ def run(args: argparse.Namespace) -> int:
     bundle = ModelRegistry(args.models_dir).resolve(args.model)
     organs = check_organs(bundle.labels, args.organs)
     predictor = Predictor(bundle, device, overlap=args.overlap)
-    if folder is None:
-        (result,) = segment_cases(predictor, cases, organs=args.organs, skip_existing=args.skip_existing,
-                                  progress=lambda _index, _case: Progress(100, "segment", json_lines=args.events))
-        if result.error is not None:
-            raise result.error  # scdl's main reports it (with --events also as an error event)
     summary = {"model": bundle.ref, "device": str(device)}
     if folder is not None:
         return _run_batch(args, predictor, cases, folder, organs, events, summary, start)
+    (result,) = segment_cases(predictor, cases, organs=args.organs, skip_existing=args.skip_existing,
+                              progress=lambda _index, _case: Progress(100, "segment", json_lines=args.events))
+    if result.error is not None:
+        raise result.error  # scdl's main reports it (with --events also as an error event)
     _report_single(result, organs, bundle.labels, events, {**summary, "seconds": time.monotonic() - start})
     return 0
 
