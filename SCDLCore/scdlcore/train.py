@@ -71,9 +71,10 @@ def checkpoint_path(folder: Path, name: str = "last") -> Path:
 
 
 def holds_run(folder: Path) -> bool:
-    """Whether ``folder`` holds a run that ``resume`` can continue (its last checkpoint). A run killed before its
-    first checkpoint leaves at most a history, which a new run replaces."""
-    return checkpoint_path(folder).is_file()
+    """Whether ``folder`` holds a run that ``resume`` can continue (a checkpoint: ``last``, or only ``best`` when
+    the run was killed after a validation and before its first regular checkpoint). A run killed before both
+    leaves at most a history, which a new run replaces."""
+    return checkpoint_path(folder).is_file() or checkpoint_path(folder, "best").is_file()
 
 
 def finished_run(folder: Path) -> bool:
@@ -186,8 +187,7 @@ class Trainer:
             raise ValueError(f"{self.output} holds a training run already: continue it with --resume, or choose a "
                              "new output folder.")
         if not self.resume and self.is_main:  # leftovers of a run killed before its first checkpoint
-            for stale in (self.output / _HISTORY, checkpoint_path(self.output, "best")):
-                stale.unlink(missing_ok=True)
+            (self.output / _HISTORY).unlink(missing_ok=True)
         if not config.data.dataset:
             raise ValueError("The config names no dataset folder (data.dataset).")
         dataset = load_dataset(config.data.dataset)
@@ -232,7 +232,8 @@ class Trainer:
         total, power = config.train.steps, config.train.poly_power
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(1.0 - s / total, 0.0) ** power)
         if self.resume:
-            self.load_checkpoint(checkpoint_path(self.output))
+            last, best = checkpoint_path(self.output), checkpoint_path(self.output, "best")
+            self.load_checkpoint(best if best.is_file() and not last.is_file() else last)  # killed between the two
 
     def _load_init_weights(self) -> None:
         """Start from ``init_weights``. A network they do not cover starts as a copy of the first network: a

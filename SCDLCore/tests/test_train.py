@@ -18,7 +18,7 @@ from scdlcore.config import Config
 from scdlcore.dataset import DatasetError
 from scdlcore.sample_data import make_sample_dataset
 from scdlcore.nets import VNet
-from scdlcore.train import Trainer, load_checkpoint_weights
+from scdlcore.train import Trainer, checkpoint_path, load_checkpoint_weights
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,21 @@ def test_resumed_run_matches_the_uninterrupted_run(dataset_dir, cache_dir, tmp_p
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_run_killed_between_its_best_and_its_last_checkpoint_is_kept_and_resumes_from_the_best(
+    dataset_dir, cache_dir, tmp_path
+):
+    """Validation writes `best` before the first regular checkpoint: such a folder holds weights worth keeping."""
+    config = tiny_config(dataset_dir, cache_dir, **{"train.steps": 4, "network.width": 2, "train.val_every": 2})
+    assert Trainer(config, tmp_path / "run").run().step == 4
+    checkpoint_path(tmp_path / "run").unlink()  # as if killed after a validation, before `last`
+    with pytest.raises(ValueError, match="holds a training run already: continue it with --resume"):
+        Trainer(config, tmp_path / "run").setup()
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file(), "nothing stored was deleted"
+    resumed = Trainer(config, tmp_path / "run", resume=True)
+    resumed.setup()
+    assert resumed.step == resumed.best_step > 0  # where the best was written
 
 
 def test_weights_of_one_network_start_both_networks_of_a_cps_pair(dataset_dir, cache_dir, tmp_path):
