@@ -30,6 +30,9 @@ Usage::
     PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --device cuda --data .bench-data
         # every configuration, 3 seeds, VNet-16, 3000 steps of 96^3 at 3 mm -> Testing/Benchmarks/results/accuracy.*
 
+``--add-to EARLIER/accuracy.json`` extends an earlier invocation's results (same budget; e.g. a third seed in a
+later GPU session): its finished runs are kept and only the (configuration, seed) pairs it lacks are trained.
+
 Results: ``accuracy.md`` (Markdown tables), ``accuracy.json`` (every run's scores) and ``accuracy.png``
 (per-organ Dice bars) in ``--out`` (default ``Testing/Benchmarks/results/`` for a non-smoke CUDA run, else a
 new temporary folder). ``--smoke`` never writes into ``results/``: its numbers only show that the pipeline runs.
@@ -397,21 +400,25 @@ def main() -> None:
     if args.prepare_only:
         print(f"Benchmark data ready in {data.root} ({_folder_mib(data.root):.1f} MiB).")
         return
+    earlier = _earlier_results(args.add_to, args) if args.add_to else {"runs": [], "earlier": []}
     out = output_folder(args, "accuracy")
     configs = configurations(args.patch)
     base = base_config(args, data.train_store(args.work / "train"))
     image, reference = data.test_case()
+    done = {(run["config"], run["seed"]) for run in earlier["runs"]}
     # The comparisons (a)-(d) over every seed first, then the ablation; seed-major within each, so pairs finish together.
     groups = ([n for n in args.configs if not n.startswith(ABLATION_PREFIX)], [n for n in args.configs if n.startswith(ABLATION_PREFIX)])
-    tasks = [(name, seed) for group in groups for seed in range(args.seeds) for name in group]
-    print(f"Work folder {args.work}; results to {out}; {len(args.configs)} configurations x {args.seeds} seeds "
-          f"on {machine_name(args.device)}, {args.jobs} at a time", flush=True)
-    outcome = Outcome()
+    tasks = [(name, seed) for group in groups for seed in range(args.seeds) for name in group if (name, seed) not in done]
+    kept = f", less {len(args.configs) * args.seeds - len(tasks)} already in {args.add_to}" if args.add_to else ""
+    print(f"Work folder {args.work}; results to {out}; {len(tasks)} runs ({len(args.configs)} configurations x {args.seeds} "
+          f"seeds{kept}) on {machine_name(args.device)}, {args.jobs} at a time", flush=True)
+    outcome = Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
+    order = {name: index for index, name in enumerate(dict.fromkeys([*args.configs, *configs]))}
 
     def record(task: tuple[str, int], run: dict[str, Any] | None, error: str | None) -> None:
         if run is not None:
             outcome.runs.append(run)
-            outcome.runs.sort(key=lambda r: (r["seed"], args.configs.index(r["config"])))
+            outcome.runs.sort(key=lambda r: (r["seed"], order[r["config"]]))
         else:
             outcome.failed.append(f"{task[0]} seed {task[1]}: {error}")
             print(f"=== {task[0]} seed {task[1]} FAILED: {error}", flush=True)
@@ -436,6 +443,51 @@ class Outcome:
     runs: list[dict[str, Any]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
+    #: the provenance of the runs taken over with --add-to: command, machine, torch, date, runs (a count)
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The finished runs of an earlier ``accuracy.json`` (each stamped with its machine) and their provenance.
+
+    Raises:
+        SystemExit: naming the file, when it is not a results file of this script or its budget or data differ.
+    """
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        theirs = _shared_budget(earlier)
+        if not all(isinstance(run, dict) and {"config", "seed", "summary"} <= run.keys() for run in earlier["runs"]):
+            raise TypeError("a run without config, seed and summary")
+        runs = [{"machine": earlier["machine"], **run, "summary": _summary_from_json(run["summary"])} for run in earlier["runs"]]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise SystemExit(f"{path}: not a results file of bench_accuracy.py ({type(err).__name__}: {err}).") from None
+    ours = _shared_budget(_meta(args, Outcome()))
+    for key, value in ours.items():
+        if theirs[key] != value:
+            raise SystemExit(f"{path}: its runs had {key} = {json.dumps(theirs[key])}, this invocation has "
+                             f"{json.dumps(value)}; only runs with the same budget and data share a table.")
+    unknown = sorted({run["config"] for run in runs} - set(configurations(args.patch)))
+    if unknown:
+        raise SystemExit(f"{path}: unknown configurations {', '.join(unknown)}.")
+    provenance = {key: earlier.get(key) for key in ("command", "machine", "torch", "date")}
+    return {"runs": runs,
+            "earlier": [*earlier.get("earlier", []), {**provenance, "runs": len(runs)}]}
+
+
+def _summary_from_json(summary: dict[str, Any]) -> dict[str, Any]:
+    """A run's summary as read back from accuracy.json, which holds NaN (a missed organ's HD95) as null."""
+    def number(value: float | None) -> float:
+        return math.nan if value is None else value
+
+    return {**summary, "mean_dice": number(summary["mean_dice"]), "minority_mean_dice": number(summary["minority_mean_dice"]),
+            "mean_hd95": number(summary["mean_hd95"]), **{key: {organ: number(value) for organ, value in summary[key].items()}
+                                                          for key in ("dice", "hd95")}}
+
+
+def _shared_budget(meta: dict[str, Any]) -> dict[str, Any]:
+    """What must match for the runs of two invocations to share one table (``--add-to``)."""
+    return {"smoke": meta["smoke"], "data": meta["data"],
+            **{key: meta["budget"][key] for key in ("steps", "width", "patch", "spacing_mm", "compile")}}
 
 
 Task = tuple[str, int]
@@ -499,6 +551,9 @@ def _parse() -> argparse.Namespace:
                         f"Names: {', '.join(names)}")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per configuration (default 3; smoke 1)")
     parser.add_argument("--prepare-only", action="store_true", help="build the --data folder and stop")
+    parser.add_argument("--add-to", type=Path, metavar="ACCURACY_JSON",
+                        help="extend an earlier invocation's results (same budget and data): its finished runs are kept in "
+                        "the tables and only the (configuration, seed) pairs it lacks are trained")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each in its own process (default 1: one after another, in this process)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
@@ -527,7 +582,8 @@ def _run_one(name: str, config: Configuration, seed: int, base: Config, args: ar
     summary = summarise(result)
     print(f"=== {name} seed {seed}: trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: mean Dice {summary.mean_dice:.3f}, "
           f"minority {summary.minority_mean_dice:.3f}, mean HD95 {summary.mean_hd95:.1f} mm", flush=True)
-    return {"config": name, "seed": seed, "overrides": config.overrides, "train_seconds": seconds, "steps": steps,
+    return {"config": name, "seed": seed, "machine": machine_name(args.device), "overrides": config.overrides,
+            "train_seconds": seconds, "steps": steps,
             "bundle": bundle.relative_to(args.work).as_posix(), "summary": summary._asdict(), "scores": result.to_dict()}
 
 
@@ -560,6 +616,7 @@ def _meta(args: argparse.Namespace, outcome: Outcome) -> dict[str, Any]:
                  "unlabeled_store_spacing_mm": UNLABELED_STORE_SPACING_MM},
         "failed": outcome.failed,
         "not_run": outcome.not_run,
+        "earlier": outcome.earlier,
     }
 
 
@@ -578,6 +635,8 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         "",
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}",
+        *(f"- Extends (`--add-to`) a table of {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
+          f"torch {e['torch']}; {e['date']}" for e in meta["earlier"]),
         f"- Budget, the same for every configuration: VNet-{budget['width']}, {budget['steps']} steps, patches of "
         f"{budget['patch']}^3 (2 labeled + 2 unlabeled; supervised and floor: 2 labeled only), spacing {spacing} mm, "
         f"{seeds}, torch.compile {'on' if budget['compile'] and 'cuda' in budget['device'] else 'off'}; each run's last "

@@ -18,6 +18,8 @@
 # from the working tree for that run (10 MiB; the run makes its successor).
 # GPU_CHECK_PART=ablation runs only the ablation of SCDL's open choices (10 runs at once, about 5 to 6 minutes on an
 # H100), the part the 2026-11-27 run had no time for, then bench_segment.py if a minute of the budget is left.
+# GPU_CHECK_PART=third-seed adds seed 2 of the ablation and (b) CPS + GA on seeds 0-2 to the ablation's committed table
+# (ADD_TO, default results/ablation_h200.json; 8 runs at once, about 4 minutes on an H200).
 # Runs still training at bench_accuracy's --time-limit stop and are scored with the weights reached (past half their
 # steps; the table lists them), so a slower machine gives shorter runs rather than none.
 # Rehearsal on a CPU machine before spending GPU time (tiny sizes, same steps, ~4 minutes on 2 cores):
@@ -54,11 +56,11 @@ main() {
   python3 -c "import sys, torch, monai, SimpleITK; print('python', sys.version.split()[0], '| torch', torch.__version__, \
 '| CUDA', torch.version.cuda, '| monai', monai.__version__, '| SimpleITK', SimpleITK.Version_VersionString())" || return 2
 
-  if [[ "${GPU_CHECK_PART:-all}" == ablation ]]; then
-    ablation_run
-  else
-    full_run
-  fi
+  case "${GPU_CHECK_PART:-all}" in
+    ablation) ablation_run ;;
+    third-seed) third_seed_run ;;
+    *) full_run ;;
+  esac
 
   if (( ${#failed[@]} )); then
     printf '=== FAILED: %s\n' "${failed[@]}"
@@ -89,14 +91,26 @@ segment_bench() {  # segment_bench MIN_SECONDS: time segmentation with what is l
     python3 Testing/Benchmarks/bench_segment.py --device "$device" "${segment_size[@]}" --out "$work/extras/segment_gpu.md"
 }
 
+ablation_configs=(cps_ga_scdl scdl_p2e_classes scdl_labeled_only scdl_grid_fine scdl_anchor_ema)  # the base first
+
 ablation_run() {  # SCDL's open choices only, paired with the base on seeds 0-1
-  part "ablation: 4 choices + the base x 2 seeds, $accuracy_steps steps" $((budget - SECONDS)) \
-    python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
-      --configs cps_ga_scdl scdl_p2e_classes scdl_labeled_only scdl_grid_fine scdl_anchor_ema --seeds 2 \
-      --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs 10 --time-limit $((budget - SECONDS - 60))
+  accuracy_part "ablation: 4 choices + the base x 2 seeds, $accuracy_steps steps" 10 "${ablation_configs[@]}" --seeds 2
   if (( budget - SECONDS >= 60 )); then  # segmentation was made faster after the 2026-11-27 run: time it again
     segment_bench 60
   fi
+}
+
+third_seed_run() {  # seed 2 of the ablation, and (b) CPS + GA on seeds 0-2, added to the ablation's table (ADD_TO)
+  accuracy_part "third seed: (b) x 3 seeds, the base and 4 choices seed 2, $accuracy_steps steps" 8 cps_ga "${ablation_configs[@]}" \
+    --seeds 3 --add-to "${ADD_TO:-Testing/Benchmarks/results/ablation_h200.json}"
+}
+
+accuracy_part() {  # accuracy_part NAME JOBS CONFIGURATION... [OPTION...]: bench_accuracy.py until 60 s before the budget ends
+  local name=$1 jobs=$2
+  shift 2
+  part "$name" $((budget - SECONDS)) \
+    python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
+      --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs "$jobs" --time-limit $((budget - SECONDS - 60)) --configs "$@"
 }
 
 declare -A starter_pid starter_started

@@ -1,0 +1,68 @@
+"""``bench_accuracy.py --add-to``: extending a committed GPU results table with the runs it lacks.
+
+The earlier results are the real committed table of the H200 ablation run (``results/ablation_h200.json``);
+nothing is trained here: these tests cover which runs are kept, what refuses a merge, and the report's
+provenance line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent / "Benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import bench_accuracy  # noqa: E402
+
+ABLATION = BENCHMARKS / "results" / "ablation_h200.json"
+#: The budget of the committed ablation run (see its command line).
+ITS_BUDGET = ["--steps", "700", "--width", "12", "--patch", "64", "--no-compile"]
+
+
+def parse(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *options: str):
+    monkeypatch.setattr(sys, "argv", ["bench_accuracy.py", "--device", "cpu", "--work", str(tmp_path), *options])
+    return bench_accuracy._parse()
+
+
+def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch, tmp_path):
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--seeds", "3", "--add-to", str(ABLATION))
+    earlier = bench_accuracy._earlier_results(args.add_to, args)
+
+    committed = json.loads(ABLATION.read_text(encoding="utf-8"))
+    assert [(r["config"], r["seed"]) for r in earlier["runs"]] == [(r["config"], r["seed"]) for r in committed["runs"]]
+    assert len(earlier["runs"]) == 10
+    assert {r["machine"] for r in earlier["runs"]} == {"NVIDIA H200 (CUDA 13.0)"}
+    assert earlier["earlier"] == [{"command": committed["command"], "machine": "NVIDIA H200 (CUDA 13.0)",
+                                   "torch": committed["torch"], "date": committed["date"], "runs": 10}]
+
+    outcome = bench_accuracy.Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
+    report = bench_accuracy._markdown(outcome.runs, bench_accuracy.configurations(args.patch), bench_accuracy._meta(args, outcome))
+    assert f"- Extends (`--add-to`) a table of 10 runs made by `{committed['command']}` on NVIDIA H200" in report
+    assert "| (c) with scdl.grid = 21 | `scdl.grid=21` | 2 | 0.085 ± 0.002 |" in report
+
+
+@pytest.mark.parametrize("option, value, key", [("--steps", "600", "steps"), ("--width", "16", "width"),
+                                                 ("--patch", "96", "patch"), ("--spacing", "1.5", "spacing_mm")])
+def test_a_different_budget_is_refused_naming_the_file_and_the_difference(monkeypatch, tmp_path, option, value, key):
+    budget = list(ITS_BUDGET)
+    if option in budget:
+        budget[budget.index(option) + 1] = value
+    else:
+        budget += [option, value]
+    args = parse(monkeypatch, tmp_path, *budget, "--add-to", str(ABLATION))
+
+    with pytest.raises(SystemExit, match=rf"{ABLATION.name}: its runs had {key} = .*only runs with the same budget"):
+        bench_accuracy._earlier_results(args.add_to, args)
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"runs": [{"config": "cps_ga"}]}), json.dumps([1, 2])])
+def test_a_file_that_is_not_a_results_file_is_refused_by_name(monkeypatch, tmp_path, content):
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(content, encoding="utf-8")
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(foreign))
+
+    with pytest.raises(SystemExit, match=r"foreign\.json: not a results file of bench_accuracy\.py"):
+        bench_accuracy._earlier_results(args.add_to, args)
