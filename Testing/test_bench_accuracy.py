@@ -33,15 +33,19 @@ def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch
 
     committed = json.loads(ABLATION.read_text(encoding="utf-8"))
     assert [(r["config"], r["seed"]) for r in earlier["runs"]] == [(r["config"], r["seed"]) for r in committed["runs"]]
-    assert len(earlier["runs"]) == 10
+    assert len(earlier["runs"]) == 18
     assert {r["machine"] for r in earlier["runs"]} == {"NVIDIA H200 (CUDA 13.0)"}
-    assert earlier["earlier"] == [{"command": committed["command"], "machine": "NVIDIA H200 (CUDA 13.0)",
-                                   "torch": committed["torch"], "date": committed["date"], "runs": 10}]
+    # The committed table itself extended the first ablation invocation (10 runs) with 8 more.
+    first = committed["earlier"][0]
+    assert earlier["earlier"] == [first, {"command": committed["command"], "machine": "NVIDIA H200 (CUDA 13.0)",
+                                          "torch": committed["torch"], "date": committed["date"], "runs": 8}]
+    assert first["runs"] == 10
 
     outcome = bench_accuracy.Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
     report = bench_accuracy._markdown(outcome.runs, bench_accuracy.configurations(args.patch), bench_accuracy._meta(args, outcome))
-    assert f"- Extends (`--add-to`) a table of 10 runs made by `{committed['command']}` on NVIDIA H200" in report
-    assert "| (c) with scdl.grid = 21 | `scdl.grid=21` | 2 | 0.085 ± 0.002 |" in report
+    assert f"- With (`--add-to`) the 10 runs made by `{first['command']}` on NVIDIA H200" in report
+    assert f"- With (`--add-to`) the 8 runs made by `{committed['command']}` on NVIDIA H200" in report
+    assert "| (c) with scdl.grid = 21 | `scdl.grid=21` | 3 | 0.077 ± 0.013 |" in report
 
 
 @pytest.mark.parametrize("option, value, key", [("--steps", "600", "steps"), ("--width", "16", "width"),

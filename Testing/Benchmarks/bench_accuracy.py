@@ -443,7 +443,7 @@ class Outcome:
     runs: list[dict[str, Any]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     not_run: list[str] = field(default_factory=list)
-    #: the provenance of the runs taken over with --add-to: command, machine, torch, date, runs (a count)
+    #: the invocations whose runs were taken over with --add-to: command, machine, torch, date, runs (how many it made)
     earlier: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -469,9 +469,9 @@ def _earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     unknown = sorted({run["config"] for run in runs} - set(configurations(args.patch)))
     if unknown:
         raise SystemExit(f"{path}: unknown configurations {', '.join(unknown)}.")
-    provenance = {key: earlier.get(key) for key in ("command", "machine", "torch", "date")}
-    return {"runs": runs,
-            "earlier": [*earlier.get("earlier", []), {**provenance, "runs": len(runs)}]}
+    before = earlier.get("earlier", [])  # the invocations that file itself extended, with their own runs counted
+    made = {**{key: earlier.get(key) for key in ("command", "machine", "torch", "date")}, "runs": len(runs) - sum(e["runs"] for e in before)}
+    return {"runs": runs, "earlier": [*before, made]}
 
 
 def _summary_from_json(summary: dict[str, Any]) -> dict[str, Any]:
@@ -635,7 +635,7 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         "",
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}",
-        *(f"- Extends (`--add-to`) a table of {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
+        *(f"- With (`--add-to`) the {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
           f"torch {e['torch']}; {e['date']}" for e in meta["earlier"]),
         f"- Budget, the same for every configuration: VNet-{budget['width']}, {budget['steps']} steps, patches of "
         f"{budget['patch']}^3 (2 labeled + 2 unlabeled; supervised and floor: 2 labeled only), spacing {spacing} mm, "
