@@ -101,7 +101,11 @@ class SSLConfig:
 
 @dataclass
 class SCDLConfig:
-    """The SCDL plug-in (SCDL_METHOD.md section 3); the open choices are marked [choice]."""
+    """The SCDL plug-in (SCDL_METHOD.md section 3); the open choices are marked [choice].
+
+    Each [choice] default was argued first and then kept by the GPU ablation, where no alternative did better
+    (Testing/Benchmarks/results/ablation_h200.md; the README's "The method and our choices").
+    """
 
     enabled: bool = True
     weight: float = 0.1  # lambda: L = L_base + lambda * (proxy_weight L_proxy + sac_weight L_sac + kl_weight L_kl)
