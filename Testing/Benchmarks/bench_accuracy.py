@@ -470,7 +470,8 @@ def _earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"{path}: unknown configurations {', '.join(unknown)}.")
     before = earlier.get("earlier", [])  # the invocations that file itself extended, with their own runs counted
-    made = {**{key: earlier.get(key) for key in ("command", "machine", "torch", "date")}, "runs": len(runs) - sum(e["runs"] for e in before)}
+    made = {key: earlier.get(key) for key in ("command", "machine", "torch", "date")}
+    made["runs"] = len(runs) - sum(e["runs"] for e in before)
     return {"runs": runs, "earlier": [*before, made]}
 
 
@@ -479,9 +480,9 @@ def _summary_from_json(summary: dict[str, Any]) -> dict[str, Any]:
     def number(value: float | None) -> float:
         return math.nan if value is None else value
 
-    return {**summary, "mean_dice": number(summary["mean_dice"]), "minority_mean_dice": number(summary["minority_mean_dice"]),
-            "mean_hd95": number(summary["mean_hd95"]), **{key: {organ: number(value) for organ, value in summary[key].items()}
-                                                          for key in ("dice", "hd95")}}
+    scalars = {key: number(summary[key]) for key in ("mean_dice", "minority_mean_dice", "mean_hd95")}
+    per_organ = {key: {organ: number(value) for organ, value in summary[key].items()} for key in ("dice", "hd95")}
+    return {**summary, **scalars, **per_organ}
 
 
 def _shared_budget(meta: dict[str, Any]) -> dict[str, Any]:
