@@ -43,8 +43,8 @@ def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch
 
     outcome = bench_accuracy.Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
     report = bench_accuracy._markdown(outcome.runs, bench_accuracy.configurations(args.patch), bench_accuracy._meta(args, outcome))
-    assert f"- With (`--add-to`) the 10 runs made by `{first['command']}` on NVIDIA H200" in report
-    assert f"- With (`--add-to`) the 8 runs made by `{committed['command']}` on NVIDIA H200" in report
+    assert f"- Extends (`--add-to`) a table of 10 runs made by `{first['command']}` on NVIDIA H200" in report
+    assert f"- Extends (`--add-to`) a table of 8 runs made by `{committed['command']}` on NVIDIA H200" in report
     assert "| (c) with scdl.grid = 21 | `scdl.grid=21` | 3 | 0.077 ± 0.013 |" in report
 
 
@@ -70,3 +70,4 @@ def test_a_file_that_is_not_a_results_file_is_refused_by_name(monkeypatch, tmp_p
 
     with pytest.raises(SystemExit, match=r"foreign\.json: not a results file of bench_accuracy\.py"):
         bench_accuracy._earlier_results(args.add_to, args)
+

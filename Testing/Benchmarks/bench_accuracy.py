@@ -636,7 +636,7 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         "",
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}",
-        *(f"- With (`--add-to`) the {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
+        *(f"- Extends (`--add-to`) a table of {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
           f"torch {e['torch']}; {e['date']}" for e in meta["earlier"]),
         f"- Budget, the same for every configuration: VNet-{budget['width']}, {budget['steps']} steps, patches of "
         f"{budget['patch']}^3 (2 labeled + 2 unlabeled; supervised and floor: 2 labeled only), spacing {spacing} mm, "
