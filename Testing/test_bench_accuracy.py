@@ -71,3 +71,27 @@ def test_a_file_that_is_not_a_results_file_is_refused_by_name(monkeypatch, tmp_p
     with pytest.raises(SystemExit, match=r"foreign\.json: not a results file of bench_accuracy\.py"):
         bench_accuracy._earlier_results(args.add_to, args)
 
+
+
+def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tmp_path):
+    """--out may hold the very accuracy.json that --add-to extends: a write that fails halfway must leave it whole."""
+    out = tmp_path / "results"
+    out.mkdir()
+    table = out / "accuracy.json"
+    table.write_text(ABLATION.read_text(encoding="utf-8"), encoding="utf-8")
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--seeds", "3", "--add-to", str(table))
+    earlier = bench_accuracy._earlier_results(args.add_to, args)
+    outcome = bench_accuracy.Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
+
+    def half_then_disk_full(path: Path, text: str, *args, **kwargs) -> int:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        bench_accuracy._write_results(outcome, bench_accuracy.configurations(args.patch), args, out)
+    monkeypatch.undo()
+
+    assert table.read_text(encoding="utf-8") == ABLATION.read_text(encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.json"]

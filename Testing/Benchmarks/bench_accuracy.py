@@ -589,17 +589,21 @@ def _run_one(name: str, config: Configuration, seed: int, base: Config, args: ar
 
 
 def _write_results(outcome: Outcome, configs: dict[str, Configuration], args: argparse.Namespace, out: Path) -> None:
-    """accuracy.md, accuracy.json and accuracy.png from the runs so far (rewritten after every run)."""
+    """accuracy.md, accuracy.json and accuracy.png from the runs so far (rewritten after every run).
+
+    Each file is replaced atomically: accuracy.json may be the very table this invocation extends (``--add-to``),
+    and an interrupted write must not lose its earlier runs.
+    """
+    from scdlcore._atomic import atomic_write, atomic_write_text
     from scdlcore.events import to_jsonable
 
-    out.mkdir(parents=True, exist_ok=True)
     runs = outcome.runs
     meta = _meta(args, outcome)
-    (out / "accuracy.json").write_text(json.dumps(to_jsonable({**meta, "runs": runs}), indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out / "accuracy.json", json.dumps(to_jsonable({**meta, "runs": runs}), indent=1) + "\n")
     if not runs:
         return
-    (out / "accuracy.md").write_text(_markdown(runs, configs, meta) + "\n", encoding="utf-8")
-    _plot(runs, configs, meta, out / "accuracy.png")
+    atomic_write_text(out / "accuracy.md", _markdown(runs, configs, meta) + "\n")
+    atomic_write(out / "accuracy.png", lambda tmp: _plot(runs, configs, meta, tmp))
 
 
 def _meta(args: argparse.Namespace, outcome: Outcome) -> dict[str, Any]:
