@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import table_head, write_table
+from bench_common import median_cell, table_head, write_table
 from scdlcore.io import files_by_case, read_label
 from scdlcore.sample_data import fetch_sample
 
@@ -40,8 +40,8 @@ def main() -> None:
         times: dict[str, list[float]] = {"one command per CT": [], "one command for all CTs": []}
         for run in range(args.repeat):  # the two ways take turns, so a slow spell of the machine hits both
             separate, batch = Path(tmp) / f"separate{run}", Path(tmp) / f"batch{run}"
-            times["one command per CT"].append(_time([_segment(ct, separate / f"{ct.name.split('.')[0]}.seg.nrrd", args)
-                                                      for ct in files_by_case(scans, cts=True).values()]))
+            times["one command per CT"].append(_time([_segment(ct, separate / f"{case}.seg.nrrd", args)
+                                                      for case, ct in files_by_case(scans, cts=True).items()]))
             times["one command for all CTs"].append(_time([_segment(scans, batch, args)]))
         identical = _identical(separate, batch)
     table = _table(times, len(SAMPLES) * args.copies, identical, args)
@@ -99,8 +99,7 @@ def _table(times: dict[str, list[float]], count: int, identical: bool, args: arg
     lines = table_head(title, args.device, ["way", "wall time (s){runs}", "per CT (s)", "speed-up"], args.repeat)
     for name, runs in times.items():
         median = statistics.median(runs)
-        spread = f" ({min(runs):.1f}-{max(runs):.1f})" if len(runs) > 1 else ""
-        lines.append(f"| {name} | {median:.1f}{spread} | {median / count:.2f} | {baseline / median:.2f}x |")
+        lines.append(f"| {name} | {median_cell(runs)} | {median / count:.2f} | {baseline / median:.2f}x |")
     lines += ["", f"The outputs of the two ways are {'identical, voxel for voxel' if identical else 'NOT identical'}."]
     return "\n".join(lines)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["machine_line", "machine_name", "table_head", "write_table"]
+__all__ = ["machine_line", "machine_name", "median_cell", "table_head", "write_table"]
 
 
 def write_table(table: str, out: Path | None) -> None:
@@ -27,6 +28,12 @@ def table_head(title: str, device: torch.device | str, columns: list[str], repea
     runs = f", median (range) of {repeat} runs" if repeat > 1 else ""
     header = [column.format(runs=runs) for column in columns]
     return [title, machine_line(device), "", f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+
+
+def median_cell(values: list[float], digits: int = 1) -> str:
+    """The table cell under a ``{runs}`` column of :func:`table_head`: the median, and the range of several runs."""
+    spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
+    return f"{statistics.median(values):.{digits}f}{spread}"
 
 
 def machine_line(device: torch.device | str) -> str:

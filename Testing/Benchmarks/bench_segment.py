@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import table_head, write_table
+from bench_common import median_cell, table_head, write_table
 
 SHAPE = (300, 512, 512)  # (D, H, W)
 
@@ -138,12 +138,12 @@ def _run_child(name: str, ct: Path, bundle: Path, output: Path, args: argparse.N
 
 
 def _summary(runs: list[dict]) -> dict:
-    """The median time (and the range when there are several runs) and the largest memory peaks of a pipeline's runs."""
-    seconds = sorted(run["seconds"] for run in runs)
+    """The median time (and every run's) and the largest memory peaks of a pipeline's runs."""
+    seconds = [run["seconds"] for run in runs]
     gpu = [run["peak_gpu_mib"] for run in runs if run["peak_gpu_mib"] is not None]
     return {
         "seconds": float(np.median(seconds)),
-        "range": (seconds[0], seconds[-1]) if len(runs) > 1 else None,
+        "every_seconds": seconds,
         "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
         "start_rss_mib": max(run["start_rss_mib"] for run in runs),
         "peak_gpu_mib": max(gpu) if gpu else None,
@@ -233,8 +233,7 @@ def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
     lines = table_head(title, args.device, columns, args.repeat)
     for name, r in results.items():
         gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
-        spread = f" ({r['range'][0]:.1f}-{r['range'][1]:.1f})" if r["range"] else ""
-        lines.append(f"| {name} | {r['seconds']:.1f}{spread} | {baseline / r['seconds']:.2f}x | {r['peak_rss_mib']:.0f} | "
+        lines.append(f"| {name} | {median_cell(r['every_seconds'])} | {baseline / r['seconds']:.2f}x | {r['peak_rss_mib']:.0f} | "
                      f"{r['start_rss_mib']:.0f} | {gpu} |")
     lines += [
         "",

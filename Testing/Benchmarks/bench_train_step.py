@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import machine_name, write_table
+from bench_common import table_head, write_table
 from scdlcore.config import Config
 from scdlcore.ssl import Batch, build_base
 from scdlcore.train import optimisation_step
@@ -98,14 +98,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    machine = machine_name(device)
-    lines = [
-        f"CPS + GA + SCDL training step: {args.labeled}+{args.unlabeled} patches of {args.patch}^3, {args.classes} classes, width {args.width}",
-        f"Machine: {machine}; torch {torch.__version__}; {args.steps} timed steps after {args.warmup} warm-up",
-        "",
-        "| configuration | ms/step | steps/s | speed-up | peak memory (GiB) | warm-up (s) |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = table_head(f"CPS + GA + SCDL training step: {args.labeled}+{args.unlabeled} patches of {args.patch}^3, {args.classes} "
+                       f"classes, width {args.width}; {args.steps} timed steps after {args.warmup} warm-up", device,
+                       ["configuration", "ms/step", "steps/s", "speed-up", "peak memory (GiB)", "warm-up (s)"])
     print("\n".join(lines), flush=True)
     results: dict[str, dict[str, float]] = {}
     for name, fast, compile in VARIANTS:
