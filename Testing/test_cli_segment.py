@@ -197,6 +197,40 @@ def test_with_events_a_failure_is_also_an_error_event_on_stdout(
     assert str(missing) in event["message"] and err == f"scdl {command}: error: {event['message']}\n"
 
 
+def test_with_events_an_unexpected_failure_is_an_error_event_and_keeps_its_traceback(
+    samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that is not bad input (here a stand-in for CUDA running out of memory in the forward pass) still
+    reaches a program reading --events as an error event; the exception itself propagates with its traceback."""
+    from scdlcore.infer import Predictor
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Predictor, "_forward", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        _segment(samples["ct_abdomen"].image, "-o", tmp_path / "o.seg.nrrd", "--model", threshold_bundle, "--events")
+
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1] == {**events[-1], "event": "error", "stage": "segment", "error": "RuntimeError"}
+    assert "CUDA out of memory" in events[-1]["message"]
+    assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+@pytest.mark.parametrize("device, accepted", [("cuda:1", True), ("cuda", True), ("gpu", False), ("cuda:x", False)])
+def test_device_takes_auto_cpu_cuda_and_one_gpu_of_several(device: str, accepted: bool, capsys: pytest.CaptureFixture) -> None:
+    from scdlcore.cli import build_parser
+
+    argv = ["finetune", "--dataset", "d", "--model", "m", "--device", device]
+    if accepted:
+        assert build_parser().parse_args(argv).device == device
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 2
+        assert f"'{device}' is not a device: choose auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 @pytest.fixture
 def no_shipped_starter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """For the registry commands: hide the starter model shipped with the package."""

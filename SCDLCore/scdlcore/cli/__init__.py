@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
 
-__all__ = ["DEVICES", "add_device_option", "build_parser", "main"]
+__all__ = ["DEVICES", "add_device_option", "build_parser", "device_name", "main"]
 
-#: What ``--device`` takes: auto = the GPU when PyTorch sees one, else the CPU.
+#: What ``--device`` takes, besides ``cuda:N`` for one GPU of several: auto = the GPU when PyTorch sees one, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Sub-command modules of this package, in the order ``scdl --help`` lists them.
@@ -29,9 +30,16 @@ class UserError(Exception):
 
 
 def add_device_option(parser: argparse.ArgumentParser, what: str = "") -> None:
-    """``--device auto|cpu|cuda`` (default auto); ``what`` ends the help, e.g. " (with --model)"."""
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help=f"auto = the GPU when PyTorch sees one, else CPU (default: auto){what}")
+    """``--device auto|cpu|cuda|cuda:N`` (default auto); ``what`` ends the help, e.g. " (with --model)"."""
+    parser.add_argument("--device", type=device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                        help=f"auto = the GPU when PyTorch sees one, else CPU; cuda:N = GPU number N (default: auto){what}")
+
+
+def device_name(value: str) -> str:
+    """``value`` when it names a device ``--device`` takes (:data:`DEVICES` or ``cuda:N``); for argparse."""
+    if value in DEVICES or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a device: choose auto, cpu, cuda or cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scdl {args.command}: cancelled", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug or e.g. CUDA out of memory: the traceback stays, programs still get the event
+        _emit_error_event(args, err)
+        raise
 
 
 def _report_error(args: argparse.Namespace, err: Exception) -> None:
     """One line for people on stderr; with ``--events`` also an ``error`` event on stdout for programs."""
+    _emit_error_event(args, err)
+    print(f"scdl {args.command}: error: {err}", file=sys.stderr)
+
+
+def _emit_error_event(args: argparse.Namespace, err: Exception) -> None:
     if getattr(args, "events", False):
         from ..events import Progress
 
         Progress(0, args.command, json_lines=True).emit("error", message=str(err), error=type(err).__name__)
-    print(f"scdl {args.command}: error: {err}", file=sys.stderr)
