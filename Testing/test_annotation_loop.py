@@ -155,7 +155,8 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
     # Jobs queue behind the running one; a waiting job can be cancelled, and so can the running one.
     send(id="s2", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "b.nii.gz"))
     send(id="s3", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "c.nii.gz"))
-    send(id="a1", command="add_case", dataset=str(tmp_path / "dataset"), image=str(samples["ct_chest_nrrd"].image), label=None)
+    send(id="a1", command="add_case", dataset=str(tmp_path / "dataset"), image=str(samples["ct_chest_nrrd"].image), label=None,
+         source=None)
     send(id="q0", command="status")
     send(id="c0", command="cancel", target="s3")
     send(id="c1", command="cancel", target="s2")
@@ -170,6 +171,7 @@ def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, re
     added = events_until("a1")[-1]  # it waited for s2 and runs now
     assert added["event"] == "result", added
     assert added["labeled"] is False and added["counts"]["unlabeled"] == 1
+    assert [case.source for case in DatasetStore(tmp_path / "dataset").cases()] == ["3D Slicer"]  # a null source: the default
 
     # "collect": the segmented CT is kept in the dataset as an unlabeled case, once.
     for request_id, new in (("k1", True), ("k2", False)):

@@ -60,7 +60,7 @@ class Worker:
 
     Args:
         model: model reference (name, name@version or bundle path) resolved in ``models_dir``.
-        device: ``auto`` | ``cpu`` | ``cuda``.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
         models_dir: the model registry folder (None: $SCDL_MODELS_DIR or the user data folder).
         stdin, stdout: the request and event streams.
     """
@@ -180,7 +180,7 @@ class Worker:
             before = {case.id: case.status for case in store.cases()}
             case = store.add(request["image"], label, case_id=request.get("case_id"),
                              reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
-                             source=request.get("source", "3D Slicer"), model=self.bundle.ref)
+                             source=request.get("source") or "3D Slicer", model=self.bundle.ref)
             return "result", {"case_id": case.id, "labeled": case.is_labeled, "previous": before.get(case.id),
                               "counts": store.counts()}
 
