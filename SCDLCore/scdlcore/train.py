@@ -70,11 +70,16 @@ def checkpoint_path(folder: Path, name: str = "last") -> Path:
     return folder / "checkpoints" / f"{name}.safetensors"
 
 
+def resume_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint ``resume`` continues the run in ``folder`` from: ``last``, or ``best`` when the run was killed
+    after a validation and before its first regular checkpoint; None when it has neither."""
+    return next((path for path in (checkpoint_path(folder), checkpoint_path(folder, "best")) if path.is_file()), None)
+
+
 def holds_run(folder: Path) -> bool:
-    """Whether ``folder`` holds a run that ``resume`` can continue (a checkpoint: ``last``, or only ``best`` when
-    the run was killed after a validation and before its first regular checkpoint). A run killed before both
-    leaves at most a history, which a new run replaces."""
-    return checkpoint_path(folder).is_file() or checkpoint_path(folder, "best").is_file()
+    """Whether ``folder`` holds a run that ``resume`` can continue. A run killed before its first checkpoint leaves
+    at most a history, which a new run replaces."""
+    return resume_checkpoint(folder) is not None
 
 
 def finished_run(folder: Path) -> bool:
@@ -232,8 +237,7 @@ class Trainer:
         total, power = config.train.steps, config.train.poly_power
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: max(1.0 - s / total, 0.0) ** power)
         if self.resume:
-            last, best = checkpoint_path(self.output), checkpoint_path(self.output, "best")
-            self.load_checkpoint(best if best.is_file() and not last.is_file() else last)  # killed between the two
+            self.load_checkpoint(resume_checkpoint(self.output) or checkpoint_path(self.output))  # none: its error
 
     def _load_init_weights(self) -> None:
         """Start from ``init_weights``. A network they do not cover starts as a copy of the first network: a
