@@ -302,6 +302,24 @@ def test_import_adds_a_folder_of_cts_with_their_label_maps_and_can_run_again(
     assert "label maps orphan.nii.gz have no image of the same name in" in capsys.readouterr().err
 
 
+def test_import_counts_a_ct_that_an_earlier_file_of_the_same_import_brought_as_updated(
+    tmp_path: Path, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
+) -> None:
+    abdomen = samples["ct_abdomen"]
+    images, labels, root = tmp_path / "imagesTr", tmp_path / "labelsTr", tmp_path / "store"
+    images.mkdir()
+    labels.mkdir()
+    shutil.copy(abdomen.image, images / "a1.nii.gz")  # unlabeled first ...
+    shutil.copy(abdomen.image, images / "a2.nii.gz")  # ... then the same CT with its label map
+    shutil.copy(abdomen.label, labels / "a2.nii.gz")
+
+    assert main(["dataset", "import", str(root), str(images), "--labels", str(labels), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(case["name"], case["case_id"], case["status"], case["previous"]) for case in report["cases"]] == [
+        ("a1", "case0001", "unlabeled", None), ("a2", "case0001", "labeled", "unlabeled")]
+    assert DatasetStore(root).counts() == {"labeled": 1, "partial": 0, "unlabeled": 0}
+
+
 @pytest.mark.parametrize("case_id", ["../evil", "a/b", "a\\b", "/abs", "has space", ".hidden", "", "x" * 129])
 def test_case_ids_with_path_separators_or_odd_characters_are_refused(
     store: DatasetStore, ct_file: Path, case_id: str

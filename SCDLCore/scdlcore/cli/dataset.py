@@ -121,12 +121,13 @@ def _import(args: argparse.Namespace) -> int:
     store = DatasetStore.init(args.dir)
     progress = Progress(len(pairs), "import", enabled=not args.json)
     outcomes = []
+    statuses = {case.id: case.status for case in store.cases()}  # kept current: a later file may update an earlier one
     for done, (name, image, label) in enumerate(pairs, start=1):
         outcome = {"name": name, "image": str(image), "label": None if label is None else str(label)}
-        before = {case.id: case.status for case in store.cases()}  # now: an earlier file may be the same CT
         try:
             case = store.add(image, label, source=args.source)
-            outcome.update(case_id=case.id, status=case.status, previous=before.get(case.id))
+            outcome.update(case_id=case.id, status=case.status, previous=statuses.get(case.id))
+            statuses[case.id] = case.status
         except CTAlreadyStored as err:
             outcome.update(case_id=err.case.id, status=err.case.status, previous=err.case.status)
         except ValueError as err:  # a bad file; its message names it
