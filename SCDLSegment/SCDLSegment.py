@@ -828,8 +828,8 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             self.onLog(event.get("message", ""))
         elif kind == "ready" and self.worker is not None and self.worker.info is not None:
             self.onLog(f"SCDL engine ready: {self.worker.info.model} on {self.worker.info.describe()}.")
-        elif kind in ("stopped", "error") and event.get("message") and not event.get("fatal"):
-            self.onLog(event["message"])  # a fatal error comes back as the reason the worker stopped
+        elif kind in ("stopped", "error") and event.get("message"):
+            self.onLog(event["message"])
         self.onWorkerStatus(event)
 
     # ---------------------------------------------------------------- listings

@@ -77,7 +77,7 @@ class WorkerClient:
         args: the worker's command line (see :meth:`SCDLSegmentLib.engine.EngineCommand.worker`).
         env: the worker's environment.
         on_status: called with the worker's id-less events: ``ready`` (after :attr:`info` is set),
-            ``log``, ``error`` (``fatal``: it could not start), and ``{"event": "stopped", "message":
+            ``log``, ``error``, and ``{"event": "stopped", "message":
             str | None}`` once the process is gone (``message`` says why when it could not start,
             crashed or spoke another protocol version).
         cancel_grace_s: how long a cancelled request may take to answer ``cancelled`` before the
@@ -200,7 +200,8 @@ class WorkerClient:
     def _status(self, event: dict[str, Any]) -> None:
         if event.get("event") == "error" and event.get("fatal"):  # the worker could not start; it exits next
             self._stop_reason = str(event.get("message") or "The SCDL worker could not start.")
-        elif event.get("event") == "ready":
+            return  # reported once, as the reason in "stopped"
+        if event.get("event") == "ready":
             version = event.get("protocol")
             if version != PROTOCOL_VERSION:
                 self._stop_reason = (

@@ -98,5 +98,10 @@ def test_a_submit_waits_for_the_running_segmentation_and_suggest_names_a_stored_
 
 
 def test_a_worker_that_cannot_start_says_why(logic, standin):
+    statuses, logged = [], []
+    logic.onWorkerStatus, logic.onLog = statuses.append, logged.append
     outcome = logic.segment(abdomen_like_ct(standin), "no_such_model", Device.CPU, timeout_s=120)
     assert "No model 'no_such_model'" in outcome.error and "threshold@1" in outcome.error
+    # The reason reaches the panel once, as why the worker stopped; the worker client keeps its fatal error event.
+    assert [event["event"] for event in statuses] == ["stopped"] and "No model 'no_such_model'" in statuses[0]["message"]
+    assert sum("No model 'no_such_model'" in line for line in logged) == 1
