@@ -467,9 +467,10 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSuggest(self) -> None:
         node = self._parameters()
-        with _ErrorDialog(_("No case could be suggested.")):
-            self.logic.startSuggestCase(self.logic.datasetDir(node), self._selectedModel(), node.device, self._onSuggestion)
-            self.ui.datasetStatusLabel.setText(_("Ranking the unlabeled cases with {model}…").format(model=self._selectedModel()))
+        with _ErrorDialog(_("No case could be suggested.")):  # also when no model is selected
+            model = self._selectedModel()
+            self.logic.startSuggestCase(self.logic.datasetDir(node), model, node.device, self._onSuggestion)
+            self.ui.datasetStatusLabel.setText(_("Ranking the unlabeled cases with {model}…").format(model=model))
             self._startPolling()
 
     def _onSuggestion(self, suggestion, error: str | None) -> None:
