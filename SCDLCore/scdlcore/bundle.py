@@ -10,7 +10,7 @@ A bundle is a folder, or one ``.scdlmodel`` zip archive of that folder, holding 
      "created": "2026-11-27T10:00:00+00:00",
      "networks": [{"arch": "vnet", "in_channels": 1, "num_classes": 14, "width": 16, "norm": "batch"}, ...],
      "ensemble": "mean", "labels": {LabelTable.to_dict()}, "spacing": [1.5, 1.5, 2.0],
-     "hu_window": [-125, 275], "patch_size": [96, 96, 96], "base": "cps", "scdl": {...} | null,
+     "hu_window": [-125, 275], "orientation": "RAS", "patch_size": [96, 96, 96], "base": "cps", "scdl": {...} | null,
      "lineage": {"parent": "starter@1" | null, "data_fingerprint": str | null, "steps": 20000, "trained_on": str},
      "metrics": {...}, "sha256": {"weights.safetensors": "<hex>"}, "description": "..."}
 
@@ -51,6 +51,7 @@ from ._atomic import atomic_write, atomic_write_text, temporary_sibling
 from ._filelock import file_lock
 from .labels import LabelTable
 from .nets import build_network, network_description
+from .preprocess import CANONICAL_ORIENTATION, Preprocessing, orientation_directions
 
 __all__ = [
     "ARCHIVE_SUFFIX",
@@ -109,6 +110,9 @@ class ModelBundle:
         labels: the label table; network class ``c`` is label value ``labels.values[c - 1]``.
         spacing: model voxel size (x, y, z) in mm.
         hu_window: (low, high) in HU, mapped to [0, 1].
+        orientation: the axis codes of the canonical orientation its networks were trained in ("RAS"), or
+            None for a bundle written before CTs were reoriented (trained on its files' own axis order; such a
+            bundle cannot segment: see :attr:`preprocessing`).
         patch_size: sliding-window patch in voxels, array order (D, H, W).
         base: semi-supervised base it was trained with: ``cps`` | ``mean_teacher`` | ``supervised``.
         ensemble: how several networks are combined: ``mean`` of logits | ``first`` network only.
@@ -127,6 +131,7 @@ class ModelBundle:
     spacing: tuple[float, float, float]
     hu_window: tuple[float, float]
     patch_size: tuple[int, int, int]
+    orientation: str | None = CANONICAL_ORIENTATION
     version: int = 1
     base: str = "supervised"
     ensemble: str = "mean"
@@ -146,6 +151,25 @@ class ModelBundle:
         return f"{self.name}@{self.version}"
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """How a CT becomes this bundle's network input.
+
+        Raises:
+            BundleError: the bundle records no orientation. Its networks learnt anatomy in the axis order of
+                their training files, so on a CT stored in another order they would mirror it silently (the
+                spleen found on the liver's side); refusing is safer than a plausible-looking wrong result.
+        """
+        if self.orientation is None:
+            where = self.path or self.ref
+            raise BundleError(
+                f"Model {self.ref} ({where}) records no input orientation: it was trained on CTs in their files' own "
+                "axis order, before SCDLCore put every CT into one anatomical orientation, so on a CT stored in "
+                "another axis order it mirrors the anatomy. Use a model trained with this SCDLCore (the bundled "
+                "'starter' is one) or retrain it."
+            )
+        return Preprocessing(self.spacing, self.hu_window, self.orientation)
+
+    @property
     def num_classes(self) -> int:
         """C, background included."""
         return self.labels.num_classes
@@ -163,6 +187,7 @@ class ModelBundle:
             "labels": self.labels.to_dict(),
             "spacing": list(self.spacing),
             "hu_window": list(self.hu_window),
+            "orientation": self.orientation,
             "patch_size": list(self.patch_size),
             "base": self.base,
             "scdl": self.scdl,
@@ -198,6 +223,7 @@ class ModelBundle:
                 labels=LabelTable.from_dict(data["labels"]),
                 spacing=_floats(data["spacing"], 3),
                 hu_window=_floats(data["hu_window"], 2),
+                orientation=None if data.get("orientation") is None else str(data["orientation"]),
                 patch_size=tuple(int(p) for p in data["patch_size"]),  # type: ignore[arg-type]
                 base=str(data.get("base", "supervised")),
                 ensemble=str(data.get("ensemble", "mean")),
@@ -251,6 +277,11 @@ class ModelBundle:
             problems.append(f"spacing must be positive (mm), got {list(self.spacing)}")
         if self.hu_window[0] >= self.hu_window[1]:
             problems.append(f"hu_window must be [low, high] with low < high, got {list(self.hu_window)}")
+        if self.orientation is not None:
+            try:
+                orientation_directions(self.orientation)
+            except ValueError as err:
+                problems.append(str(err).rstrip("."))
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             problems.append(f"patch_size must be three positive voxel counts, got {list(self.patch_size)}")
         if problems:
@@ -266,6 +297,7 @@ def save_bundle(
     spacing: Sequence[float],
     hu_window: Sequence[float],
     patch_size: Sequence[int],
+    orientation: str = CANONICAL_ORIENTATION,
     version: int = 1,
     base: str = "supervised",
     ensemble: str = "mean",
@@ -298,6 +330,7 @@ def save_bundle(
         labels=labels if isinstance(labels, LabelTable) else LabelTable.from_dict(labels),
         spacing=_floats(spacing, 3),
         hu_window=_floats(hu_window, 2),
+        orientation=orientation,
         patch_size=tuple(int(p) for p in patch_size),  # type: ignore[arg-type]
         base=base,
         ensemble=ensemble,
@@ -703,6 +736,19 @@ def _check_tensors(weights: Path, bundle: ModelBundle, source: Path) -> None:
             f"{label} does not match the networks described in {META_FILE}: " + "; ".join(problems)
             + ". The weights belong to a different network; save the bundle again with scdlcore.bundle.save_bundle."
         )
+    _check_finite(weights, label)
+
+
+def _check_finite(weights: Path, label: str) -> None:
+    """Refuse weights holding NaN or inf (a diverged training): they segment nothing, silently."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        bad = [key for key in handle.keys()
+               if (tensor := handle.get_tensor(key)).is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise BundleError(f"{label} holds NaN or infinite weights ({_first(bad)}): the model diverged in training and "
+                          "would segment nothing. Use an earlier version, or retrain with a lower learning rate.")
 
 
 def _read_meta(path: Path, label: str | None = None) -> dict[str, Any]:

@@ -91,7 +91,7 @@ CASE_SUFFIX = ".nii.gz"
 LOCK_TIMEOUT_S = 120.0  # writing one large CT takes seconds; a minute's wait means something is stuck
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _AUTO_ID = re.compile(r"^case(\d+)$")
-_BODY_HU = -500.0  # body voxels for the suggestion scores, as preprocess.body_bbox finds the body
+_BODY_HU = -500.0  # body voxels for the suggestion scores (inside the body crop of the network input)
 _MOSTLY_SHARE = 0.6  # a reason names the organs holding this share of the disagreement/uncertainty
 _log = logging.getLogger(__name__)
 
@@ -685,13 +685,10 @@ def _score_case(image: Volume, predictor: Predictor) -> tuple[str, float, dict[s
     """
     import torch
 
-    from .preprocess import body_bbox, hu_window, resample_to_spacing
-
     bundle = predictor.bundle
-    work = resample_to_spacing(image, bundle.spacing, is_label=False)
-    hu = work.array[body_bbox(work, threshold_hu=_BODY_HU)]
-    body = torch.from_numpy(hu > _BODY_HU).to(predictor.device)
-    x = torch.from_numpy(hu_window(hu, bundle.hu_window))  # (D, H, W)
+    prepared = predictor.preprocessing.prepare(image)  # the network input that `scdl segment` gives it
+    body = torch.from_numpy(prepared.grid.array > _BODY_HU).to(predictor.device)
+    x = torch.from_numpy(prepared.image())  # (D, H, W)
     probs = [predictor.sliding_window(x, networks=[net]) for net in predictor.networks[:2]]  # each (C, D, H, W)
     if len(probs) >= 2:
         return "disagreement", *_disagreement(probs[0].argmax(0), probs[1].argmax(0), body, bundle.labels)

@@ -2,19 +2,22 @@
 
 :meth:`Predictor.predict_volume` runs the pipeline of SCDL_METHOD.md section 5:
 
-1. body crop (optional): the largest region above -500 HU plus 10 mm, so the air around the
-   patient costs nothing;
-2. the crop is resampled (linear) to the bundle's spacing, the *model grid*, and HU-windowed to [0, 1];
-3. sliding window on ``device``: ``bundle.patch_size`` patches with ``overlap``, softmax
+1. preprocessing, the one path training uses too (:meth:`scdlcore.preprocess.Preprocessing.prepare`): the
+   CT is put into the canonical orientation the bundle records (an exact transpose and flip), cropped to
+   the body (the largest region above -500 HU plus 10 mm), resampled (linear) to the bundle's spacing,
+   the *model grid*, and HU-windowed to [0, 1];
+2. sliding window on ``device``: ``bundle.patch_size`` patches with ``overlap``, softmax
    probabilities weighted by a Gaussian and accumulated on the device (CPS bundles average both
    networks' logits first); bf16 autocast and channels-last-3d on CUDA;
-4. back to the input grid, label-aware: the class probabilities are interpolated trilinearly at
+3. back to the input grid, label-aware: the class probabilities are interpolated trilinearly at
    every input voxel and the argmax is taken there. Nearest neighbour on the model-grid label map
    would draw organ borders as staircases of model-voxel steps (1.5-2 mm on a 0.7 mm CT); this keeps
    them smooth and still lands exactly on the input geometry. It runs a few input slices at a time,
    only for the classes the model found and only inside the box holding them, so float
    probabilities never exist at input resolution beyond one slab; and where the eight model voxels
    around an input voxel agree, their class is the answer (exactly), so only borders are interpolated.
+   The result is computed on the canonically oriented input grid and transposed back into the file's
+   own axis order, exactly.
 
 Memory: the input CT (float32), the C-class probability map on the model grid (14 classes x
 266x266x150 voxels = 0.6 GB for a 512x512x300 CT resampled to 1.5x1.5x2 mm), during step 4 a
@@ -29,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import math
@@ -44,7 +48,6 @@ from .bundle import ModelBundle
 from .events import Progress
 from .io import Volume, read_image, write_label
 from .labels import LabelTable, value_counts
-from .preprocess import body_bbox, crop, hu_window, resample_to_spacing
 
 __all__ = ["InferenceCancelled", "Predictor", "check_organs", "organ_volumes_ml"]
 
@@ -73,9 +76,12 @@ class Predictor:
             None = the bundle's choice.
         body_crop: segment only the body's bounding box (voxels outside it are background).
         amp: bf16 autocast on CUDA (ignored on CPU).
+        networks: the networks to segment with, in place of the bundle's weights (training validates its
+            current networks through this predictor; the bundle then needs no weights file).
 
     Raises:
         ValueError: a bad option.
+        BundleError: a bundle that records no input orientation (see ``ModelBundle.preprocessing``).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class Predictor:
         ensemble: str | None = None,
         body_crop: bool = True,
         amp: bool = True,
+        networks: Sequence[torch.nn.Module] | None = None,
     ) -> None:
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}.")
@@ -95,13 +102,15 @@ class Predictor:
         if ensemble not in ("mean", "first"):
             raise ValueError(f"ensemble must be 'mean' or 'first', got {ensemble!r}.")
         self.bundle, self.device = bundle, torch.device(device)
-        self.overlap, self.ensemble, self.body_crop = overlap, ensemble, body_crop
+        self.overlap, self.ensemble = overlap, ensemble
+        self.preprocessing = dataclasses.replace(bundle.preprocessing, body_crop=body_crop)
         cuda = self.device.type == "cuda"
         self.sw_batch_size = sw_batch_size or (4 if cuda else 1)
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}.")
         self.amp = amp and cuda
-        self.networks = bundle.build_networks(self.device, count=1 if ensemble == "first" else None)
+        count = 1 if ensemble == "first" else None
+        self.networks = list(networks)[:count] if networks is not None else bundle.build_networks(self.device, count=count)
         if cuda:
             # Channels-last-3d unlocks the fast cuDNN kernels for 3D convolutions (PERFORMANCE.md).
             self.networks = [net.to(memory_format=torch.channels_last_3d) for net in self.networks]
@@ -152,19 +161,18 @@ class Predictor:
         """
         lut = self._value_lut(organs)
         _report(progress, 0.0, "preprocess")
-        box = body_bbox(volume) if self.body_crop else tuple(slice(0, n) for n in volume.shape)
-        cropped = crop(volume, box)  # type: ignore[arg-type]
-        work = resample_to_spacing(cropped, self.bundle.spacing, is_label=False)
-        image = torch.from_numpy(hu_window(work.array, self.bundle.hu_window))
+        prepared = self.preprocessing.prepare(volume)
+        image = torch.from_numpy(prepared.image())
         _report(progress, _PREPROCESS_END, "infer")
         probs = self.sliding_window(image, progress=progress, cancel=cancel)
         del image
         _report(progress, _WINDOWS_END, "postprocess")
-        output = np.zeros(volume.shape, dtype=np.uint8 if max(self.bundle.labels.values) < 256 else np.uint16)
+        dtype = np.uint8 if max(self.bundle.labels.values) < 256 else np.uint16
+        output = np.zeros(prepared.oriented_shape, dtype=dtype)
         with torch.inference_mode():
-            _probs_to_grid(probs, _index_map(cropped, work), lut, output[box])  # type: ignore[index]
+            _probs_to_grid(probs, prepared.index_map(), lut, output[prepared.box])
         _report(progress, 1.0, "write")
-        return volume.with_array(output)
+        return volume.with_array(prepared.to_input(output))
 
     def sliding_window(
         self,
@@ -263,18 +271,6 @@ def _report(progress: Progress | None, fraction: float, stage: str, *, only_if_a
     if not (only_if_advanced and done == progress.done):
         progress.stage = stage
         progress.update(done)
-
-
-def _index_map(source: Volume, target: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Per-axis ``(scale, offset)`` in array order (z, y, x): target index = offset + scale * source index.
-
-    Both grids must share their direction (the model grid is the crop resampled along its own axes).
-    """
-    source_to_target = np.linalg.inv(target.ijk_to_lps) @ source.ijk_to_lps
-    linear = source_to_target[:3, :3]
-    if not np.allclose(linear, np.diag(np.diag(linear)), atol=1e-6):
-        raise RuntimeError("The model grid is not axis-aligned with the input grid; cannot map back.")
-    return np.diag(linear)[::-1].copy(), source_to_target[:3, 3][::-1].copy()
 
 
 def _probs_to_grid(

@@ -167,6 +167,20 @@ def test_model_json_not_matching_the_weights_is_refused(bundle_dir: Path) -> Non
         load_bundle(bundle_dir)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_refused_on_load_and_import(tmp_path: Path, networks: list[VNet], bad: float) -> None:
+    """A diverged model (checksum updated to match) must not load: it would segment nothing, with exit code 0."""
+    with torch.no_grad():
+        networks[0].head.weight[3, 0] = bad
+    bundle_dir = save_bundle(tmp_path / "diverged", networks, **META)
+    with pytest.raises(BundleError, match=r"holds NaN or infinite weights \(net0\.head\.weight\): the model diverged"):
+        load_bundle(bundle_dir)
+    registry = ModelRegistry(tmp_path / "models")
+    with pytest.raises(BundleError, match="holds NaN or infinite weights"):
+        registry.import_(bundle_dir)
+    assert [entry.ref for entry in registry.list()] == []
+
+
 def test_pickle_checkpoints_are_refused(tmp_path: Path, networks: list[VNet]) -> None:
     checkpoint = tmp_path / "model.pt"
     torch.save(networks[0].state_dict(), checkpoint)

@@ -84,6 +84,7 @@ def _print_info(bundle: ModelBundle) -> None:
         ("labels", f"{bundle.labels.name}: " + ", ".join(f"{label.value} {label.name}" for label in bundle.labels.labels)),
         ("spacing (mm)", " x ".join(f"{s:g}" for s in bundle.spacing)),
         ("HU window", f"[{bundle.hu_window[0]:g}, {bundle.hu_window[1]:g}]"),
+        ("orientation", bundle.orientation or "none recorded: trained on file axes, cannot segment (retrain it)"),
         ("patch size", " x ".join(str(p) for p in bundle.patch_size)),
         ("SCDL", "on" if bundle.scdl else "off"),
         ("lineage", f"parent {lineage.get('parent')}, {lineage.get('steps')} steps, trained on {lineage.get('trained_on')!r}"),
