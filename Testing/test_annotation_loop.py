@@ -59,6 +59,24 @@ def test_finetune_registers_a_new_version_naming_its_parent(store, registry, tmp
     assert registry.info("threshold").ref == "threshold@2", "the new version is the latest"
 
 
+def test_recorded_before_and_after_dice_are_what_segment_and_evaluate_measure(store, registry, tmp_path):
+    """Validation runs through the shipped predictor and scdl evaluate's Dice: the recorded numbers are a user's."""
+    from scdlcore.infer import Predictor
+    from scdlcore.metrics import evaluate_files
+
+    result = finetune("threshold", store, registry=registry, steps=3, output=tmp_path / "run", device="cpu",
+                      overrides={**FAST, "train.val_every": 3})
+    stored = DatasetStore(store).case("abdomen")
+    image, label = DatasetStore(store).dataset().path(stored.image), DatasetStore(store).dataset().path(stored.label)
+    for ref, recorded in (("threshold@1", result.before), (result.model, result.after)):
+        output = tmp_path / f"{ref}.seg.nrrd"
+        Predictor(registry.resolve(ref), "cpu").predict_file(image, output)
+        measured = evaluate_files(output, label, SYNAPSE13)
+        assert set(recorded) == {"liver", "spleen"}
+        for organ, dice in recorded.items():
+            assert dice == pytest.approx(measured.organs[organ].dice, abs=1e-12), (ref, organ)
+
+
 def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_child_segments_as_fast(
     store, registry, tmp_path
 ):
@@ -70,6 +88,14 @@ def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_chi
     result = finetune("pair", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
     child = registry.info(result.model)
     assert (result.model, len(child.networks), child.ensemble) == ("pair@2", 2, "first")
+
+
+def test_a_parent_trained_supervised_is_fine_tuned_semi_supervised(store, registry, tmp_path):
+    """The starter is trained supervised; the annotation loop learns from the store's unlabeled CT too."""
+    assert registry.info("threshold@1").base == "supervised"
+    result = finetune("threshold", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
+    child = registry.info(result.model)
+    assert (child.base, len(child.networks), child.ensemble, child.scdl["enabled"]) == ("cps", 2, "first", True)
 
 
 def test_cancelled_finetune_registers_nothing_and_resumes(store, registry, tmp_path):

@@ -2,7 +2,7 @@
 
 A config file has up to six sections, each optional, every key optional (defaults below)::
 
-    data:    {dataset: path/to/dataset, spacing: [1.5, 1.5, 2.0], hu_window: [-125, 275], val_cases: [case7]}
+    data:    {dataset: path/to/dataset, spacing: [1.5, 1.5, 2.0], hu_window: [-150, 450], val_cases: [case7]}
     network: {width: 16}
     ssl:     {base: cps}
     scdl:    {enabled: true, p2e: tokens}
@@ -55,7 +55,9 @@ class DataConfig:
     dataset: str = ""  # folder holding dataset.json (see README: "Dataset folders")
     labels: str = "synapse13"  # built-in label table
     spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)  # model voxel size (x, y, z) in mm
-    hu_window: tuple[float, float] = (-125.0, 275.0)  # HU mapped to [0, 1]
+    # HU mapped to [0, 1]: wide enough that an arterial aorta (about 400 HU) and kidney (220) stay below white
+    hu_window: tuple[float, float] = (-150.0, 450.0)
+    orientation: str = "RAS"  # axis codes every CT is put in before the network (scdlcore.preprocess)
     val_cases: list[str] = field(default_factory=list)  # ids of labeled cases held out for validation
     num_val_cases: int = 0  # or: hold out this many labeled cases (the last ones by id) when val_cases is empty
     val_on_train: bool = False  # with no case held out, score the labeled training cases (fit, not generalisation)
@@ -66,6 +68,19 @@ class DataConfig:
         _require(all(s > 0 for s in self.spacing), "data.spacing", "three positive numbers (mm)", self.spacing)
         _require(self.hu_window[0] < self.hu_window[1], "data.hu_window", "[low, high] with low < high", self.hu_window)
         _require(self.num_val_cases >= 0, "data.num_val_cases", ">= 0", self.num_val_cases)
+        from .preprocess import orientation_directions
+
+        try:
+            orientation_directions(self.orientation)
+        except ValueError as err:
+            raise ConfigError(f"data.orientation: {err}") from None
+
+    @property
+    def preprocessing(self):  # -> scdlcore.preprocess.Preprocessing (imported lazily: config stays light)
+        """The preprocessing plan of this data: the one that training, validation and the exported bundle share."""
+        from .preprocess import Preprocessing
+
+        return Preprocessing(tuple(self.spacing), tuple(self.hu_window), self.orientation)
 
 
 @dataclass
@@ -147,6 +162,8 @@ class AugmentConfig:
     """
 
     enabled: bool = True
+    phase_prob: float = 0.0  # labeled patches whose organs move to the HU of a random contrast phase (contrast.py);
+    # off: at 0.5 it cost 0.11 mean Dice on the held-out CT (Testing/Benchmarks/results/accuracy_fold1_cpu.md)
     spatial_prob: float = 0.3  # rotation + scaling
     rotate_deg: float = 15.0  # max rotation about each axis
     scale: tuple[float, float] = (0.85, 1.25)
@@ -163,7 +180,7 @@ class AugmentConfig:
     lowres_zoom: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
-        for name in ("spatial_prob", "intensity_prob", "gamma_prob", "noise_prob", "blur_prob", "lowres_prob"):
+        for name in ("phase_prob", "spatial_prob", "intensity_prob", "gamma_prob", "noise_prob", "blur_prob", "lowres_prob"):
             _require(0 <= getattr(self, name) <= 1, f"augment.{name}", "a probability in [0, 1]", getattr(self, name))
         _require(all(a in (0, 1, 2) for a in self.flip_axes), "augment.flip_axes", "axes among 0, 1, 2", self.flip_axes)
         _require(0 < self.scale[0] <= self.scale[1], "augment.scale", "[low, high] with 0 < low <= high", self.scale)

@@ -27,12 +27,14 @@ import torch
 
 from ._atomic import atomic_write
 from .config import AugmentConfig, DataConfig
+from .contrast import ContrastPhase
 from .dataset import Case, Dataset
+from .labels import LabelTable
 
 __all__ = ["PreparedCase", "prepare_case", "prepare_dataset", "PatchSampler", "Augmenter"]
 
 _log = logging.getLogger(__name__)
-_CACHE_VERSION = 2  # 2: body crop searched on 4 mm blocks
+_CACHE_VERSION = 3  # 2: body crop searched on 4 mm blocks; 3: canonical orientation, organ HU
 _MAX_INDICES_PER_CLASS = 20000
 PARTIAL_BAND_MM = 10.0  # background this close to a reviewed organ counts as reviewed
 
@@ -46,6 +48,7 @@ class PreparedCase:
         classes: (D, H, W) uint8 class indices, or None (unlabeled).
         valid: (D, H, W) bool, voxels whose label is known, or None (all known).
         class_indices: per class present, a sample of flat voxel indices (for rare-class centred patches).
+        class_hu: per class present, the median HU inside it (the contrast phase augmentation moves it).
     """
 
     id: str
@@ -53,6 +56,7 @@ class PreparedCase:
     classes: np.ndarray | None = None
     valid: np.ndarray | None = None
     class_indices: dict[int, np.ndarray] | None = None
+    class_hu: dict[int, float] | None = None
 
 
 def prepare_case(dataset: Dataset, case: Case, config: DataConfig, cache_dir: Path | None) -> PreparedCase:
@@ -83,6 +87,7 @@ class PatchSampler:
         rare_class_prob: chance that a labeled patch is centred on a voxel of a class drawn uniformly among the
             classes present in the case (so a 166-voxel adrenal is picked as often as the liver); else uniform.
         seed, rank: with the step, they fix every random draw.
+        num_classes: C, background included (the width of the batch's ``class_hu``).
     """
 
     def __init__(
@@ -95,20 +100,25 @@ class PatchSampler:
         rare_class_prob: float,
         seed: int,
         rank: int = 0,
+        num_classes: int = 14,
     ) -> None:
         if not labeled:
             raise ValueError("The patch sampler needs at least one labeled case.")
         self.labeled, self.unlabeled = list(labeled), list(unlabeled) or list(labeled)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.labeled_batch, self.unlabeled_batch = labeled_batch, unlabeled_batch
-        self.rare_class_prob, self.seed, self.rank = rare_class_prob, seed, rank
+        self.rare_class_prob, self.seed, self.rank, self.num_classes = rare_class_prob, seed, rank, num_classes
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Patches of ``step``: image (B, 1, D, H, W) float32, labels (B_l, D, H, W) int64, valid (B_l, D, H, W) bool."""
+        """Patches of ``step``: image (B, 1, D, H, W) float32, labels (B_l, D, H, W) int64, valid (B_l, D, H, W) bool,
+        class_hu (B_l, C) float32: each labeled patch's case's median HU per class (NaN where absent)."""
         rng = np.random.default_rng([self.seed, self.rank, step])
         images, labels, valid = [], [], []
-        for _ in range(self.labeled_batch):
+        class_hu = np.full((self.labeled_batch, self.num_classes), np.nan, np.float32)
+        for row in range(self.labeled_batch):
             case = self.labeled[rng.integers(len(self.labeled))]
+            for cls, hu in (case.class_hu or {}).items():
+                class_hu[row, cls] = hu
             centre = self._centre(case, rng, rare=rng.random() < self.rare_class_prob)
             images.append(_crop(case.image, centre, self.patch_size, 0.0))
             labels.append(_crop(case.classes, centre, self.patch_size, 0))
@@ -120,6 +130,7 @@ class PatchSampler:
             "image": np.stack(images)[:, None].astype(np.float32),
             "labels": np.stack(labels).astype(np.int64),
             "valid": np.stack(valid),
+            "class_hu": class_hu,
         }
 
     def _centre(self, case: PreparedCase, rng: np.random.Generator, *, rare: bool) -> np.ndarray:
@@ -136,14 +147,21 @@ class PatchSampler:
 class Augmenter:
     """Random patch augmentation with MONAI dictionary transforms, run on the patches' device.
 
-    Spatial transforms move image, labels and valid together (labels and valid with nearest interpolation);
-    intensity transforms touch the image only. Random draws are seeded per (seed, rank, step).
+    The contrast phase shift (:mod:`scdlcore.contrast`) comes first, on labeled patches: it needs their labels
+    where they are. Spatial transforms move image, labels and valid together (labels and valid with nearest
+    interpolation); intensity transforms touch the image only. Random draws are seeded per (seed, rank, step).
+
+    Args:
+        config: the augmentation settings. table, hu_window: the label table and the window of the images
+            (the phase shift works in HU). seed, rank: with the step, they fix every random draw.
     """
 
-    def __init__(self, config: AugmentConfig, seed: int, rank: int = 0) -> None:
+    def __init__(self, config: AugmentConfig, table: LabelTable, hu_window: Sequence[float], seed: int,
+                 rank: int = 0) -> None:
         from monai import transforms as mt
 
         self.config, self.seed, self.rank = config, seed, rank
+        self.phase = ContrastPhase(table, hu_window, config.phase_prob)
         spatial_keys = ["image", "labels", "valid"]
         rotate = np.deg2rad(config.rotate_deg)
         steps: list = [
@@ -165,11 +183,18 @@ class Augmenter:
         ]
         self.transform = mt.Compose(steps)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
-        """images (B, 1, D, H, W), labels and valid (B_l, D, H, W); labeled samples are the first B_l."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, step: int,
+                 class_hu: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """images (B, 1, D, H, W), labels and valid (B_l, D, H, W); labeled samples are the first B_l.
+        class_hu (B_l, C): their cases' median HU per class (the phase shift is skipped without it)."""
         if not self.config.enabled:
             return images, labels, valid
-        self.transform.set_random_state(seed=int(np.random.default_rng([self.seed, self.rank, step, 7]).integers(2**31)))
+        seeds = np.random.default_rng([self.seed, self.rank, step, 7]).integers(2**31, size=2)
+        if class_hu is not None and self.config.phase_prob > 0 and labels.shape[0]:
+            generator = torch.Generator().manual_seed(int(seeds[1]))
+            shifted = self.phase(images[: labels.shape[0]], labels, class_hu, generator)
+            images = torch.cat([shifted, images[labels.shape[0] :]])
+        self.transform.set_random_state(seed=int(seeds[0]))
         out_images, out_labels, out_valid = [], [], []
         for index in range(images.shape[0]):
             sample = {"image": images[index]}
@@ -198,27 +223,30 @@ def _crop(array: np.ndarray, centre: np.ndarray, size: tuple[int, int, int], fil
 
 
 def _preprocess(dataset: Dataset, case: Case, config: DataConfig) -> PreparedCase:
-    from . import io, preprocess
+    """Read a case and bring it to the model grid through the same path as ``scdl segment``."""
+    from . import io
 
-    image_path = dataset.path(case.image)
-    image = io.read_image(image_path)
-    label = io.read_label(dataset.path(case.label), reference=image) if case.label else None
-    box = preprocess.body_bbox(image)
-    image = preprocess.crop(image, box)
-    resampled = preprocess.resample_to_spacing(image, config.spacing, is_label=False)
-    windowed = preprocess.hu_window(resampled.array, config.hu_window).astype(np.float16)
-    prepared = PreparedCase(id=case.id, image=windowed)
-    if label is not None and case.is_labeled:
-        label = preprocess.resample_to_spacing(preprocess.crop(label, box), config.spacing, is_label=True)
+    image = io.read_image(dataset.path(case.image))
+    prepared_image = config.preprocessing.prepare(image)
+    prepared = PreparedCase(id=case.id, image=prepared_image.image().astype(np.float16))
+    if case.label and case.is_labeled:
+        label = io.read_label(dataset.path(case.label), reference=image)
         try:
-            classes = dataset.table.values_to_classes(label.array)
+            classes = dataset.table.values_to_classes(prepared_image.labels(label))
         except ValueError as err:
             raise ValueError(f"Label map {dataset.path(case.label)} of case {case.id!r}: {err}") from err
         prepared.classes = classes
         if case.reviewed is not None:
             prepared.valid = _partial_valid(classes, [dataset.table.class_index(n) for n in case.reviewed], config.spacing)
         prepared.class_indices = _class_indices(classes, prepared.valid, case.id)
+        prepared.class_hu = _class_hu(prepared_image.grid.array, classes, prepared.class_indices)
     return prepared
+
+
+def _class_hu(hu: np.ndarray, classes: np.ndarray, class_indices: dict[int, np.ndarray]) -> dict[int, float]:
+    """Median HU of each labeled class (its sampled voxels), background left out."""
+    flat = hu.ravel()
+    return {cls: float(np.median(flat[indices])) for cls, indices in class_indices.items() if cls != 0 and len(indices)}
 
 
 def _partial_valid(classes: np.ndarray, reviewed: list[int], spacing: Sequence[float]) -> np.ndarray:
@@ -252,7 +280,8 @@ def _cache_key(dataset: Dataset, case: Case, config: DataConfig) -> str:
         files.append([relative, stats])
     description = {
         "v": _CACHE_VERSION, "files": files, "reviewed": case.reviewed, "labels": dataset.table.name,
-        "spacing": list(config.spacing), "window": list(config.hu_window), "band": PARTIAL_BAND_MM,
+        "spacing": list(config.spacing), "window": list(config.hu_window), "orientation": config.orientation,
+        "band": PARTIAL_BAND_MM,
     }
     return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -264,6 +293,8 @@ def _save_cached(prepared: PreparedCase, path: Path) -> None:
         arrays["classes"] = prepared.classes
         for cls, indices in (prepared.class_indices or {}).items():
             arrays[f"indices_{cls}"] = indices
+        for cls, hu in (prepared.class_hu or {}).items():
+            arrays[f"hu_{cls}"] = np.float32(hu)
     if prepared.valid is not None:
         arrays["valid"] = prepared.valid
 
@@ -277,10 +308,12 @@ def _save_cached(prepared: PreparedCase, path: Path) -> None:
 def _load_cached(case_id: str, path: Path) -> PreparedCase:
     with np.load(path, allow_pickle=False) as data:
         indices = {int(k.split("_")[1]): data[k] for k in data.files if k.startswith("indices_")}
+        class_hu = {int(k.split("_")[1]): float(data[k]) for k in data.files if k.startswith("hu_")}
         return PreparedCase(
             id=case_id,
             image=data["image"],
             classes=data["classes"] if "classes" in data.files else None,
             valid=data["valid"] if "valid" in data.files else None,
             class_indices=indices or None,
+            class_hu=class_hu or None,
         )

@@ -1,7 +1,8 @@
 """Fine-tuning a model bundle on a dataset store: the annotation loop's learning step.
 
 Reviewed cases (fully or partially corrected) are the labeled data, every other case of the store is
-unlabeled; the bundle's base (CPS, Mean Teacher or supervised) and SCDL train on both. The run starts
+unlabeled; the bundle's semi-supervised base (CPS or Mean Teacher; CPS for a bundle trained supervised, such
+as the starter, since the loop is meant to learn from the unlabeled CTs too) and SCDL train on both. The run starts
 from the bundle's weights, validates the parent first (the "before" Dice) and then on a cadence, keeps
 the best weights (the parent's, if fine-tuning did not beat it) and ends by registering a NEW version of
 the model whose lineage names the parent, the dataset fingerprint and the before/after Dice per organ.
@@ -28,6 +29,8 @@ from .train import Trainer, finished_run, holds_run
 __all__ = ["FinetuneResult", "bundle_weights_for_base", "default_run_folder", "finetune", "finetune_config"]
 
 MIN_CASES_TO_HOLD_OUT = 3
+#: The base a fine-tune trains with, by the parent's base: the annotation loop is semi-supervised.
+FINETUNE_BASE = {"supervised": "cps"}
 
 
 @dataclass
@@ -44,19 +47,20 @@ class FinetuneResult:
 def finetune_config(bundle: ModelBundle, dataset_dir: Path, *, steps: int, device: str, rehearsal: str = "",
                     overrides: dict[str, Any] | None = None) -> Config:
     """The training config of a fine-tune: the bundle's preprocessing, network and base; short schedule."""
+    plan = bundle.preprocessing  # a bundle that records no orientation is refused here, before any work
     dataset = load_dataset(dataset_dir)
     reviewed = sorted(case.id for case in dataset.labeled)
     network = bundle.networks[0]
     scdl = {k: v for k, v in (bundle.scdl or {}).items() if k in SCDLConfig.__dataclass_fields__}
     return Config.from_dict({
         "data": {
-            "dataset": str(dataset_dir), "labels": bundle.labels.name, "spacing": list(bundle.spacing),
-            "hu_window": list(bundle.hu_window), "rehearsal": rehearsal,
+            "dataset": str(dataset_dir), "labels": bundle.labels.name, "spacing": list(plan.spacing),
+            "hu_window": list(plan.hu_window), "orientation": plan.orientation, "rehearsal": rehearsal,
             "val_cases": reviewed[-1:] if len(reviewed) >= MIN_CASES_TO_HOLD_OUT else [],
             "val_on_train": len(reviewed) < MIN_CASES_TO_HOLD_OUT,
         },
         "network": {"width": network["width"], "norm": network["norm"]},  # a prior-path net comes back through scdl.prior
-        "ssl": {"base": bundle.base},
+        "ssl": {"base": FINETUNE_BASE.get(bundle.base, bundle.base)},
         "scdl": scdl or {"enabled": True},
         "train": {"steps": steps, "patch_size": list(bundle.patch_size), "lr": 0.005, "device": device,
                   "val_every": max(steps // 3, 1), "checkpoint_every": max(steps // 10, 1)},

@@ -35,11 +35,13 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write, atomic_write_text
-from .bundle import META_FILE
+from .bundle import META_FILE, ModelBundle
 from .config import Config
-from .data import Augmenter, PatchSampler, PreparedCase, prepare_dataset
-from .dataset import Dataset, DatasetError, load_dataset
+from .data import Augmenter, PatchSampler, prepare_dataset
+from .dataset import Case, Dataset, DatasetError, load_dataset
 from .events import Progress
+from .infer import Predictor
+from .io import Volume
 from .ssl import Batch, build_base
 
 __all__ = ["Trainer", "TrainResult", "checkpoint_path", "finished_run", "holds_run", "load_checkpoint_weights",
@@ -63,6 +65,37 @@ class TrainResult:
     output: Path
     bundle: Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ValidationCase:
+    """A labeled case as ``scdl evaluate`` sees it: the CT and its label map on the CT's own grid.
+
+    Attributes:
+        organs: the organs scored: all of the table's, or a partially reviewed case's reviewed ones.
+    """
+
+    id: str
+    image: Volume
+    label: Volume
+    organs: list[str]
+
+    @classmethod
+    def read(cls, dataset: Dataset, case: Case) -> ValidationCase:
+        from .io import read_image, read_label
+
+        image = read_image(dataset.path(case.image))
+        label = read_label(dataset.path(case.label), reference=image)  # type: ignore[arg-type]
+        return cls(case.id, image, label, list(case.reviewed) if case.reviewed is not None else list(dataset.table.names))
+
+    def score(self, predictor: Predictor) -> dict[str, float]:
+        """Dice of each scored organ that is in the reference or the prediction (NaN-free)."""
+        from .metrics import dice
+
+        predicted = predictor.predict_volume(self.image).array
+        values = {label.name: label.value for label in predictor.bundle.labels.labels}
+        scores = {name: dice(predicted == values[name], self.label.array == values[name]) for name in self.organs}
+        return {name: score for name, score in scores.items() if not math.isnan(score)}
 
 
 def checkpoint_path(folder: Path, name: str = "last") -> Path:
@@ -163,7 +196,7 @@ class Trainer:
             progress = Progress(self.config.train.steps, "train", json_lines=self.json_events, enabled=self.is_main,
                                 initial=self.step)
             try:
-                if self.step == 0 and self.init_weights is not None and self.validation and self.config.train.val_every:
+                if self.step == 0 and self.init_weights is not None and self.validates and self.config.train.val_every:
                     self.validate()  # the starting model's scores: the "before" of a fine-tune
                 while self.step < self.config.train.steps and not self.cancel.is_set():
                     losses = self.train_step()
@@ -203,16 +236,18 @@ class Trainer:
         rehearsal = load_dataset(config.data.rehearsal) if config.data.rehearsal else None
         with _main_first(self.is_main, self.world_size):
             labeled = prepare_dataset(dataset, train_cases, config.data, cache_dir)
-            self.validation = prepare_dataset(dataset, val_cases, config.data, cache_dir)
             if not val_cases and config.data.val_on_train:
-                self.validation = list(labeled)  # this dataset's own labeled cases, not the rehearsal ones
+                val_cases = train_cases  # this dataset's own labeled cases, not the rehearsal ones
+            self.validates = bool(val_cases)  # every rank takes part in validate(); rank 0 reads and scores the cases
+            self.validation = [ValidationCase.read(dataset, case) for case in val_cases] if self.is_main else []
             if rehearsal is not None:
                 labeled += prepare_dataset(rehearsal, rehearsal.labeled, config.data, cache_dir / "rehearsal")
             unlabeled = prepare_dataset(dataset, unlabeled_cases, config.data, cache_dir)
         self.data_fingerprint = dataset.fingerprint()[:16]
         self.sampler = PatchSampler(labeled, unlabeled, config.train.patch_size, config.train.labeled_batch,
-                                    config.train.unlabeled_batch, config.train.rare_class_prob, config.train.seed, self.rank)
-        self.augmenter = Augmenter(config.augment, config.train.seed, self.rank)
+                                    config.train.unlabeled_batch, config.train.rare_class_prob, config.train.seed, self.rank,
+                                    num_classes=dataset.table.num_classes)
+        self.augmenter = Augmenter(config.augment, dataset.table, config.data.hu_window, config.train.seed, self.rank)
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.base = build_base(config, dataset.table.num_classes).to(self.device)
@@ -260,7 +295,7 @@ class Trainer:
         images = torch.from_numpy(arrays["image"]).to(self.device)
         labels = torch.from_numpy(arrays["labels"]).to(self.device)
         valid = torch.from_numpy(arrays["valid"]).to(self.device)
-        images, labels, valid = self.augmenter(images, labels, valid, self.step)
+        images, labels, valid = self.augmenter(images, labels, valid, self.step, torch.from_numpy(arrays["class_hu"]))
         if self.device.type == "cuda" and self.config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         batch = Batch(images, labels, None if bool(valid.all()) else valid)
@@ -279,7 +314,7 @@ class Trainer:
         if self.step % LOG_EVERY == 0 or self.step == train.steps:
             self._record({"event": "train", "step": self.step, "lr": lr, **losses})
         progress.update(self.step, losses=losses, lr=lr)
-        if train.val_every and (self.step % train.val_every == 0 or self.step == train.steps) and self.validation:
+        if train.val_every and (self.step % train.val_every == 0 or self.step == train.steps) and self.validates:
             dice = self.validate()
             if dice is not None and self.is_main:
                 progress.emit("validation", step=self.step, dice=dice["organs"], mean_dice=dice["mean"])
@@ -288,16 +323,16 @@ class Trainer:
 
     # --- validation -------------------------------------------------------------------------------------
     def validate(self) -> dict[str, Any] | None:
-        """Mean Dice per organ over the validation cases (model grid); rank 0 computes, every rank waits."""
+        """Dice per organ over the validation cases, as ``scdl segment`` + ``scdl evaluate`` would measure it: the
+        shipped predictor on each CT's own grid, :func:`scdlcore.metrics.dice` per organ; rank 0 computes, every
+        rank waits."""
         result = None
         if self.is_main:
-            organs = {name: [] for name in self.table.names}
+            predictor = self.predictor()
+            organs: dict[str, list[float]] = {name: [] for name in self.table.names}
             for case in self.validation:
-                predicted = self.predict_prepared(case)
-                for index, name in enumerate(self.table.names, start=1):
-                    score = _dice(predicted == index, case.classes == index, case.valid)
-                    if score is not None:
-                        organs[name].append(score)
+                for name, score in case.score(predictor).items():
+                    organs[name].append(score)
             per_organ = {name: float(np.mean(v)) for name, v in organs.items() if v}
             mean = float(np.mean(list(per_organ.values()))) if per_organ else float("nan")
             result = {"organs": per_organ, "mean": mean}
@@ -308,25 +343,19 @@ class Trainer:
         _barrier(self.world_size)
         return result
 
-    @torch.no_grad()
-    def predict_prepared(self, case: PreparedCase) -> np.ndarray:
-        """Class map (D, H, W) of a prepared image with the networks the bundle segments with (mean of logits;
-        the first only when ``bundle_meta`` says ``ensemble: first``), so validation scores what ships."""
-        from monai.inferers import sliding_window_inference
-
+    def predictor(self) -> Predictor:
+        """The predictor ``scdl segment`` would build from the bundle this run exports, over the current networks
+        (the first only when ``bundle_meta`` says ``ensemble: first``)."""
+        data = self.config.data
+        description = ModelBundle(
+            name="validation", networks=[], labels=self.table, spacing=tuple(data.spacing),
+            hu_window=tuple(data.hu_window), orientation=data.orientation,
+            patch_size=tuple(self.config.train.patch_size), ensemble=self.bundle_meta.get("ensemble", "mean"),
+        )
         networks = self.base.inference_networks()
-        if self.bundle_meta.get("ensemble") == "first":
-            networks = networks[:1]
         for network in networks:
-            network.eval()
-        image = torch.from_numpy(case.image.astype(np.float32))[None, None].to(self.device)
-
-        def logits(patch: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-                return torch.stack([network(patch)[0].float() for network in networks]).mean(dim=0)
-
-        output = sliding_window_inference(image, self.config.train.patch_size, 2, logits, overlap=0.5, mode="gaussian")
-        return output.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+            network.eval()  # train_step puts them back in training mode
+        return Predictor(description, self.device, networks=networks)
 
     # --- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self, name: str = "last") -> Path | None:
@@ -368,6 +397,11 @@ class Trainer:
             raise ValueError(f"Checkpoint {path} is damaged or not an SCDL checkpoint: {err}") from err
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an SCDL checkpoint (format {meta.get('format')!r}).")
+        saved_steps = meta["config"]["train"]["steps"]
+        if saved_steps != self.config.train.steps:  # the learning-rate schedule is laid over the run's length
+            raise ValueError(f"Cannot resume {path}: the run was started for {saved_steps} steps, this one asks for "
+                             f"{self.config.train.steps}; resuming would silently rescale its learning-rate schedule. "
+                             f"Resume with train.steps = {saved_steps} (--steps {saved_steps}), or start a new run.")
         self.base.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
@@ -406,6 +440,7 @@ class Trainer:
             "labels": self.table.to_dict(),
             "spacing": list(config.data.spacing),
             "hu_window": list(config.data.hu_window),
+            "orientation": config.data.orientation,
             "patch_size": list(config.train.patch_size),
             "base": config.ssl.base,
             "scdl": config.to_dict()["scdl"] if config.scdl.enabled else None,
@@ -483,13 +518,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
-
-
-def _dice(pred: np.ndarray, ref: np.ndarray, valid: np.ndarray | None) -> float | None:
-    if valid is not None:
-        pred, ref = pred & valid, ref & valid
-    total = int(pred.sum()) + int(ref.sum())
-    return None if total == 0 or not ref.any() else 2.0 * int((pred & ref).sum()) / total
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:

@@ -21,7 +21,7 @@ def test_defaults_are_valid_and_match_the_method():
     assert (config.scdl.grid, config.scdl.embed_dim, config.scdl.num_samples, config.scdl.p2e) == (12, 256, 50, "tokens")
     assert (config.train.lr, config.train.momentum, config.train.weight_decay) == (0.01, 0.9, 1e-4)
     assert config.train.patch_size == (96, 96, 96)
-    assert config.data.hu_window == (-125.0, 275.0)
+    assert config.data.hu_window == (-150.0, 450.0)
 
 
 @pytest.mark.parametrize(("base", "norm", "expected"), [

@@ -108,6 +108,17 @@ def test_resumed_run_matches_the_uninterrupted_run(dataset_dir, cache_dir, tmp_p
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_resuming_with_another_length_is_refused_before_anything_changes(dataset_dir, cache_dir, tmp_path):
+    config = tiny_config(dataset_dir, cache_dir, **{"train.steps": 2, "network.width": 2})
+    Trainer(config, tmp_path / "run").run()
+    before = (tmp_path / "run" / "checkpoints" / "last.safetensors").read_bytes()
+    longer = config.with_overrides({"train.steps": 5})
+    with pytest.raises(ValueError, match=r"the run was started for 2 steps, this one asks for 5; resuming would "
+                                         r"silently rescale its learning-rate schedule"):
+        Trainer(longer, tmp_path / "run", resume=True).setup()
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").read_bytes() == before
+
+
 def test_a_run_killed_between_its_best_and_its_last_checkpoint_is_kept_and_resumes_from_the_best(
     dataset_dir, cache_dir, tmp_path
 ):
