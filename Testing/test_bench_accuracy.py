@@ -1,8 +1,10 @@
 """``bench_accuracy.py --add-to``: extending a committed GPU results table with the runs it lacks.
 
-The earlier results are the real committed table of the H200 ablation run (``results/ablation_h200.json``);
-nothing is trained here: these tests cover which runs are kept, what refuses a merge, and the report's
-provenance line.
+The earlier results are the real committed table of the H200 ablation run (``results/ablation_h200.json``).
+It was measured before every CT was put into the canonical orientation, so as committed it is refused
+(superseded); the merge mechanics are tested on its runs under the data description of today's fold 1
+(``earlier_table``: the same runs, budget and provenance, the ``data`` block rewritten). Nothing is trained
+here: these tests cover which runs are kept, what refuses a merge, and the report's provenance line.
 """
 
 from __future__ import annotations
@@ -27,11 +29,28 @@ def parse(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *options: str):
     return bench_accuracy._parse()
 
 
-def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch, tmp_path):
-    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--seeds", "3", "--add-to", str(ABLATION))
+@pytest.fixture
+def earlier_table(monkeypatch, tmp_path) -> Path:
+    """The H200 table's runs under today's fold-1 data description (see the module docstring)."""
+    committed = json.loads(ABLATION.read_text(encoding="utf-8"))
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET)
+    committed["data"] = bench_accuracy._meta(args, bench_accuracy.Outcome())["data"]
+    path = tmp_path / "ablation_h200.json"
+    path.write_text(json.dumps(committed), encoding="utf-8")
+    return path
+
+
+def test_the_committed_table_measured_before_the_canonical_orientation_is_refused(monkeypatch, tmp_path):
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(ABLATION))
+    with pytest.raises(SystemExit, match=rf"{ABLATION.name}: its runs had data = .*\"orientation\": \"RAS\""):
+        bench_accuracy._earlier_results(args.add_to, args)
+
+
+def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch, tmp_path, earlier_table):
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--seeds", "3", "--add-to", str(earlier_table))
     earlier = bench_accuracy._earlier_results(args.add_to, args)
 
-    committed = json.loads(ABLATION.read_text(encoding="utf-8"))
+    committed = json.loads(earlier_table.read_text(encoding="utf-8"))
     assert [(r["config"], r["seed"]) for r in earlier["runs"]] == [(r["config"], r["seed"]) for r in committed["runs"]]
     assert len(earlier["runs"]) == 18
     assert {r["machine"] for r in earlier["runs"]} == {"NVIDIA H200 (CUDA 13.0)"}
@@ -50,15 +69,16 @@ def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch
 
 @pytest.mark.parametrize("option, value, key", [("--steps", "600", "steps"), ("--width", "16", "width"),
                                                  ("--patch", "96", "patch"), ("--spacing", "1.5", "spacing_mm")])
-def test_a_different_budget_is_refused_naming_the_file_and_the_difference(monkeypatch, tmp_path, option, value, key):
+def test_a_different_budget_is_refused_naming_the_file_and_the_difference(monkeypatch, tmp_path, earlier_table, option,
+                                                                         value, key):
     budget = list(ITS_BUDGET)
     if option in budget:
         budget[budget.index(option) + 1] = value
     else:
         budget += [option, value]
-    args = parse(monkeypatch, tmp_path, *budget, "--add-to", str(ABLATION))
+    args = parse(monkeypatch, tmp_path, *budget, "--add-to", str(earlier_table))
 
-    with pytest.raises(SystemExit, match=rf"{ABLATION.name}: its runs had {key} = .*only runs with the same budget"):
+    with pytest.raises(SystemExit, match=rf"{earlier_table.name}: its runs had {key} = .*only runs with the same budget"):
         bench_accuracy._earlier_results(args.add_to, args)
 
 
@@ -73,12 +93,12 @@ def test_a_file_that_is_not_a_results_file_is_refused_by_name(monkeypatch, tmp_p
 
 
 
-def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tmp_path):
+def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tmp_path, earlier_table):
     """--out may hold the very accuracy.json that --add-to extends: a write that fails halfway must leave it whole."""
     out = tmp_path / "results"
     out.mkdir()
     table = out / "accuracy.json"
-    table.write_text(ABLATION.read_text(encoding="utf-8"), encoding="utf-8")
+    table.write_text(earlier_table.read_text(encoding="utf-8"), encoding="utf-8")
     args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--seeds", "3", "--add-to", str(table))
     earlier = bench_accuracy._earlier_results(args.add_to, args)
     outcome = bench_accuracy.Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
@@ -93,5 +113,5 @@ def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tm
         bench_accuracy._write_results(outcome, bench_accuracy.configurations(args.patch), args, out)
     monkeypatch.undo()
 
-    assert table.read_text(encoding="utf-8") == ABLATION.read_text(encoding="utf-8")
+    assert table.read_text(encoding="utf-8") == earlier_table.read_text(encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.json"]

@@ -1,11 +1,17 @@
-"""Accuracy on another patient's real CT: supervised, CPS + GA, Mean Teacher + GA, each with and without SCDL.
+"""Accuracy on another patient's real CT, leave one patient out: supervised, CPS + GA, Mean Teacher + GA, each
+with and without SCDL, next to the naive floor.
 
-One command trains every configuration with the same network, budget and seeds, in-process and one after
-another (``scdlcore.train.Trainer``), and scores each run on a labeled CT that no run ever sees:
+One command trains every configuration of one fold with the same network, budget and seeds, in-process and
+one after another (``scdlcore.train.Trainer``), and scores each run on the fold's held-out labeled CT, which
+no run ever sees. There are two labeled abdominal CTs, of two patients, stored in two axis orders and
+two contrast phases, so there are two folds (``--fold``):
 
-- labeled (training): ``ct_abdomen`` (sample A of the data notes, 3 mm, TotalSegmentator labels);
-- unlabeled: ``ct_chest_cta`` (C, chest CT angiography) and ``ct_chest_nrrd`` (F, a 3D Slicer chest CT);
-- test: ``ct_abdomen_dicom`` (B): another patient, another scanner (PET/CT), TotalSegmentator labels.
+- fold 1: trains on ``ct_abdomen`` (A: non-contrast, 3 mm, direction diag(-1, -1, 1)) and scores
+  ``ct_abdomen_dicom`` (B: portal venous, another scanner (PET/CT), 0.98 x 0.98 x 2 mm, 20 slices, identity
+  direction);
+- fold 2: trains on B and scores A;
+- unlabeled in both: ``ct_chest_cta`` (C, arterial chest CT angiography) and ``ct_chest_nrrd`` (F, a 3D Slicer
+  chest CT). No configuration is transductive: the held-out CT takes no part in training, not even unlabeled.
 
 Each configuration is a dict of dotted config overrides applied to ONE base config (the trainer's defaults,
 CPS + GA + SCDL, with this benchmark's budget): see :func:`configurations`. It includes the naive floor of
@@ -16,7 +22,9 @@ scores it on B's native grid: Dice and HD95 (mm) per organ, the mean over the or
 reference, and the mean over its minority organs (under 1% of its foreground). SCDL's effect is reported as
 the paired difference (same seed) of mean Dice, mean +- std over seeds.
 
-The labels of A and B are TotalSegmentator model outputs, not manual ground truth; the tables say so.
+Every CT reaches the networks in the canonical orientation (``scdlcore.preprocess``), in training and
+scoring alike; results measured before that (``results/accuracy_h100.*``, ``results/ablation_h200.*``) are
+superseded. The labels of A and B are TotalSegmentator model outputs, not manual ground truth; the tables say so.
 
 Data: the first run builds a self-contained data folder (``--data``; default ``WORK/data``) from the
 sample CTs of :mod:`scdlcore.sample_data` and reuses it afterwards, offline. The GPU machine has no network,
@@ -70,6 +78,7 @@ from scdlcore.sample_data import fetch_sample
 
 __all__ = [
     "DATA_MANIFEST",
+    "FOLDS",
     "RESULTS_DIR",
     "TEST_SAMPLE",
     "UNLABELED_STORE_SPACING_MM",
@@ -98,6 +107,10 @@ DATA_FORMAT = "scdl-bench-data"
 #: benchmarks train at 3 mm (or coarser), where the trainer would resample it anyway.
 UNLABELED_STORE_SPACING_MM = 3.0
 TEST_SAMPLE = "ct_abdomen_dicom"
+#: Leave-one-patient-out folds: fold -> (the labeled training CT, the held-out test CT).
+FOLDS = {1: ("ct_abdomen", TEST_SAMPLE), 2: (TEST_SAMPLE, "ct_abdomen")}
+#: Short names of the labeled samples in tables (ACCURACY.md's letters) with their contrast phase.
+SAMPLE_NAMES = {"ct_abdomen": "A, non-contrast", TEST_SAMPLE: "B, portal venous"}
 CARRIED_SAMPLES = ("ct_abdomen", TEST_SAMPLE, "ct_chest_nrrd")
 CTA_FILE = "ct_chest_cta.nii.gz"
 SMOKE_CONFIGS = ("cps_ga", "cps_ga_scdl")
@@ -107,8 +120,10 @@ ABLATION_PREFIX = "scdl_"
 COMPARISONS = (
     ("cps_ga_scdl", "cps_ga", "SCDL on CPS + GA: (c) - (b)"),
     ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
-    ("cps_ga", "supervised", "CPS + GA over supervised: (b) - (a)"),
-    ("supervised", "floor", "augmentation + rare-class crops over the naive floor: (a) - floor"),
+    ("cps_ga", "supervised_no_phase", "CPS + GA over supervised: (b) - (a')"),
+    ("cps_ga_scdl", "supervised_no_phase", "CPS + GA + SCDL over supervised: (c) - (a')"),
+    ("supervised_no_phase", "floor", "the recipe (augmentation, rare-class crops, window) over the naive floor: (a') - floor"),
+    ("supervised", "supervised_no_phase", "contrast phase augmentation on supervised: (a) - (a')"),
     ("scdl_p2e_classes", "cps_ga_scdl", "ablation: p2e over classes (released) - over tokens"),
     ("scdl_labeled_only", "cps_ga_scdl", "ablation: SCDL on labeled tokens only - labeled + unlabeled"),
     ("scdl_grid_fine", "cps_ga_scdl", "ablation: fine token grid (32 per 96^3) - coarse (12 per 96^3)"),
@@ -143,13 +158,22 @@ class BenchData:
 
     root: Path
 
-    def train_store(self, folder: Path) -> Path:
-        """A dataset store of the training CTs in ``folder`` (built once): A labeled, C and F unlabeled."""
+    def train_store(self, folder: Path, labeled: Sequence[str] = ("ct_abdomen",)) -> Path:
+        """A dataset store of the training CTs in ``folder`` (built once): the ``labeled`` samples (A, B) labeled,
+        C and F unlabeled.
+
+        Raises:
+            ValueError: ``folder`` holds a store built with other labeled samples.
+        """
         if not (folder / MANIFEST_NAME).is_file():
             store = DatasetStore.init(folder)
-            abdomen = fetch_sample("ct_abdomen", cache_dir=self.root)
-            store.add(abdomen.image, abdomen.label, case_id="ct_abdomen", source="scdlcore sample ct_abdomen (TotalSegmentator labels)")
+            for name in labeled:
+                sample = fetch_sample(name, cache_dir=self.root)
+                store.add(sample.image, sample.label, case_id=name, source=f"scdlcore sample {name} (TotalSegmentator labels)")
             self.add_unlabeled(store)
+        held = sorted(case.id for case in DatasetStore(folder).dataset().labeled)
+        if held != sorted(labeled):
+            raise ValueError(f"{folder} holds the labeled cases {held}, not {sorted(labeled)}; give another folder.")
         return folder
 
     def add_unlabeled(self, store: DatasetStore) -> None:
@@ -159,11 +183,11 @@ class BenchData:
         store.add(fetch_sample("ct_chest_nrrd", cache_dir=self.root).image, case_id="ct_chest_nrrd",
                   source="scdlcore sample ct_chest_nrrd")
 
-    def test_case(self) -> tuple[Volume, Volume]:
-        """B: its CT (D, H, W) in HU and its Synapse-13 reference labels on the same grid."""
+    def test_case(self, name: str = TEST_SAMPLE) -> tuple[Volume, Volume]:
+        """A labeled sample (B by default): its CT (D, H, W) in HU and its Synapse-13 reference labels on the same grid."""
         from scdlcore.io import read_image, read_label
 
-        sample = fetch_sample(TEST_SAMPLE, cache_dir=self.root)
+        sample = fetch_sample(name, cache_dir=self.root)
         image = read_image(sample.image)
         return image, read_label(sample.label, reference=image)
 
@@ -199,11 +223,13 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
     """
     no_unlabeled = {"train.unlabeled_batch": 0}
     return {
-        "floor": Configuration("naive floor: supervised, uniform crops, no augmentation", {
+        "floor": Configuration("naive floor: supervised, uniform crops, no augmentation, window [-125, 275]", {
             "ssl.base": "supervised", "scdl.enabled": False, "augment.enabled": False, "train.rare_class_prob": 0.0,
-            **no_unlabeled}),
-        "supervised": Configuration("(a) supervised (labeled only)", {
-            "ssl.base": "supervised", "scdl.enabled": False, **no_unlabeled}),
+            "data.hu_window": [-125, 275], **no_unlabeled}),
+        "supervised": Configuration("(a) supervised, the recipe + contrast phase augmentation (p 0.5)", {
+            "ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.5, **no_unlabeled}),
+        "supervised_no_phase": Configuration("(a') supervised, the recipe (no phase augmentation): the starter's", {
+            "ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, **no_unlabeled}),
         "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),
         "mt_ga": Configuration("(d) Mean Teacher + GA", {"ssl.base": "mean_teacher", "scdl.enabled": False}),
@@ -380,8 +406,15 @@ def output_folder(args: argparse.Namespace, prefix: str) -> Path:
 
 def portable_command(args: argparse.Namespace) -> str:
     """This invocation's command line, its work and results folders written as WORK and OUT (no machine paths)."""
-    folders = {str(args.work): "WORK", str(args.out): "OUT"}
-    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *(folders.get(a, a) for a in sys.argv[1:])])
+    folders = {str(args.out): "OUT", str(args.work): "WORK"}  # OUT first: it may lie inside WORK
+
+    def portable(argument: str) -> str:
+        for folder, name in folders.items():
+            if argument == folder or argument.startswith(folder + "/"):
+                return name + argument[len(folder):]
+        return argument
+
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *map(portable, sys.argv[1:])])
 
 
 def format_mean_std(values: Sequence[float], digits: int = 3, signed: bool = False) -> str:
@@ -403,8 +436,9 @@ def main() -> None:
     earlier = _earlier_results(args.add_to, args) if args.add_to else {"runs": [], "earlier": []}
     out = output_folder(args, "accuracy")
     configs = configurations(args.patch)
-    base = base_config(args, data.train_store(args.work / "train"))
-    image, reference = data.test_case()
+    train, test = FOLDS[args.fold]
+    base = base_config(args, data.train_store(args.work / f"train-fold{args.fold}", [train]))
+    image, reference = data.test_case(test)
     done = {(run["config"], run["seed"]) for run in earlier["runs"]}
     # The comparisons (a)-(d) over every seed first, then the ablation; seed-major within each, so pairs finish together.
     groups = ([n for n in args.configs if not n.startswith(ABLATION_PREFIX)], [n for n in args.configs if n.startswith(ABLATION_PREFIX)])
@@ -551,6 +585,8 @@ def _parse() -> argparse.Namespace:
                         help=f"configurations to run, in this order (default: all; smoke: {' '.join(SMOKE_CONFIGS)}). "
                         f"Names: {', '.join(names)}")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per configuration (default 3; smoke 1)")
+    parser.add_argument("--fold", type=int, choices=sorted(FOLDS), default=1,
+                        help="1: train on ct_abdomen (A), score ct_abdomen_dicom (B); 2: train on B, score A (default 1)")
     parser.add_argument("--prepare-only", action="store_true", help="build the --data folder and stop")
     parser.add_argument("--add-to", type=Path, metavar="ACCURACY_JSON",
                         help="extend an earlier invocation's results (same budget and data): its finished runs are kept in "
@@ -574,7 +610,7 @@ def _parse() -> argparse.Namespace:
 
 def _run_one(name: str, config: Configuration, seed: int, base: Config, args: argparse.Namespace, image: Volume,
              reference: Volume) -> dict[str, Any]:
-    """Train, segment B and score one (configuration, seed)."""
+    """Train, segment the held-out CT and score one (configuration, seed)."""
     print(f"=== {name} seed {seed}: {config.label}", flush=True)
     run_config = base.with_overrides({**config.overrides, "train.seed": seed})
     bundle, seconds, steps = train_run(run_config, args.work / "runs" / f"{name}-seed{seed}", args.stop_at)
@@ -616,13 +652,18 @@ def _meta(args: argparse.Namespace, outcome: Outcome) -> dict[str, Any]:
         "budget": {"steps": args.steps, "width": args.width, "patch": args.patch, "spacing_mm": list(args.spacing),
                    "seeds": args.seeds, "compile": args.compile, "device": str(args.device), "jobs": args.jobs,
                    "time_limit_s": args.time_limit},
-        "data": {"labeled": "ct_abdomen (A)", "unlabeled": ["ct_chest_cta (C)", "ct_chest_nrrd (F)"],
-                 "test": f"{TEST_SAMPLE} (B)", "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
+        "data": {"fold": args.fold, "labeled": _sample(FOLDS[args.fold][0]),
+                 "unlabeled": ["ct_chest_cta (C)", "ct_chest_nrrd (F)"], "test": _sample(FOLDS[args.fold][1]),
+                 "orientation": "RAS", "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
                  "unlabeled_store_spacing_mm": UNLABELED_STORE_SPACING_MM},
         "failed": outcome.failed,
         "not_run": outcome.not_run,
         "earlier": outcome.earlier,
     }
+
+
+def _sample(name: str) -> str:
+    return f"{name} ({SAMPLE_NAMES[name]})"
 
 
 def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any]) -> str:
@@ -632,10 +673,11 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
     budget = meta["budget"]
     spacing = " x ".join(f"{s:g}" for s in budget["spacing_mm"])
     seeds = "seed 0" if budget["seeds"] == 1 else f"seeds 0-{budget['seeds'] - 1}"
+    data = meta["data"]
     lines = [
-        "# Accuracy on another patient's CT: one labeled CT, semi-supervised bases, SCDL",
+        f"# Accuracy on another patient's CT, fold {data['fold']}: train on {data['labeled']}, score {data['test']}",
         "",
-        "**Reference labels of the training CT (A) and the test CT (B) are TotalSegmentator model outputs, not manual "
+        "**Reference labels of both labeled CTs are TotalSegmentator model outputs, not manual "
         "ground truth.**" + (" **Smoke run: tiny budget, the numbers are meaningless.**" if meta["smoke"] else ""),
         "",
         f"- Command: `{meta['command']}`",
@@ -646,12 +688,13 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         f"{budget['patch']}^3 (2 labeled + 2 unlabeled; supervised and floor: 2 labeled only), spacing {spacing} mm, "
         f"{seeds}, torch.compile {'on' if budget['compile'] and 'cuda' in budget['device'] else 'off'}; each run's last "
         "weights (no model selection).",
-        f"- Data: labeled ct_abdomen (A, 3 mm); unlabeled ct_chest_cta (C, stored at {UNLABELED_STORE_SPACING_MM:g} mm) "
-        f"and ct_chest_nrrd (F). Test: {TEST_SAMPLE} (B, 512x512x20 at 0.98 x 0.98 x 2 mm, another patient and scanner, "
-        "never used in training).",
-        f"- Scores: Dice and HD95 (mm) on B's native grid, from each run's exported bundle (`scdlcore.infer.Predictor`). "
-        f"Means over the {len(organs)} organs present in B's reference; minority organs (< 1% of B's reference "
-        f"foreground): {', '.join(minority) or 'none'}. HD95 means skip missed organs (counted in 'missed').",
+        f"- Data: labeled {data['labeled']}; unlabeled ct_chest_cta (C, arterial, stored at "
+        f"{UNLABELED_STORE_SPACING_MM:g} mm) and ct_chest_nrrd (F). Test: {data['test']}, another patient, scanner, "
+        "axis order and phase, never used in training. Every CT in the canonical RAS orientation before the network.",
+        f"- Scores: Dice and HD95 (mm) on the test CT's native grid, from each run's exported bundle "
+        f"(`scdlcore.infer.Predictor`). Means over the {len(organs)} organs present in its reference; minority organs "
+        f"(< 1% of its reference foreground): {', '.join(minority) or 'none'}. HD95 means skip missed organs "
+        "(counted in 'missed').",
     ]
     if meta["failed"]:
         lines.append(f"- **Failed or stopped runs** (not in the tables): {'; '.join(meta['failed'])}.")
@@ -715,7 +758,7 @@ def _reading(differences: list[float]) -> str:
 
 
 def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any], path: Path) -> None:
-    """Grouped bars: Dice per organ present in B (and the two means), one bar per configuration, std as error bars."""
+    """Grouped bars: Dice per organ present in the held-out CT (and the two means), one bar per configuration, std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -738,8 +781,9 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
         stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_group] if len(entries) > 1 else None
         axes.bar(x + (index - (len(by_config) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=configs[name].label)
     axes.set_xticks(x, [g.replace("_", " ") for g in groups], rotation=30, ha="right", fontsize=8)
-    axes.set(ylim=(0, 1), ylabel="Dice on B (native grid)")
-    axes.set_title(f"Dice on {TEST_SAMPLE} (another patient; TotalSegmentator reference labels) - {meta['machine']}", fontsize=9)
+    axes.set(ylim=(0, 1), ylabel="Dice on the held-out CT (native grid)")
+    axes.set_title(f"Fold {meta['data']['fold']}: trained on {meta['data']['labeled']}, Dice on {meta['data']['test']} "
+                   f"(TotalSegmentator reference labels) - {meta['machine']}", fontsize=9)
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
