@@ -110,6 +110,19 @@ def test_events_are_json_lines_ending_with_the_result(
     assert overview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_result_without_any_organ_says_so_on_stderr_and_in_the_result(
+    samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A body of -300 HU holds nothing the stand-in model calls an organ: exit 0, but not silently."""
+    ct = read_image(samples["ct_abdomen"].image)
+    empty = tmp_path / "fat.nii.gz"
+    write_image(empty, ct.with_array(np.where(ct.array > -500, -300.0, -1000.0).astype(np.float32)))
+    assert _segment(empty, "-o", tmp_path / "out.seg.nrrd", "--model", threshold_bundle) == 0
+    assert f"Warning: threshold@1 found none of the organs in {empty}. Is it an abdominal CT" in capsys.readouterr().err
+    assert _segment(empty, "-o", tmp_path / "out.seg.nrrd", "--model", threshold_bundle, "--events") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["organs_found"] == 0
+
+
 def _corrupt_weights(bundle: Path) -> None:
     (bundle / "weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
 

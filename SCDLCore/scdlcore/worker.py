@@ -144,7 +144,9 @@ class Worker:
             progress = Progress(100, "segment", json_lines=True, stream=self.out, request_id=request_id)  # type: ignore[arg-type]
             labels = self.predictor.predict_file(request["input"], request["output"], organs=request.get("organs"),
                                                  progress=progress, cancel=self._cancel)
-            result = {"output": request["output"], "volumes_ml": organ_volumes_ml(labels, self.bundle.labels),
+            volumes = organ_volumes_ml(labels, self.bundle.labels)
+            result = {"output": request["output"], "volumes_ml": volumes,
+                      "organs_found": sum(volume > 0 for volume in volumes.values()),
                       "seconds": round(time.monotonic() - start, 2), "model": self.bundle.ref}
             if request.get("collect"):
                 progress.stage = "collect"

@@ -137,8 +137,13 @@ def _report_single(result: CaseResult, organs: list[str], table: LabelTable, eve
     case = result.case
     volumes = {name: result.volumes_ml[name] for name in organs}
     overview = None if case.overview is None or result.status == "skipped" else str(case.overview)
+    found = [name for name, volume in volumes.items() if volume > 0]
+    if not found:  # exit code 0 (the run worked), but an empty result must not pass unnoticed
+        print(f"Warning: {summary['model']} found none of the organs in {case.input}. Is it an abdominal CT in "
+              "Hounsfield units?", file=sys.stderr)
     if events is not None:
-        events.emit("result", output=str(case.output), overview=overview, status=result.status, volumes_ml=volumes, **summary)
+        events.emit("result", output=str(case.output), overview=overview, status=result.status, volumes_ml=volumes,
+                    organs_found=len(found), **summary)
         return
     if result.status == "skipped":
         print(f"Kept the existing {case.output} (--skip-existing)")
