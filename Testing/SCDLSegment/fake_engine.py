@@ -160,7 +160,8 @@ class Worker:
         voxel_ml = abs(np.linalg.det(np.asarray(header["space directions"], dtype=float))) / 1000.0
         volumes = {name: float(np.count_nonzero(labels == value) * voxel_ml) for value, name in ORGAN_NAMES.items()}
         emit({"id": request_id, "event": "progress", "stage": "write", "progress": 1.0, "message": "write"})
-        result = {"output": request["output"], "volumes_ml": volumes, "seconds": 0.1}
+        result = {"output": request["output"], "volumes_ml": volumes,
+                  "organs_found": sum(v > 0 for v in volumes.values()), "seconds": 0.1}
         if request.get("collect"):  # keep the CT as an unlabeled case, once
             same = same_ct(Path(request["collect"]), request["input"])
             case_id = same["id"] if same else store_case(Path(request["collect"]), {"image": request["input"]})[0]
