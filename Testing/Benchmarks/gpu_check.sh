@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: ONE run of at most about 9 minutes on an H100 or H200 (GPU_CHECK_SECONDS, default 510) that
-#   1. trains the starter model twice, side by side: CPS + GA + SCDL (Testing/StarterModel/starter.yaml) and the same
-#      without SCDL (make_starter_model.py; each exports one network at float16 and scores the held-out CT);
+#   1. trains two starter candidates, side by side: the starter's recipe (Testing/StarterModel/starter.yaml, supervised
+#      + GA) and the same as CPS + GA + SCDL with the unlabeled CTs (make_starter_model.py; each exports one network at
+#      float16 and scores both labeled CTs);
 #   2. meanwhile runs the accuracy benchmark (bench_accuracy.py: every configuration, 3 seeds, VNet-12, 64^3 patches,
 #      ACCURACY_STEPS steps, JOBS runs at a time on the one GPU: small 3D networks leave most of it idle);
 #   3. then, on the quiet GPU, times the training step (bench_train_step.py) and segmentation (bench_segment.py).
 # Every part has a time limit; a part that fails or runs out of time is reported and the others still run, and the
-# script then exits 1. Results in $OUT (7 files): gpu_check.log, accuracy.md/.json/.png, starter/ (the SCDL
-# candidate's model.json and weights) and extras.tar (the candidate without SCDL, both candidates' curves and
+# script then exits 1. Results in $OUT (7 files): gpu_check.log, accuracy.md/.json/.png, starter/ (the starter recipe's
+# model.json and weights) and extras.tar (the CPS + GA + SCDL candidate, both candidates' curves and
 # logs, train_step.md/.json, segment_gpu.md).
 #
 # The GPU machine has no network and lacks monai and SimpleITK. Here, once, from the repository root:
@@ -71,7 +72,8 @@ main() {
 
 full_run() {  # the starters, the accuracy benchmark beside them, then the timing benchmarks
   starter scdl "$OUT/starter" "${starter_size[@]}"
-  starter cps "$work/extras/starter_cps" --set scdl.enabled=false "${starter_size[@]}"
+  starter cps "$work/extras/starter_cps" --set ssl.base=cps --set scdl.enabled=true --set train.unlabeled_batch=2 \
+    "${starter_size[@]}"
   part "accuracy: 10 configurations x 3 seeds, $accuracy_steps steps, $jobs at a time" $((train_until - SECONDS + 20)) \
     python3 Testing/Benchmarks/bench_accuracy.py --device "$device" --data "$data" --work "$work/accuracy" --out "$OUT" \
       --seeds 3 --steps "$accuracy_steps" "${accuracy_size[@]}" --no-compile --jobs "$jobs" \

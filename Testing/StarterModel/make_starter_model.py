@@ -1,16 +1,17 @@
 """Train, export and score the bundled starter model, reproducibly.
 
-1. trains ``starter.yaml`` (``--set`` overrides single keys) on the benchmark's training data: ``ct_abdomen``
-   labeled, ``ct_chest_cta`` and ``ct_chest_nrrd`` unlabeled (``bench_accuracy.BenchData``; ``ct_abdomen_dicom``
-   is held out and never trained on), resuming an interrupted run;
+1. trains ``starter.yaml`` (``--set`` overrides single keys) on the benchmark's data (``bench_accuracy.BenchData``):
+   both labeled abdominal CTs, ``ct_abdomen`` (A, non-contrast) and ``ct_abdomen_dicom`` (B, portal venous), and
+   ``ct_chest_cta`` and ``ct_chest_nrrd`` unlabeled, resuming an interrupted run. ``--labeled ct_abdomen`` trains
+   a leave-one-patient-out fold instead (B never trained on);
 2. exports network A of the CPS pair as the bundle ``starter`` with float16 weights (one network at half
    precision keeps the bundle under 16 MB);
-3. segments the held-out CT and the training CT with the bundle, exactly as ``scdl segment`` and ``scdl evaluate``
-   do, and records the per-organ scores in its ``model.json`` (``metrics.native_grid``).
+3. segments both labeled CTs with the bundle, exactly as ``scdl segment`` and ``scdl evaluate`` do, and records
+   the per-organ scores in its ``model.json`` (``metrics.native_grid``; each marked training or held out).
 
-Train on the GPU machine (its data folder carried there; see ``Testing/Benchmarks/gpu_check.sh``)::
+It runs on the 2-core CPU in under an hour (the committed starter was made so)::
 
-    python Testing/StarterModel/make_starter_model.py --work /tmp/starter --data .bench-data --out $OUT/starter
+    python Testing/StarterModel/make_starter_model.py --work /tmp/starter --data .bench-data
 
 then, here, score the returned bundle on the CPU and install it into the package::
 
@@ -42,8 +43,10 @@ sys.path.insert(0, str(HERE.parent / "Benchmarks"))  # the benchmark's data fold
 import bench_accuracy as bench  # noqa: E402
 from bench_common import machine_name  # noqa: E402
 
-#: (case, role) scored into model.json.
-SCORED_CASES = ((bench.TEST_SAMPLE, "held_out"), ("ct_abdomen", "training"))
+#: The labeled sample CTs: A (non-contrast) and B (portal venous), both scored into model.json.
+LABELED_SAMPLES = ("ct_abdomen", bench.TEST_SAMPLE)
+#: The starter's version: 1 was trained on its files' own axis order (refused since bundles record an orientation).
+STARTER_VERSION = 2
 
 
 def main() -> None:
@@ -52,7 +55,9 @@ def main() -> None:
     bundle = args.rescore or _train_and_export(args, data)
     if args.rescore and args.out.resolve() != args.rescore.resolve():
         bundle = copy_bundle(args.rescore, args.out)
-    score(bundle, data, resolve_device(args.device))
+    score(bundle, data, resolve_device(args.device), trained_on=load_bundle(bundle).lineage.get("labeled", args.labeled))
+    if args.folds:
+        record_leave_one_out(bundle, args.folds)
     print(f"Starter bundle {bundle} ({sum(p.stat().st_size for p in bundle.iterdir()) / 2**20:.1f} MiB)")
 
 
@@ -69,6 +74,11 @@ def _parse() -> argparse.Namespace:
                         help="stop training after this long and ship the weights reached, if past half the steps "
                         "(the bundle records where it stopped)")
     parser.add_argument("--device", default="cpu", help="device for scoring (default cpu: the numbers users reproduce)")
+    parser.add_argument("--folds", nargs="+", type=Path, metavar="FOLD_BUNDLE",
+                        help="bundles of the same recipe trained with --labeled on one CT: their held-out scores go into "
+                        "this bundle's model.json as metrics.leave_one_out")
+    parser.add_argument("--labeled", nargs="+", choices=LABELED_SAMPLES, default=list(LABELED_SAMPLES),
+                        help="the labeled samples trained on (default both; one of them: a leave-one-patient-out fold)")
     args = parser.parse_args()
     if not args.rescore and not args.work:
         parser.error("training needs --work FOLDER (or give --rescore BUNDLE).")
@@ -81,7 +91,7 @@ def _parse() -> argparse.Namespace:
 
 def _train_and_export(args: argparse.Namespace, data: bench.BenchData) -> Path:
     config = load_config(args.config).with_overrides({
-        "data.dataset": str(data.train_store(args.work / "train")),
+        "data.dataset": str(data.train_store(args.work / "train", args.labeled)),
         "data.cache_dir": str(args.work / "cache"),
         **dict(parse_override(item) for item in args.set),
     })
@@ -94,10 +104,11 @@ def _train_and_export(args: argparse.Namespace, data: bench.BenchData) -> Path:
     if steps < config.train.steps:
         stopped = f"stopped by its time limit at step {steps} of {config.train.steps}"
         print(f"Training {stopped}: shipping the weights reached.", flush=True)
-    return export_starter(bundle, args.out, config, seconds, stopped)
+    return export_starter(bundle, args.out, config, seconds, args.labeled, stopped)
 
 
-def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float, stopped: str | None = None) -> Path:
+def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float, labeled: list[str],
+                   stopped: str | None = None) -> Path:
     """Network A of a trained bundle as the starter bundle, float16 weights, with what it was trained on.
 
     ``stopped`` says where a run cut short by its time limit stopped (recorded in the description and lineage).
@@ -106,20 +117,23 @@ def export_starter(trained_dir: Path, out: Path, config: Config, seconds: float,
     device = resolve_device(config.train.device)
     method = {"cps": "CPS", "mean_teacher": "Mean Teacher", "supervised": "supervised"}[trained.base] + " + GA"
     method += " + SCDL" if config.scdl.enabled else ""
+    unlabeled = " plus two unlabeled chest CTs" if trained.base != "supervised" else ""
     description = (
         f"Starter model: {method}, VNet width {config.network.width}, {config.data.spacing[0]:g} mm voxels, "
         f"{trained.lineage['steps']} steps{f' ({stopped})' if stopped else ''} on {machine_name(device)}. "
-        "Trained on ONE labeled CT (ct_abdomen) whose "
-        "reference labels are TotalSegmentator model outputs, plus two unlabeled chest CTs: a starting point, not a "
-        "clinical model. Adapt it to your scans with the annotation loop (submit corrected cases, fine-tune)."
+        f"Trained on {len(labeled)} labeled CT(s) ({', '.join(labeled)}) whose reference labels are TotalSegmentator "
+        f"model outputs{unlabeled}: a starting point, not a clinical model. Adapt it to your scans with the "
+        "annotation loop (submit corrected cases, fine-tune)."
     )
     return save_bundle(  # atomic: an existing bundle at ``out`` is replaced only once the new one is complete
-        out, trained.build_networks("cpu", count=1), name="starter", labels=trained.labels,
-        spacing=trained.spacing, hu_window=trained.hu_window, patch_size=trained.patch_size, base=trained.base,
+        out, trained.build_networks("cpu", count=1), name="starter", version=STARTER_VERSION, labels=trained.labels,
+        spacing=trained.spacing, hu_window=trained.hu_window, orientation=trained.preprocessing.orientation,
+        patch_size=trained.patch_size, base=trained.base,
         scdl=trained.scdl, metrics=trained.metrics, description=description, weights_dtype=torch.float16,
         lineage={**trained.lineage,
-                 "trained_on": "ct_abdomen (labeled; TotalSegmentator reference labels) + ct_chest_cta and "
-                               "ct_chest_nrrd (unlabeled), scdlcore sample CTs; ct_abdomen_dicom held out",
+                 "trained_on": f"{' + '.join(labeled)} (labeled; TotalSegmentator reference labels)"
+                               + (" + ct_chest_cta and ct_chest_nrrd (unlabeled)" if unlabeled else "") + ", scdlcore sample CTs",
+                 "labeled": list(labeled),
                  "machine": machine_name(device), "torch": torch.__version__,
                  "train_seconds": round(seconds, 1), "config": _portable(config),
                  **({"stopped_early": stopped} if stopped else {})},
@@ -133,24 +147,45 @@ def _portable(config: Config) -> dict:
     return recorded
 
 
-def score(bundle_dir: Path, data: bench.BenchData, device: torch.device) -> None:
-    """Segment the held-out and the training CT as ``scdl segment`` does, score them as ``scdl evaluate``
-    does, and record the scores in the bundle's model.json."""
+def score(bundle_dir: Path, data: bench.BenchData, device: torch.device, trained_on: list[str]) -> None:
+    """Segment both labeled CTs as ``scdl segment`` does, score them as ``scdl evaluate`` does, and record the
+    scores in the bundle's model.json, each with its role (training or held out)."""
     bundle = load_bundle(bundle_dir)
     predictor = Predictor(bundle, device)
     scores = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for case, role in SCORED_CASES:
+        for case in LABELED_SAMPLES:
+            role = "training" if case in trained_on else "held_out"
             sample = fetch_sample(case, cache_dir=data.root)
             output = Path(tmp) / f"{case}.seg.nrrd"
             predictor.predict_file(sample.image, output)
             result = evaluate_files(output, sample.label, bundle.labels)
-            scores[role] = {"case": case, **to_jsonable(result.to_dict())}
+            scores[case] = {"role": role, **to_jsonable(result.to_dict())}
             print(f"{role} case {case} ({device}):\n{result.format_table()}\n", flush=True)
     update_bundle_metadata(bundle_dir, metrics={
         **{key: value for key, value in bundle.metrics.items() if key != "native_grid"},
         "native_grid": scores, "scored_on": str(device),
         "reference_labels": "TotalSegmentator outputs, not manual annotations"})
+
+
+def record_leave_one_out(bundle_dir: Path, folds: list[Path]) -> None:
+    """Record the held-out scores of leave-one-patient-out fold bundles (same recipe, one labeled CT each) in
+    ``bundle_dir``'s model.json: what the recipe does on a patient it never saw."""
+    bundle = load_bundle(bundle_dir)
+    entries = []
+    for fold in folds:
+        fold_bundle = load_bundle(fold)
+        held_out = {case: scores for case, scores in fold_bundle.metrics["native_grid"].items() if scores["role"] == "held_out"}
+        if len(held_out) != 1:
+            raise SystemExit(f"{fold}: not a leave-one-out fold bundle (it holds out {sorted(held_out) or 'no CT'}).")
+        (case, scores), = held_out.items()
+        present = {organ: s["dice"] for organ, s in scores["organs"].items() if s["reference_voxels"] > 0}
+        entries.append({"trained_on": fold_bundle.lineage["labeled"], "scored": case, "mean_dice_present": sum(present.values()) / len(present),
+                        "dice": present, "steps": fold_bundle.lineage["steps"], "machine": fold_bundle.lineage["machine"],
+                        "train_seconds": fold_bundle.lineage["train_seconds"]})
+        print(f"Fold trained on {entries[-1]['trained_on']}, scored on {case}: mean Dice over the "
+              f"{len(present)} organs present {entries[-1]['mean_dice_present']:.3f}", flush=True)
+    update_bundle_metadata(bundle_dir, metrics={**bundle.metrics, "leave_one_out": entries})
 
 
 if __name__ == "__main__":
