@@ -9,7 +9,11 @@
 2. sliding window on ``device``: ``bundle.patch_size`` patches with ``overlap``, softmax
    probabilities weighted by a Gaussian and accumulated on the device (CPS bundles average both
    networks' logits first); bf16 autocast and channels-last-3d on CUDA;
-3. back to the input grid, label-aware: the class probabilities are interpolated trilinearly at
+3. one region per organ (``largest_component``): each organ keeps only its largest 26-connected region on the
+   model grid and its other voxels become background. Every Synapse organ is one connected structure, and
+   a model trained on few patients scatters small false islands far from the organ (a stray "spleen" in
+   the pelvis), which cost little Dice but dominate HD95 (nnU-Net's postprocessing, applied always here);
+4. back to the input grid, label-aware: the class probabilities are interpolated trilinearly at
    every input voxel and the argmax is taken there. Nearest neighbour on the model-grid label map
    would draw organ borders as staircases of model-voxel steps (1.5-2 mm on a 0.7 mm CT); this keeps
    them smooth and still lands exactly on the input geometry. It runs a few input slices at a time,
@@ -41,6 +45,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -49,9 +54,10 @@ from .events import Progress
 from .io import Volume, read_image, write_label
 from .labels import LabelTable, value_counts
 
-__all__ = ["InferenceCancelled", "Predictor", "check_organs", "organ_volumes_ml"]
+__all__ = ["InferenceCancelled", "Predictor", "check_organs", "keep_largest_components", "organ_volumes_ml"]
 
 _SLAB_ELEMENTS = 1 << 24  # floats per interpolation slab (64 MB): bounds memory at input resolution
+_NEIGHBOURS_26 = np.ones((3, 3, 3), dtype=bool)
 _GAUSSIAN_SIGMA = 0.125  # of the patch size, as in nnU-Net and MONAI
 # Linear interpolation along one axis at many points: lower index, upper index, weight of the upper one.
 _Corners = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -78,6 +84,7 @@ class Predictor:
         amp: bf16 autocast on CUDA (ignored on CPU).
         networks: the networks to segment with, in place of the bundle's weights (training validates its
             current networks through this predictor; the bundle then needs no weights file).
+        largest_component: keep each organ's largest connected region only (step 3 above).
 
     Raises:
         ValueError: a bad option.
@@ -95,6 +102,7 @@ class Predictor:
         body_crop: bool = True,
         amp: bool = True,
         networks: Sequence[torch.nn.Module] | None = None,
+        largest_component: bool = True,
     ) -> None:
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}.")
@@ -102,7 +110,7 @@ class Predictor:
         if ensemble not in ("mean", "first"):
             raise ValueError(f"ensemble must be 'mean' or 'first', got {ensemble!r}.")
         self.bundle, self.device = bundle, torch.device(device)
-        self.overlap, self.ensemble = overlap, ensemble
+        self.overlap, self.ensemble, self.largest_component = overlap, ensemble, largest_component
         self.preprocessing = dataclasses.replace(bundle.preprocessing, body_crop=body_crop)
         cuda = self.device.type == "cuda"
         self.sw_batch_size = sw_batch_size or (4 if cuda else 1)
@@ -167,6 +175,8 @@ class Predictor:
         probs = self.sliding_window(image, progress=progress, cancel=cancel)
         del image
         _report(progress, _WINDOWS_END, "postprocess")
+        if self.largest_component:
+            keep_largest_components(probs)
         dtype = np.uint8 if max(self.bundle.labels.values) < 256 else np.uint16
         output = np.zeros(prepared.oriented_shape, dtype=dtype)
         with torch.inference_mode():
@@ -232,6 +242,28 @@ class Predictor:
         keep = set(check_organs(table, organs))
         values = [0] + [label.value if label.name in keep else 0 for label in table.labels]
         return torch.tensor(values, dtype=torch.int32, device=self.device)
+
+
+def keep_largest_components(probs: torch.Tensor) -> None:
+    """Make every voxel outside its winning class's largest 26-connected region background, in place.
+
+    Args:
+        probs: class probabilities (C, D, H, W) on the model grid, class 0 background. Voxels of a class's smaller
+            regions get probability 1 for background and 0 for the rest, so the interpolation to the input grid
+            treats them as background throughout.
+    """
+    classes = probs.argmax(0).cpu().numpy()
+    stray = np.zeros(classes.shape, dtype=bool)
+    for c in np.unique(classes[classes > 0]):
+        regions, count = scipy.ndimage.label(classes == c, structure=_NEIGHBOURS_26)
+        if count > 1:
+            sizes = np.bincount(regions.ravel())
+            sizes[0] = 0
+            stray |= (regions > 0) & (regions != sizes.argmax())
+    if stray.any():
+        mask = torch.from_numpy(stray).to(probs.device)
+        probs[:, mask] = 0.0
+        probs[0, mask] = 1.0
 
 
 def check_organs(table: LabelTable, organs: Sequence[str] | None) -> list[str]:
