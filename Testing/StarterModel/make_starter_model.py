@@ -41,6 +41,7 @@ from scdlcore.train import resolve_device
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "Benchmarks"))  # the benchmark's data folder: the same training data
 import bench_accuracy as bench  # noqa: E402
+from bench_accuracy import POSTPROCESSING  # noqa: E402
 from bench_common import machine_name  # noqa: E402
 
 #: The labeled sample CTs: A (non-contrast) and B (portal venous), both scored into model.json.
@@ -164,13 +165,14 @@ def score(bundle_dir: Path, data: bench.BenchData, device: torch.device, trained
             print(f"{role} case {case} ({device}):\n{result.format_table()}\n", flush=True)
     update_bundle_metadata(bundle_dir, metrics={
         **{key: value for key, value in bundle.metrics.items() if key != "native_grid"},
-        "native_grid": scores, "scored_on": str(device),
+        "native_grid": scores, "scored_on": str(device), "postprocessing": POSTPROCESSING,
         "reference_labels": "TotalSegmentator outputs, not manual annotations"})
 
 
 def record_leave_one_out(bundle_dir: Path, folds: list[Path]) -> None:
     """Record the held-out scores of leave-one-patient-out fold bundles (same recipe, one labeled CT each) in
-    ``bundle_dir``'s model.json: what the recipe does on a patient it never saw."""
+    ``bundle_dir``'s model.json: what the recipe does on a patient it never saw. Fold 1 (trained on ct_abdomen)
+    comes first."""
     bundle = load_bundle(bundle_dir)
     entries = []
     for fold in folds:
@@ -182,10 +184,15 @@ def record_leave_one_out(bundle_dir: Path, folds: list[Path]) -> None:
         present = {organ: s["dice"] for organ, s in scores["organs"].items() if s["reference_voxels"] > 0}
         entries.append({"trained_on": fold_bundle.lineage["labeled"], "scored": case, "mean_dice_present": sum(present.values()) / len(present),
                         "dice": present, "steps": fold_bundle.lineage["steps"], "machine": fold_bundle.lineage["machine"],
-                        "train_seconds": fold_bundle.lineage["train_seconds"]})
+                        "train_seconds": fold_bundle.lineage["train_seconds"],
+                        "postprocessing": fold_bundle.metrics.get("postprocessing", "none")})
         print(f"Fold trained on {entries[-1]['trained_on']}, scored on {case}: mean Dice over the "
               f"{len(present)} organs present {entries[-1]['mean_dice_present']:.3f}", flush=True)
-    update_bundle_metadata(bundle_dir, metrics={**bundle.metrics, "leave_one_out": entries})
+    # Folds recorded earlier and not given now are kept, each with the postprocessing it was scored with.
+    kept = [entry for entry in bundle.metrics.get("leave_one_out", [])
+            if entry["trained_on"] not in [new["trained_on"] for new in entries]]
+    update_bundle_metadata(bundle_dir, metrics={**bundle.metrics, "leave_one_out": sorted(
+        [*kept, *entries], key=lambda entry: entry["trained_on"] != ["ct_abdomen"])})
 
 
 if __name__ == "__main__":
