@@ -12,11 +12,12 @@ A bundle is a folder, or one ``.scdlmodel`` zip archive of that folder, holding 
      "ensemble": "mean", "labels": {LabelTable.to_dict()}, "spacing": [1.5, 1.5, 2.0],
      "hu_window": [-125, 275], "orientation": "RAS", "patch_size": [96, 96, 96], "base": "cps", "scdl": {...} | null,
      "lineage": {"parent": "starter@1" | null, "data_fingerprint": str | null, "steps": 20000, "trained_on": str},
-     "metrics": {...}, "sha256": {"weights.safetensors": "<hex>"}, "description": "..."}
+     "metrics": {...}, "sha256": {"weights.safetensors": "<hex>", "labels": "<hex>"}, "description": "..."}
 
-Weights are only ever read with safetensors (never pickle), and loading checks the checksum and
-that every tensor matches the networks model.json describes, so a damaged or foreign file is
-refused with a message naming it.
+Weights are only ever read with safetensors (never pickle), and loading checks the checksums (of the
+weights and of the label table, which decides what the output values mean) and that every tensor
+matches the networks model.json describes, so a damaged or foreign file is refused with a message
+naming it. A table named like a built-in one (``synapse13``) must be that table.
 
 The registry (:class:`ModelRegistry`) keeps imported bundles in a user folder
 (``$SCDL_MODELS_DIR``, else e.g. ``~/.local/share/scdl/models``) as ``<name>/<version>/`` plus
@@ -47,9 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._atomic import atomic_write, atomic_write_text, temporary_sibling
+from ._atomic import atomic_write, atomic_write_text, remove_stale_temporaries, temporary_prefix, temporary_sibling
 from ._filelock import file_lock
-from .labels import LabelTable
+from .labels import LabelTable, check_builtin_name
 from .nets import build_network, network_description
 from .preprocess import CANONICAL_ORIENTATION, Preprocessing, orientation_directions
 
@@ -75,6 +76,8 @@ BUNDLE_FORMAT = "scdl-bundle"
 FORMAT_VERSION = 1
 META_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
+#: The key of ``sha256`` holding the label table's digest (:func:`labels_digest`); older bundles lack it.
+LABELS_DIGEST = "labels"
 ARCHIVE_SUFFIX = ".scdlmodel"
 MODELS_DIR_ENV = "SCDL_MODELS_DIR"
 STARTER_MODEL_NAME = "starter"
@@ -284,6 +287,14 @@ class ModelBundle:
                 problems.append(str(err).rstrip("."))
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             problems.append(f"patch_size must be three positive voxel counts, got {list(self.patch_size)}")
+        try:
+            check_builtin_name(self.labels)
+        except ValueError as err:
+            problems.append(str(err).rstrip("."))
+        if LABELS_DIGEST in self.sha256 and self.sha256[LABELS_DIGEST] != labels_digest(self.labels):
+            problems.append(f"its label table does not match the sha256 recorded for it (sha256.{LABELS_DIGEST}): "
+                            f"the organs or values were edited after the model was saved, so its label maps would "
+                            "carry other meanings. Get the bundle again from its source")
         if problems:
             raise BundleError(f"{source}: " + "; ".join(problems) + ".")
 
@@ -349,11 +360,11 @@ def save_bundle(
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=temporary_prefix()) as tmp:
         folder = Path(tmp) / "bundle"
         folder.mkdir()
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        bundle.sha256 = {WEIGHTS_FILE: _sha256(folder / WEIGHTS_FILE)}
+        bundle.sha256 = {WEIGHTS_FILE: _sha256(folder / WEIGHTS_FILE), LABELS_DIGEST: labels_digest(bundle.labels)}
         if path.suffix == ARCHIVE_SUFFIX:
             _write_archive(bundle, folder / WEIGHTS_FILE, path)
         else:
@@ -369,7 +380,7 @@ def copy_bundle(source: str | Path, dest: str | Path) -> Path:
     """
     bundle, dest = load_bundle(source), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=temporary_prefix()) as tmp:
         _replace_folder(_stage(bundle, Path(tmp)), dest)
     return dest
 
@@ -644,6 +655,7 @@ class ModelRegistry:
     def _lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         with file_lock(self.root / _LOCK_FILE, timeout_s=_LOCK_TIMEOUT_S):
+            remove_stale_temporaries(self.root)  # what an import killed mid-copy left (a stale "-incoming" folder)
             yield
 
 
@@ -855,6 +867,11 @@ def _unwrap(net: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return net
         net = inner
+
+
+def labels_digest(table: LabelTable) -> str:
+    """sha256 of a label table's canonical JSON: model.json records it beside the weights' (key ``"labels"``)."""
+    return hashlib.sha256(json.dumps(table.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _sha256(path: Path) -> str:

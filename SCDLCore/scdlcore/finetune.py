@@ -24,9 +24,11 @@ import torch
 from .bundle import ModelBundle, ModelRegistry, load_bundle, update_bundle_metadata
 from .config import DEFAULT_FINETUNE_STEPS, Config, SCDLConfig
 from .dataset import load_dataset
+from .labels import LabelTable, table_differences
 from .train import Trainer, finished_run, holds_run
 
-__all__ = ["FinetuneResult", "bundle_weights_for_base", "default_run_folder", "finetune", "finetune_config"]
+__all__ = ["FinetuneResult", "bundle_weights_for_base", "check_same_labels", "default_run_folder", "finetune",
+           "finetune_config"]
 
 MIN_CASES_TO_HOLD_OUT = 3
 #: The base a fine-tune trains with, by the parent's base: the annotation loop is semi-supervised.
@@ -49,12 +51,14 @@ def finetune_config(bundle: ModelBundle, dataset_dir: Path, *, steps: int, devic
     """The training config of a fine-tune: the bundle's preprocessing, network and base; short schedule."""
     plan = bundle.preprocessing  # a bundle that records no orientation is refused here, before any work
     dataset = load_dataset(dataset_dir)
+    for folder, table in ((dataset_dir, dataset.table), *([(rehearsal, load_dataset(rehearsal).table)] if rehearsal else [])):
+        check_same_labels(bundle, table, folder)
     reviewed = sorted(case.id for case in dataset.labeled)
     network = bundle.networks[0]
     scdl = {k: v for k, v in (bundle.scdl or {}).items() if k in SCDLConfig.__dataclass_fields__}
     return Config.from_dict({
         "data": {
-            "dataset": str(dataset_dir), "labels": bundle.labels.name, "spacing": list(plan.spacing),
+            "dataset": str(dataset_dir), "labels": dataset.table.name, "spacing": list(plan.spacing),
             "hu_window": list(plan.hu_window), "orientation": plan.orientation, "rehearsal": rehearsal,
             "val_cases": reviewed[-1:] if len(reviewed) >= MIN_CASES_TO_HOLD_OUT else [],
             "val_on_train": len(reviewed) < MIN_CASES_TO_HOLD_OUT,
@@ -65,6 +69,23 @@ def finetune_config(bundle: ModelBundle, dataset_dir: Path, *, steps: int, devic
         "train": {"steps": steps, "patch_size": list(bundle.patch_size), "lr": 0.005, "device": device,
                   "val_every": max(steps // 3, 1), "checkpoint_every": max(steps // 10, 1)},
     }, f"fine-tune of {bundle.ref}").with_overrides(overrides or {})
+
+
+def check_same_labels(bundle: ModelBundle, table: LabelTable, dataset_dir: str | Path) -> None:
+    """Refuse a dataset whose label maps use another table than the model's output (before any work is done).
+
+    Raises:
+        ValueError: naming both tables and how they differ. Another class count would crash the first step;
+            another label set of the same size would train for minutes and register a model that learned
+            the wrong organs.
+    """
+    problems = table_differences(table, bundle.labels)
+    if problems:
+        raise ValueError(
+            f"{dataset_dir}: its label maps use the table {table.name!r} ({len(table)} organs), model {bundle.ref} "
+            f"outputs {bundle.labels.name!r} ({len(bundle.labels)} organs); they differ: " + "; ".join(problems[:5])
+            + (f"; +{len(problems) - 5} more" if len(problems) > 5 else "")
+            + ". Fine-tune a model of the same table, or store the cases in a dataset of the model's table. Nothing was trained.")
 
 
 def bundle_weights_for_base(bundle: ModelBundle, base: str) -> dict[str, torch.Tensor]:

@@ -20,8 +20,10 @@ __all__ = [
     "LabelTable",
     "SYNAPSE13",
     "TOTALSEGMENTATOR_TO_SYNAPSE13",
+    "check_builtin_name",
     "get_label_table",
     "map_label_values",
+    "table_differences",
     "value_counts",
 ]
 
@@ -222,10 +224,47 @@ _TABLES = {SYNAPSE13.name: SYNAPSE13}
 
 def get_label_table(name: str) -> LabelTable:
     """Look up a built-in label table by name."""
+    if not isinstance(name, str):
+        raise ValueError(f"a label table is named by a string, got {json.dumps(name)[:60]}")
     try:
         return _TABLES[name]
     except KeyError:
         raise ValueError(f"Unknown label table {name!r}; built-in tables: {', '.join(_TABLES)}.") from None
+
+
+def table_differences(table: LabelTable, reference: LabelTable) -> list[str]:
+    """How ``table``'s organs and values differ from ``reference``'s, in words (empty when they agree).
+
+    Only what decides a label map's meaning counts (organ names, their values and their order, which is the
+    network's class order); colors and display names do not.
+    """
+    ours = {label.name: label.value for label in table.labels}
+    theirs = {label.name: label.value for label in reference.labels}
+    where = f"{reference.name!r}"
+    problems = [f"{name}: value {ours[name]} here, {theirs[name]} in {where}"
+                for name in ours if name in theirs and ours[name] != theirs[name]]
+    problems += [f"{name} is not in {where}" for name in ours if name not in theirs]
+    problems += [f"{name} of {where} is missing" for name in theirs if name not in ours]
+    if not problems and table.names != reference.names:
+        problems.append(f"the organs are in another class order than in {where}")
+    return problems
+
+
+def check_builtin_name(table: LabelTable) -> None:
+    """Refuse a table that takes a built-in table's name but not its organs and values.
+
+    Raises:
+        ValueError: naming the differences (a "synapse13" with liver and spleen swapped would write label
+            maps whose values mean other organs to every other tool).
+    """
+    builtin = _TABLES.get(table.name)
+    if builtin is None:
+        return
+    problems = table_differences(table, builtin)
+    if problems:
+        raise ValueError(f"its label table is named {table.name!r}, a built-in table, but differs from it ("
+                         + "; ".join(problems[:5]) + (f"; +{len(problems) - 5} more" if len(problems) > 5 else "")
+                         + "). Give a custom table its own name.")
 
 
 def map_label_values(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:

@@ -6,6 +6,7 @@ The networks here are tiny random VNets (width 2): test fixtures, not models.
 from __future__ import annotations
 
 import json
+import zipfile
 import threading
 from pathlib import Path
 
@@ -268,8 +269,11 @@ def test_a_tampered_registry_index_is_refused_and_nothing_outside_it_is_touched(
 
 def test_a_damaged_archive_is_named_not_a_traceback(tmp_path: Path, bundle_dir: Path) -> None:
     archive = save_bundle(tmp_path / "tiny.scdlmodel", load_bundle(bundle_dir).build_networks("cpu"), **META)
+    with zipfile.ZipFile(archive) as opened:
+        member = opened.getinfo("weights.safetensors")
     data = bytearray(archive.read_bytes())
-    start = data.index(b"safetensors") + 200  # inside the stored weights: the CRC no longer matches
+    # Inside the stored weights, past the member's local header (30 bytes + name + extra): the CRC no longer matches.
+    start = member.header_offset + 30 + len(member.filename) + len(member.extra) + 200
     data[start:start + 64] = bytes(64)
     archive.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"tiny\.scdlmodel is damaged \(Bad CRC-32"):
