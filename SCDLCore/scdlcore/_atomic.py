@@ -5,7 +5,8 @@ goes through :func:`atomic_write`: ``write`` fills a hidden temporary file in th
 (the same file system, so the rename is atomic), which is then renamed over the destination. The
 temporary name ends with the final name, so writers that choose the format by suffix (SimpleITK,
 matplotlib) choose the same one. A failure or an interrupt removes the temporary file; a killed
-process can leave one behind, which stores recognise by :data:`TEMP_PREFIX` and clean up.
+process can leave one behind, which the next writer of the store or run removes
+(:func:`remove_stale_temporaries`: the name holds the writer's process id).
 
 Example::
 
@@ -15,12 +16,16 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "atomic_write", "atomic_write_text", "fsync_file", "temporary_sibling"]
+__all__ = ["TEMP_PREFIX", "atomic_write", "atomic_write_text", "fsync_file", "remove_stale_temporaries",
+           "temporary_sibling"]
 
 #: Start of every temporary name (hidden on POSIX).
 TEMP_PREFIX = ".scdl-tmp-"
@@ -28,7 +33,36 @@ TEMP_PREFIX = ".scdl-tmp-"
 
 def temporary_sibling(path: Path) -> Path:
     """A new, unused name next to ``path`` that starts with :data:`TEMP_PREFIX` and ends with ``path.name``."""
-    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    return path.with_name(f"{temporary_prefix()}{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def temporary_prefix() -> str:
+    """:data:`TEMP_PREFIX` with this process's id: what :func:`remove_stale_temporaries` reads back."""
+    return f"{TEMP_PREFIX}{os.getpid()}-"
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries (files or folders) in ``folder`` whose writer process no longer runs.
+
+    A process killed mid-write (kill -9, power cut) leaves its temporary behind; the next writer of the same
+    store or run calls this. A temporary of a live process, this one included, is kept: it may be mid-write.
+
+    Returns:
+        The paths removed.
+    """
+    import psutil
+
+    removed = []
+    for entry in folder.glob(f"{TEMP_PREFIX}*") if folder.is_dir() else ():
+        match = re.match(re.escape(TEMP_PREFIX) + r"(\d+)-", entry.name)
+        if match is None or psutil.pid_exists(int(match[1])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, durable: bool = False) -> Path:
@@ -51,10 +85,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, dura
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _naming(err, path) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` (of the same type) saying which file could not be written: a bare "[Errno 28] No space left on
+    device" from a write call names none, and the temporary's name would mean nothing to the user."""
+    reason = err.strerror or str(err)
+    if err.errno == errno.ENOSPC:
+        reason += " (the disk is full: free some space and try again)"
+    message = f"Could not write {path}: {reason}; it was left as it was"
+    try:
+        return type(err)(err.errno, message) if err.errno is not None else type(err)(message)
+    except TypeError:  # a subclass with another constructor
+        return OSError(err.errno, message)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> Path:

@@ -47,6 +47,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,15 +156,28 @@ class Case:
         return {**data, **{key: value for key, value in extra.items() if key not in data}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Case:
+    def from_dict(cls, data: Any) -> Case:
+        """A case from its manifest entry.
+
+        Raises:
+            ValueError: saying in words which field is missing or of the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a case must be a JSON object with \"id\" and \"image\", got {json.dumps(data)[:80]}")
+        where = f"case {json.dumps(data.get('id'))[:40]}" if isinstance(data.get("id"), str) else "a case"
+        for name, what in (("id", "the case id"), ("image", "the CT's path inside the dataset folder")):
+            if not isinstance(data.get(name), str):
+                found = "lacks it" if name not in data else f"has {json.dumps(data[name])[:60]}"
+                raise ValueError(f"{where}: the field {name!r} must be a string, {what}; it {found}")
+        if data.get("label") is not None and not isinstance(data["label"], str):
+            raise ValueError(f"{where}: the field 'label' must be the label map's path or null, got {json.dumps(data['label'])[:60]}")
+        reviewed = data.get("reviewed")
+        if reviewed is not None and not (isinstance(reviewed, list) and all(isinstance(name, str) for name in reviewed)):
+            raise ValueError(f"{where}: the field 'reviewed' must be a list of organ names (e.g. [\"liver\"]) or null, "
+                             f"got {json.dumps(reviewed)[:60]}")
         known = {"id", "image", "label", "reviewed"}
-        return cls(
-            id=str(data["id"]),
-            image=str(data["image"]),
-            label=None if data.get("label") is None else str(data["label"]),
-            reviewed=None if data.get("reviewed") is None else [str(name) for name in data["reviewed"]],
-            extra={k: v for k, v in data.items() if k not in known},
-        )
+        return cls(id=data["id"], image=data["image"], label=data.get("label"), reviewed=reviewed,
+                   extra={k: v for k, v in data.items() if k not in known})
 
 
 @dataclass
@@ -268,9 +282,11 @@ def load_dataset(root: str | Path) -> Dataset:
         raise DatasetError(f"{manifest_path} has manifest version {data.get('version')!r}; this SCDL reads version {FORMAT_VERSION}.")
     try:
         table = get_label_table(data.get("labels", "synapse13"))
+        if not isinstance(data.get("cases", []), list):
+            raise ValueError(f"the field 'cases' must be a list of cases, got {json.dumps(data['cases'])[:60]}")
         cases = [Case.from_dict(entry) for entry in data.get("cases", [])]
-    except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"Malformed dataset manifest {manifest_path}: {err!r}") from err
+    except ValueError as err:
+        raise DatasetError(f"Malformed dataset manifest {manifest_path}: {str(err).rstrip('.')}.") from err
     dataset = Dataset(root=root, table=table, cases=cases)
     _check_cases(dataset, manifest_path)
     return dataset
@@ -371,6 +387,43 @@ class DatasetStore:
             raise DatasetError(f"{root} already holds a dataset with label table {store.table.name!r}, not {table.name!r}.")
         return store
 
+    @classmethod
+    @contextlib.contextmanager
+    def created_for(cls, root: str | os.PathLike, labels: str = "synapse13") -> Iterator[DatasetStore]:
+        """The store in ``root``, created when ``root`` is missing or empty, for adding to it (the Slicer panel's way).
+
+        Unlike :meth:`init` (an explicit ``scdl dataset init``), it never turns a folder that holds other files
+        into a dataset, and when the ``with`` body fails on a store it created, the store is removed again (the
+        folder too, if it made it), so a failed first add leaves nothing behind.
+
+        Raises:
+            DatasetError: ``root`` holds files but no dataset (see also :meth:`init`).
+        """
+        root = Path(root).expanduser()
+        created = not (root / MANIFEST_NAME).exists()
+        made_folder = not root.exists()
+        if created and root.is_dir() and any(not entry.name.startswith(".") for entry in root.iterdir()):
+            raise DatasetError(f"{root} holds other files and no {MANIFEST_NAME}: it is not an SCDL dataset. Choose a new or "
+                               "empty folder for the dataset, or one that scdl dataset init made.")
+        store = cls.init(root, labels=labels)
+        try:
+            yield store
+        except BaseException:
+            if created and not store.cases():
+                store._delete_empty(remove_folder=made_folder)
+            raise
+
+    def _delete_empty(self, remove_folder: bool) -> None:
+        """Remove an empty store's manifest, lock and folders (only what a store holds, nothing else)."""
+        for name in (MANIFEST_NAME, LOCK_NAME):
+            (self.root / name).unlink(missing_ok=True)
+        for sub in (IMAGES_DIR, LABELS_DIR):
+            with contextlib.suppress(OSError):  # not empty: a concurrent writer's file is not ours to delete
+                (self.root / sub).rmdir()
+        if remove_folder:
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
+
     def dataset(self) -> Dataset:
         """The current content (see :func:`load_dataset`)."""
         return load_dataset(self.root)
@@ -399,6 +452,7 @@ class DatasetStore:
         source: str = "",
         model: str | None = None,
         replace: bool = False,
+        force: bool = False,
     ) -> Case:
         """Validate and store a case: the image (and label map) as NIfTI, then its manifest entry.
 
@@ -414,15 +468,16 @@ class DatasetStore:
             source: free text saying where the case comes from (no patient names).
             model: the model version that first segmented the case (``name@N``), or None.
             replace: overwrite the case with this id if it exists (otherwise an existing id is refused).
+            force: store an image that does not look like a CT in HU (no voxel below -500), refused otherwise.
 
         Returns:
             The stored case; without ``case_id``, for a CT the store holds already (same voxels), that case
             updated with the label map.
 
         Raises:
-            DatasetError: a bad case id or organ name, an id that exists, a label map off the image's grid or
-                with values outside the label table, a CT the store holds already brought without a label
-                map; nothing is stored then.
+            DatasetError: a bad case id or organ name, an id that exists, an image that is not a CT (without
+                ``force``), a label map off the image's grid or with values outside the label table, a CT the
+                store holds already brought without a label map; nothing is stored then.
             ImageError: an unreadable image or label file.
         """
         if case_id is not None:
@@ -430,6 +485,10 @@ class DatasetStore:
             _check_free(self.dataset(), case_id, replace)  # fail before reading a large image
         reviewed = self._check_reviewed(reviewed, has_label=label is not None)
         volume, image_name = _read_image(image)
+        reason = io.not_ct_reason(volume.array, image_name)
+        if reason and not force:
+            raise DatasetError(f"{reason} Nothing was stored: training on it would teach the model wrong intensities. "
+                               "Add it with --force (force=True) if it is a CT all the same.")
         labels = None if label is None else self._read_label(label, volume, image_name)
         stored = _compact(volume)
         digest = _voxels_sha256(stored.array)
@@ -448,22 +507,28 @@ class DatasetStore:
             case_id = case_id or _next_id(dataset.cases)
             _check_free(dataset, case_id, replace)
             image_file, label_file = (f"{sub}/{case_id}{CASE_SUFFIX}" for sub in (IMAGES_DIR, LABELS_DIR))
-            io.write_image(self.root / image_file, stored)
-            fsync_file(self.root / image_file)
-            if labels is not None:
-                # The image's geometry, bit for bit, so the pair always lies on one grid.
-                io.write_label(self.root / label_file, volume.with_array(labels.array), self.table)
-                fsync_file(self.root / label_file)
-            case = Case(
-                id=case_id,
-                image=image_file,
-                label=None if labels is None else label_file,
-                reviewed=reviewed,
-                extra={"source": source, "added": _now(), "model": model, "voxels_sha256": digest},
-            )
-            others = [c for c in dataset.cases if c.id != case_id]
-            position = next((i for i, c in enumerate(dataset.cases) if c.id == case_id), len(others))
-            _write_manifest(Dataset(self.root, self.table, [*others[:position], case, *others[position:]]))
+            try:
+                io.write_image(self.root / image_file, stored)
+                fsync_file(self.root / image_file)
+                if labels is not None:
+                    # The image's geometry, bit for bit, so the pair always lies on one grid.
+                    io.write_label(self.root / label_file, volume.with_array(labels.array), self.table)
+                    fsync_file(self.root / label_file)
+                case = Case(
+                    id=case_id,
+                    image=image_file,
+                    label=None if labels is None else label_file,
+                    reviewed=reviewed,
+                    extra={"source": source, "added": _now(), "model": model, "voxels_sha256": digest},
+                )
+                others = [c for c in dataset.cases if c.id != case_id]
+                position = next((i for i, c in enumerate(dataset.cases) if c.id == case_id), len(others))
+                _write_manifest(Dataset(self.root, self.table, [*others[:position], case, *others[position:]]))
+            except BaseException:
+                if all(c.id != case_id for c in dataset.cases):  # a new case's files, which no manifest lists
+                    for relative in (image_file, label_file):
+                        (self.root / relative).unlink(missing_ok=True)
+                raise
             self._delete_unlisted(case_id, dataset)
         return case
 
@@ -621,7 +686,9 @@ def _next_id(cases: Iterable[Case]) -> str:
 def _read_image(image: str | os.PathLike | Volume) -> tuple[Volume, str]:
     """The CT volume and its name for messages."""
     if not isinstance(image, Volume):
-        return io.read_image(image), str(image)
+        with warnings.catch_warnings():  # add() refuses a non-CT itself, with the reason
+            warnings.simplefilter("ignore", io.NotCTWarning)
+            return io.read_image(image), str(image)
     if not np.issubdtype(image.array.dtype, np.number) or not np.isfinite(image.array).all():
         raise DatasetError("The image volume must hold finite Hounsfield units (numbers, no NaN or infinity).")
     return image, "the image volume"

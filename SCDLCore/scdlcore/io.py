@@ -52,6 +52,7 @@ __all__ = [
     "check_writable_folder",
     "files_by_case",
     "match_by_case",
+    "not_ct_reason",
     "is_dicom_folder",
     "read_image",
     "read_label",
@@ -236,16 +237,22 @@ def read_image(path: str | os.PathLike) -> Volume:
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
         raise _nonfinite_error(path, bad)
-    low, high = float(array.min()), float(array.max())
-    if low > _MIN_CT_HU:
-        warnings.warn(
-            f"{path}: intensities range from {low:g} to {high:g}, with no voxel below {_MIN_CT_HU:g} HU; "
-            "this does not look like a CT in Hounsfield units (air is about -1000 HU). "
-            "Segmentation of non-CT images is unreliable.",
-            NotCTWarning,
-            stacklevel=2,
-        )
+    reason = not_ct_reason(array, str(path))
+    if reason:
+        warnings.warn(f"{reason} Segmentation of non-CT images is unreliable.", NotCTWarning, stacklevel=2)
     return _volume(image, array)
+
+
+def not_ct_reason(array: np.ndarray, name: str) -> str | None:
+    """Why an image (finite voxels) does not look like a CT in HU, in one sentence naming it; None if it does.
+
+    Every CT with air in view has voxels far below -500 HU; MR and normalised images have none.
+    """
+    low, high = float(array.min()), float(array.max())
+    if low <= _MIN_CT_HU:
+        return None
+    return (f"{name}: intensities range from {low:g} to {high:g}, with no voxel below {_MIN_CT_HU:g} HU; this does "
+            "not look like a CT in Hounsfield units (air is about -1000 HU).")
 
 
 def read_label(path: str | os.PathLike, reference: Volume | None = None) -> Volume:

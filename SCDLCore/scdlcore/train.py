@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._atomic import atomic_write, atomic_write_text
+from ._atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .bundle import META_FILE, ModelBundle
 from .config import Config
 from .data import Augmenter, PatchSampler, prepare_dataset
@@ -226,6 +226,9 @@ class Trainer:
                              "new output folder.")
         if not self.resume and self.is_main:  # leftovers of a run killed before its first checkpoint
             (self.output / _HISTORY).unlink(missing_ok=True)
+        if self.is_main:  # half-written checkpoints and bundles of a killed process
+            for folder in (self.output, checkpoint_path(self.output).parent):
+                remove_stale_temporaries(folder)
         if not config.data.dataset:
             raise ValueError("The config names no dataset folder (data.dataset).")
         dataset = load_dataset(config.data.dataset)

@@ -36,7 +36,7 @@ _FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "add_case": {"dataset": (str, True), "image": (str, True), "label": (str, False), "reviewed": (list, False),
                  "case_id": (str, False), "source": (str, False)},
     "finetune": {"dataset": (str, True), "steps": (int, False), "model": (str, False), "device": (str, False)},
-    "cancel": {"target": (str, False)},
+    "cancel": {"target": (str, True)},
 }
 
 
@@ -114,6 +114,12 @@ class Worker:
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
                 self.emit(None, "error", message=f"Not a request (a JSON object with \"id\" and \"command\" strings): {line.strip()[:200]}")
                 continue
+            protocol = request.get("protocol", PROTOCOL_VERSION)
+            if protocol != PROTOCOL_VERSION:
+                self.emit(request_id, "error", message=f"The request speaks protocol {json.dumps(protocol)[:20]}; this "
+                          f"worker speaks protocol {PROTOCOL_VERSION}. Update SCDL Segment so that the panel and "
+                          "the engine match.")
+                continue
             if command == "shutdown":
                 self._close_jobs()
                 self.emit(request_id, "result", message="bye")
@@ -164,11 +170,11 @@ class Worker:
         from .dataset import CTAlreadyStored, DatasetStore
 
         try:
-            store = DatasetStore.init(Path(dataset), labels=self.bundle.labels.name)
-            try:
-                case, new = store.add(image, source="3D Slicer (segmented)", model=self.bundle.ref), True
-            except CTAlreadyStored as err:
-                case, new = err.case, False
+            with DatasetStore.created_for(Path(dataset), labels=self.bundle.labels.name) as store:
+                try:
+                    case, new = store.add(image, source="3D Slicer (segmented)", model=self.bundle.ref), True
+                except CTAlreadyStored as err:
+                    case, new = err.case, False
             return {"case_id": case.id, "new": new, "status": case.status, "counts": store.counts()}
         except (ValueError, OSError) as err:
             return {"error": str(err)}
@@ -177,12 +183,12 @@ class Worker:
         def add_case() -> Ending:
             from .dataset import DatasetStore
 
-            store = DatasetStore.init(Path(request["dataset"]), labels=self.bundle.labels.name)  # opens an existing store
             label = request.get("label")
-            before = {case.id: case.status for case in store.cases()}
-            case = store.add(request["image"], label, case_id=request.get("case_id"),
-                             reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
-                             source=request.get("source") or "3D Slicer", model=self.bundle.ref)
+            with DatasetStore.created_for(Path(request["dataset"]), labels=self.bundle.labels.name) as store:
+                before = {case.id: case.status for case in store.cases()}
+                case = store.add(request["image"], label, case_id=request.get("case_id"),
+                                 reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
+                                 source=request.get("source") or "3D Slicer", model=self.bundle.ref)
             return "result", {"case_id": case.id, "labeled": case.is_labeled, "previous": before.get(case.id),
                               "counts": store.counts()}
 
@@ -232,9 +238,9 @@ class Worker:
 
     def _cancel_request(self, request_id: str, request: dict[str, Any]) -> None:
         """Cancel the running job (it ends with ``cancelled`` when it stops) or drop a waiting one."""
+        target = request["target"]
         with self._jobs_changed:
-            target = request.get("target") or self._job_id  # no target: the running job
-            running = target is not None and target == self._job_id
+            running = target == self._job_id
             if running:
                 self._stop_running_job()
             waiting = [job for job in self._jobs if job[0] == target]

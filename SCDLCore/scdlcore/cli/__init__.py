@@ -8,10 +8,12 @@ Each sub-command module defines ``register(subparsers)``, which adds its parser 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -60,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     2 bad input, 130 cancelled)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    with warnings.catch_warnings():  # the caller's warning display is restored afterwards
+        warnings.showwarning = functools.partial(_show_warning, args.command)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The sub-command, its errors turned into exit codes and one line for people."""
     try:
         return int(args.func(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as err:
@@ -74,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a bug or e.g. CUDA out of memory: the traceback stays, programs still get the event
         _emit_error_event(args, err)
         raise
+
+
+def _show_warning(command: str, message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A warning as one plain line for people (the message names the file), not Python's source-line format."""
+    print(f"scdl {command}: warning: {message}", file=sys.stderr)
 
 
 def _report_error(args: argparse.Namespace, err: Exception) -> None:

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--source", default="", help="where the case comes from, free text (no patient names)")
     add.add_argument("--model", help="model version that first segmented the case (NAME@VERSION)")
     add.add_argument("--replace", action="store_true", help="overwrite the case with this id if it exists")
+    add.add_argument("--force", action="store_true",
+                     help="store an image that does not look like a CT in HU (no voxel below -500), refused otherwise")
 
     bulk = actions.add_parser(
         "import", parents=[common], help="add every CT of a folder, with the label maps of another folder",
@@ -58,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bulk.add_argument("images", help="folder of CT images (.nrrd, .nii, .nii.gz, .mha) or DICOM series subfolders")
     bulk.add_argument("--labels", help="folder of label maps named after their images (Synapse-13 values, or .seg.nrrd)")
     bulk.add_argument("--source", default="", help="where the cases come from, free text (no patient names)")
+    bulk.add_argument("--force", action="store_true", help="store images that do not look like CT in HU too")
 
     listing = actions.add_parser("list", parents=[common], help="the cases: labeled, partial or unlabeled")
     listing.add_argument("dir", help="dataset folder")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "add":
         before = {case.id: case.status for case in store.cases()}
         case = store.add(args.image, args.label, case_id=args.case_id, reviewed=args.reviewed, source=args.source,
-                         model=args.model, replace=args.replace)
+                         model=args.model, replace=args.replace, force=args.force)
         previous = before.get(case.id)
         if previous is None:
             text = f"Added {case.id} ({case.status}{_reviewed_note(case)}) to {store.root}"
@@ -125,7 +128,7 @@ def _import(args: argparse.Namespace) -> int:
     for done, (name, image, label) in enumerate(pairs, start=1):
         outcome = {"name": name, "image": str(image), "label": None if label is None else str(label)}
         try:
-            case = store.add(image, label, source=args.source)
+            case = store.add(image, label, source=args.source, force=args.force)
             outcome.update(case_id=case.id, status=case.status, previous=statuses.get(case.id))
             statuses[case.id] = case.status
         except CTAlreadyStored as err:
