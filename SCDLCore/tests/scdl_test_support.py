@@ -1,6 +1,7 @@
 """Test support shared by SCDLCore/tests and the cross-package tests in Testing/ (both conftests import it).
 
 - the real CT samples (fetched once per cache) as session fixtures;
+- ``write_raw_nrrd`` and ``split_dicom_series``: files SCDL must refuse or handle (2D, 4D; two DICOM series);
 - ``threshold_vnet``: a VNet with hand-set weights that labels by intensity, a stand-in that lets the tests
   check where the predictor puts its output. It is not a model and is never presented as one.
 """
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from scdlcore.labels import SYNAPSE13
@@ -54,3 +56,23 @@ def threshold_vnet() -> VNet:
         net.head.weight[1, 0], net.head.bias[1] = 40.0, -10.0  # spleen: 40 (x - 0.25)
         net.head.weight[6, 0], net.head.bias[6] = 80.0, -40.0  # liver: beats spleen for x > 0.75
     return net
+
+
+def write_raw_nrrd(path: Path, array: np.ndarray, kinds: str | None = None) -> Path:
+    """A minimal uncompressed NRRD (to make images SCDL must refuse: 2D, 4D, vector)."""
+    header = ["NRRD0004", "type: float", f"dimension: {array.ndim}", "sizes: " + " ".join(map(str, array.shape[::-1]))]
+    header += ["encoding: raw", "endian: little"] + ([f"kinds: {kinds}"] if kinds else [])
+    path.write_bytes(("\n".join(header) + "\n\n").encode() + array.astype("<f4").tobytes())
+    return path
+
+
+def split_dicom_series(source: Path, folder: Path, moved: int, modality_of_rest: bytes = b"CT") -> None:
+    """Copy a DICOM series, giving its first ``moved`` files their own Series Instance UID."""
+    folder.mkdir()
+    for index, file in enumerate(sorted(source.iterdir())):
+        data = file.read_bytes()
+        if index < moved:  # (0020,000E) UI, empty in this anonymised series -> "1.2.3.4"
+            data = data.replace(b" \x00\x0e\x00UI\x00\x00", b" \x00\x0e\x00UI\x08\x001.2.3.4\x00", 1)
+        else:  # (0008,0060) Modality CS "CT"
+            data = data.replace(b"\x08\x00\x60\x00CS\x02\x00CT", b"\x08\x00\x60\x00CS\x02\x00" + modality_of_rest, 1)
+        (folder / file.name).write_bytes(data)

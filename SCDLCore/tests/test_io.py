@@ -27,6 +27,7 @@ from scdlcore.io import (
 from scdlcore import io as io_module
 from scdlcore import labels as labels_module
 from scdlcore.labels import SYNAPSE13, value_counts
+from scdl_test_support import split_dicom_series, write_raw_nrrd
 
 # name: (array shape (D, H, W), spacing (x, y, z) mm), as listed in design/DATA.md
 REAL_GRIDS = {
@@ -39,14 +40,6 @@ REAL_GRIDS = {
 
 def geometry(volume: Volume) -> tuple:
     return volume.shape, volume.spacing, volume.origin, volume.direction
-
-
-def write_raw_nrrd(path: Path, array: np.ndarray, kinds: str | None = None) -> Path:
-    """A minimal uncompressed NRRD (to make images SCDL must refuse: 2D, 4D, vector)."""
-    header = ["NRRD0004", "type: float", f"dimension: {array.ndim}", "sizes: " + " ".join(map(str, array.shape[::-1]))]
-    header += ["encoding: raw", "endian: little"] + ([f"kinds: {kinds}"] if kinds else [])
-    path.write_bytes(("\n".join(header) + "\n\n").encode() + array.astype("<f4").tobytes())
-    return path
 
 
 # ---------------------------------------------------------------- real data
@@ -424,20 +417,8 @@ def test_dicom_folder_without_images(tmp_path, content):
     )
 
 
-def _split_dicom_series(source: Path, folder: Path, moved: int, modality_of_rest: bytes = b"CT") -> None:
-    """Copy a DICOM series, giving its first ``moved`` files their own Series Instance UID."""
-    folder.mkdir()
-    for index, file in enumerate(sorted(source.iterdir())):
-        data = file.read_bytes()
-        if index < moved:  # (0020,000E) UI, empty in this anonymised series -> "1.2.3.4"
-            data = data.replace(b" \x00\x0e\x00UI\x00\x00", b" \x00\x0e\x00UI\x08\x001.2.3.4\x00", 1)
-        else:  # (0008,0060) Modality CS "CT"
-            data = data.replace(b"\x08\x00\x60\x00CS\x02\x00CT", b"\x08\x00\x60\x00CS\x02\x00" + modality_of_rest, 1)
-        (folder / file.name).write_bytes(data)
-
-
 def test_dicom_folder_with_two_series_reads_the_largest_and_logs_it(samples, tmp_path, caplog):
-    _split_dicom_series(samples["ct_abdomen_dicom"].image, tmp_path / "dicom", moved=5)
+    split_dicom_series(samples["ct_abdomen_dicom"].image, tmp_path / "dicom", moved=5)
     with caplog.at_level(logging.WARNING, logger="scdlcore.io"):
         ct = read_image(tmp_path / "dicom")
     assert ct.shape == (15, 512, 512)
@@ -489,7 +470,7 @@ def test_slice_positions_tolerate_rounding_and_catch_gaps(tmp_path, z, problem):
 
 
 def test_dicom_folder_prefers_a_ct_series_over_a_larger_other_one(samples, tmp_path):
-    _split_dicom_series(samples["ct_abdomen_dicom"].image, tmp_path / "dicom", moved=5, modality_of_rest=b"PT")
+    split_dicom_series(samples["ct_abdomen_dicom"].image, tmp_path / "dicom", moved=5, modality_of_rest=b"PT")
     assert read_image(tmp_path / "dicom").shape == (5, 512, 512)
 
 
