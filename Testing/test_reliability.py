@@ -209,6 +209,9 @@ def add_to_folder_not_a_dataset(env, monkeypatch):
     return {"input": env.samples["ct_chest_nrrd"].image}
 
 
+add_bad_case_id = add_to_folder_not_a_dataset
+
+
 def manifest_outside_the_store(env, monkeypatch):
     shutil.copy(env.samples["ct_chest_nrrd"].image, env.root / "outside.nrrd")
     return {"input": _manifest(env, lambda case: case.update(image="../outside.nrrd"))}
