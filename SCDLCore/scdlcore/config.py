@@ -163,7 +163,7 @@ class AugmentConfig:
 
     enabled: bool = True
     phase_prob: float = 0.0  # labeled patches whose organs move to the HU of a random contrast phase (contrast.py);
-    # off: at 0.5 it cost 0.11 mean Dice on the held-out CT (Testing/Benchmarks/results/accuracy_fold1_cpu.md)
+    # off: at 0.5 it cost 0.11 mean Dice on the held-out CT (Testing/Benchmarks/results/accuracy_fold1_cpu_1500steps.md)
     spatial_prob: float = 0.3  # rotation + scaling
     rotate_deg: float = 15.0  # max rotation about each axis
     scale: tuple[float, float] = (0.85, 1.25)
