@@ -24,7 +24,7 @@ import torch
 from .bundle import ModelBundle, ModelRegistry, load_bundle, update_bundle_metadata
 from .config import DEFAULT_FINETUNE_STEPS, Config, SCDLConfig
 from .dataset import load_dataset
-from .labels import LabelTable, table_differences
+from .labels import LabelTable, differences_text
 from .train import Trainer, finished_run, holds_run
 
 __all__ = ["FinetuneResult", "bundle_weights_for_base", "check_same_labels", "default_run_folder", "finetune",
@@ -51,8 +51,9 @@ def finetune_config(bundle: ModelBundle, dataset_dir: Path, *, steps: int, devic
     """The training config of a fine-tune: the bundle's preprocessing, network and base; short schedule."""
     plan = bundle.preprocessing  # a bundle that records no orientation is refused here, before any work
     dataset = load_dataset(dataset_dir)
-    for folder, table in ((dataset_dir, dataset.table), *([(rehearsal, load_dataset(rehearsal).table)] if rehearsal else [])):
-        check_same_labels(bundle, table, folder)
+    check_same_labels(bundle, dataset.table, dataset_dir)
+    if rehearsal:
+        check_same_labels(bundle, load_dataset(rehearsal).table, rehearsal)
     reviewed = sorted(case.id for case in dataset.labeled)
     network = bundle.networks[0]
     scdl = {k: v for k, v in (bundle.scdl or {}).items() if k in SCDLConfig.__dataclass_fields__}
@@ -79,13 +80,12 @@ def check_same_labels(bundle: ModelBundle, table: LabelTable, dataset_dir: str |
             another label set of the same size would train for minutes and register a model that learned
             the wrong organs.
     """
-    problems = table_differences(table, bundle.labels)
-    if problems:
+    differences = differences_text(table, bundle.labels)
+    if differences:
         raise ValueError(
             f"{dataset_dir}: its label maps use the table {table.name!r} ({len(table)} organs), model {bundle.ref} "
-            f"outputs {bundle.labels.name!r} ({len(bundle.labels)} organs); they differ: " + "; ".join(problems[:5])
-            + (f"; +{len(problems) - 5} more" if len(problems) > 5 else "")
-            + ". Fine-tune a model of the same table, or store the cases in a dataset of the model's table. Nothing was trained.")
+            f"outputs {bundle.labels.name!r} ({len(bundle.labels)} organs); they differ: {differences}. Fine-tune a "
+            "model of the same table, or store the cases in a dataset of the model's table. Nothing was trained.")
 
 
 def bundle_weights_for_base(bundle: ModelBundle, base: str) -> dict[str, torch.Tensor]:

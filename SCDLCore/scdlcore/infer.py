@@ -54,9 +54,11 @@ from .events import Progress
 from .io import Volume, read_image, write_label
 from .labels import LabelTable, value_counts
 
-__all__ = ["InferenceCancelled", "Predictor", "check_organs", "keep_largest_components", "organ_volumes_ml"]
+__all__ = ["POSTPROCESSING", "InferenceCancelled", "Predictor", "check_organs", "keep_largest_components", "organ_volumes_ml"]
 
 _SLAB_ELEMENTS = 1 << 24  # floats per interpolation slab (64 MB): bounds memory at input resolution
+#: What ``largest_component`` does, in words: benchmarks and model.json record it beside the scores it produced.
+POSTPROCESSING = "largest connected region per organ"
 _NEIGHBOURS_26 = np.ones((3, 3, 3), dtype=bool)
 _GAUSSIAN_SIGMA = 0.125  # of the patch size, as in nnU-Net and MONAI
 # Linear interpolation along one axis at many points: lower index, upper index, weight of the upper one.

@@ -23,6 +23,7 @@ __all__ = [
     "check_builtin_name",
     "get_label_table",
     "map_label_values",
+    "differences_text",
     "table_differences",
     "value_counts",
 ]
@@ -250,6 +251,13 @@ def table_differences(table: LabelTable, reference: LabelTable) -> list[str]:
     return problems
 
 
+def differences_text(table: LabelTable, reference: LabelTable, limit: int = 5) -> str:
+    """:func:`table_differences` as one line for a message: the first ``limit``, then how many more ("" if none)."""
+    problems = table_differences(table, reference)
+    more = f"; +{len(problems) - limit} more" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
 def check_builtin_name(table: LabelTable) -> None:
     """Refuse a table that takes a built-in table's name but not its organs and values.
 
@@ -260,11 +268,10 @@ def check_builtin_name(table: LabelTable) -> None:
     builtin = _TABLES.get(table.name)
     if builtin is None:
         return
-    problems = table_differences(table, builtin)
-    if problems:
-        raise ValueError(f"its label table is named {table.name!r}, a built-in table, but differs from it ("
-                         + "; ".join(problems[:5]) + (f"; +{len(problems) - 5} more" if len(problems) > 5 else "")
-                         + "). Give a custom table its own name.")
+    differences = differences_text(table, builtin)
+    if differences:
+        raise ValueError(f"its label table is named {table.name!r}, a built-in table, but differs from it "
+                         f"({differences}). Give a custom table its own name.")
 
 
 def map_label_values(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:

@@ -73,6 +73,7 @@ import torch
 from bench_common import machine_name
 from scdlcore.config import Config
 from scdlcore.dataset import MANIFEST_NAME, DatasetStore
+from scdlcore.infer import POSTPROCESSING
 from scdlcore.io import Volume
 from scdlcore.sample_data import fetch_sample
 
@@ -114,8 +115,6 @@ SAMPLE_NAMES = {"ct_abdomen": "A, non-contrast", TEST_SAMPLE: "B, portal venous"
 CARRIED_SAMPLES = ("ct_abdomen", TEST_SAMPLE, "ct_chest_nrrd")
 CTA_FILE = "ct_chest_cta.nii.gz"
 SMOKE_CONFIGS = ("cps_ga", "cps_ga_scdl")
-#: How the shipped predictor cleans its output; recorded so that tables scored otherwise are not merged.
-POSTPROCESSING = "largest connected region per organ"
 #: Configurations named so are the ablation of SCDL's open choices: run after (a)-(d) when time is short.
 ABLATION_PREFIX = "scdl_"
 #: (configuration, the one it is compared with, what the difference measures); paired by seed.

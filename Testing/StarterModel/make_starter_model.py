@@ -33,7 +33,7 @@ import torch
 from scdlcore.bundle import STARTER_MODEL_DIR, copy_bundle, load_bundle, save_bundle, update_bundle_metadata
 from scdlcore.config import Config, load_config, parse_override
 from scdlcore.events import to_jsonable
-from scdlcore.infer import Predictor
+from scdlcore.infer import POSTPROCESSING, Predictor
 from scdlcore.metrics import evaluate_files
 from scdlcore.sample_data import fetch_sample
 from scdlcore.train import resolve_device
@@ -41,7 +41,6 @@ from scdlcore.train import resolve_device
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "Benchmarks"))  # the benchmark's data folder: the same training data
 import bench_accuracy as bench  # noqa: E402
-from bench_accuracy import POSTPROCESSING  # noqa: E402
 from bench_common import machine_name  # noqa: E402
 
 #: The labeled sample CTs: A (non-contrast) and B (portal venous), both scored into model.json.
