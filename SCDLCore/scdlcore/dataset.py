@@ -20,7 +20,8 @@ Layout (paths in the manifest are relative to the folder)::
 ``reviewed`` lists the organs a person checked on a partially corrected case; ``null`` means every organ of
 the label table is reviewed (a fully labeled case). ``source`` is free text, ``added`` the UTC time the case
 was stored, ``model`` the model version that first segmented it (or null), ``voxels_sha256`` the digest of
-the CT's voxels as stored. Case ids are opaque (never a patient name): letters, digits, ``-``, ``_`` and
+the CT's voxels in the canonical orientation (so a CT stored in another axis order, as Slicer re-orders a
+left-handed one, is still the same CT). Case ids are opaque (never a patient name): letters, digits, ``-``, ``_`` and
 ``.``. The store re-writes every image with :mod:`scdlcore.io` as NIfTI, which keeps the geometry and the
 voxels only, so no DICOM tag (patient name, dates, ...) enters the folder.
 
@@ -60,6 +61,7 @@ from ._atomic import TEMP_PREFIX, atomic_write_text, fsync_file
 from ._filelock import file_lock
 from .io import Volume
 from .labels import LabelTable, get_label_table
+from .preprocess import CANONICAL_ORIENTATION, Reorientation
 
 if TYPE_CHECKING:
     import torch
@@ -491,7 +493,7 @@ class DatasetStore:
                                "Add it with --force (force=True) if it is a CT all the same.")
         labels = None if label is None else self._read_label(label, volume, image_name)
         stored = _compact(volume)
-        digest = _voxels_sha256(stored.array)
+        digest = _voxels_sha256(stored)
         with _lock(self.root):
             dataset = self.dataset()
             if case_id is None:
@@ -708,8 +710,10 @@ def _compact(volume: Volume) -> Volume:
     return volume
 
 
-def _voxels_sha256(array: np.ndarray) -> str:
-    """Digest of a CT's voxels (shape, type and values): the same scan read from DICOM, NIfTI or NRRD gives the same one."""
+def _voxels_sha256(volume: Volume) -> str:
+    """Digest of a CT's voxels (shape, type and values) in the canonical orientation: the same scan read from
+    DICOM, NIfTI or NRRD, in whatever axis order, gives the same one."""
+    array = Reorientation.to(CANONICAL_ORIENTATION, volume.direction).apply(volume.array)
     digest = hashlib.sha256(f"{array.shape}{array.dtype.str}".encode())
     digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()

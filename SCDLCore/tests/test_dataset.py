@@ -215,6 +215,20 @@ def test_partial_review_is_stored_in_table_order_and_all_organs_mean_null(
     assert load_dataset(store.root).case("case0001").source == "slicer"
 
 
+def test_the_same_ct_in_another_axis_order_is_the_same_case(store: DatasetStore, tmp_path: Path) -> None:
+    """Slicer's reader stores a left-handed CT with its slice axis reversed: the same voxels, another order."""
+    array = np.random.default_rng(0).integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
+    left_handed = Volume(array, (0.7, 0.8, 2.5), (-40.0, 20.0, 100.0), (1, 0, 0, 0, -1, 0, 0, 0, 1))
+    write_image(tmp_path / "ct.nrrd", left_handed)
+    first = store.add(tmp_path / "ct.nrrd")
+    last_slice_first = left_handed.ijk_to_lps @ np.array([0, 0, 5, 1.0])
+    reordered = Volume(array[::-1].copy(), (0.7, 0.8, 2.5), tuple(last_slice_first[:3]), (1, 0, 0, 0, -1, 0, 0, 0, -1))
+    write_image(tmp_path / "ct-slicer.nrrd", reordered)
+
+    with pytest.raises(DatasetError, match=f"already holds .* as case {first.id} \\(unlabeled\\)"):
+        store.add(tmp_path / "ct-slicer.nrrd")
+
+
 def test_one_ct_is_one_case_a_later_label_updates_it_and_an_unlabeled_copy_changes_nothing(
     store: DatasetStore, samples: dict[str, Sample], tmp_path: Path
 ) -> None:

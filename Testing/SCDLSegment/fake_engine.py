@@ -180,7 +180,12 @@ class Worker:
 
 
 def _digest(image: str) -> str:
-    return hashlib.sha256(np.ascontiguousarray(nrrd.read(image)[0]).data).hexdigest()
+    """The same voxels in any axis order give the same digest (the real store compares them in the canonical
+    orientation; Slicer re-orders a left-handed CT): here, the sorted shape and the sorted voxel values."""
+    array = nrrd.read(image)[0]
+    digest = hashlib.sha256(str(sorted(array.shape)).encode())
+    digest.update(np.sort(array, axis=None).data)
+    return digest.hexdigest()
 
 
 def same_ct(dataset: Path, image: str) -> dict | None:
