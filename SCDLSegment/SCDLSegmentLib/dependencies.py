@@ -16,6 +16,7 @@ from pathlib import Path
 
 __all__ = [
     "SLICER_PROVIDED",
+    "pinned_installed",
     "TORCH_REQUIREMENT",
     "RequirementStatus",
     "check_requirements",
@@ -52,6 +53,18 @@ class RequirementStatus:
             return f"{self.requirement}: missing"
         state = "ok" if self.satisfied else "too old"
         return f"{self.requirement}: {self.installed} ({state})"
+
+
+def pinned_installed(names: Iterable[str], version: Callable[[str], str] = importlib.metadata.version) -> list[str]:
+    """``name==version`` for each of ``names`` that is installed: pip constraints that keep those packages
+    as they are while other packages install (Slicer 5.10's pip_install has no skip list)."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
 
 
 def read_requirements(path: str | Path) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +91,20 @@ class EngineCommand:
 
 
 def default_python() -> str:
-    """The interpreter for child processes: PythonSlicer inside Slicer (it sets up Slicer's Python
-    environment), else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable
+    """PythonSlicer, the interpreter for the engine's child processes in Slicer (it sets up Slicer's Python
+    environment). Outside Slicer, pass ``EngineCommand(python=...)`` instead.
+
+    Raises:
+        RuntimeError: PythonSlicer is not on the PATH (inside Slicer ``sys.executable`` is Slicer itself,
+            so there is no fallback).
+    """
+    found = shutil.which("PythonSlicer")
+    if found is None:
+        raise RuntimeError(
+            "PythonSlicer, Slicer's Python launcher, was not found on the PATH, so the SCDL engine cannot start. "
+            "Start Slicer with its own launcher (the Slicer executable), or reinstall Slicer."
+        )
+    return found
 
 
 def _required(value: str, what: str) -> str:

@@ -231,14 +231,17 @@ def _own_process_group() -> dict[str, Any]:
 def _kill_tree(pid: int, include_root: bool, timeout: float = 5.0) -> None:
     """Kill a child started by :class:`ChildProcess` and every process it started.
 
-    psutil finds the descendants that are still attached; on POSIX, killing the child's process
-    group also reaches descendants whose parent already died (re-parented away from the tree).
-    The child itself is not waited for here: its reader thread reaps it.
+    On POSIX, killing the child's process group reaches every descendant, also those whose parent
+    already died. psutil (a requirement of the engine, which Slicer does not ship: absent until the
+    dependencies are installed) also finds descendants that left the group; on Windows without it,
+    ``taskkill /T`` ends the tree. The child itself is not waited for here: its reader thread reaps it.
     """
-    import psutil  # a requirement of the module (Resources/requirements.txt); imported when first needed
-
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
     root, descendants = None, []
-    if include_root:
+    if include_root and psutil is not None:
         try:
             root = psutil.Process(pid)
             descendants = root.children(recursive=True)
@@ -247,6 +250,10 @@ def _kill_tree(pid: int, include_root: bool, timeout: float = 5.0) -> None:
     if os.name == "posix":
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # pid is the group id: the child leads its own session
+    elif psutil is None and include_root:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
+    if psutil is None:
+        return
     for proc in (*descendants, *([root] if root is not None else [])):
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()

@@ -137,6 +137,22 @@ def test_cancel_kills_the_child_and_its_grandchild():
     assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
 
 
+def test_cancel_works_before_psutil_is_installed(monkeypatch):
+    """Slicer does not ship psutil: closing the panel before the dependencies are installed must still clean up."""
+    child = ChildProcess([PY, str(FAKE_ENGINE), "spawn-tree"])
+    child.start()
+    tree: list[dict] = []
+    wait_until(lambda: any(event["event"] == "tree" for event in tree), lambda: tree.extend(child.events()))
+    grandchild = psutil.Process(next(event for event in tree if event["event"] == "tree")["grandchild"])
+    with monkeypatch.context() as without_psutil:
+        without_psutil.setitem(sys.modules, "psutil", None)  # "import psutil" raises ImportError
+        child.cancel()
+        exit_event = run_to_end(child)[-1]
+
+    assert exit_event["cancelled"] is True
+    assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+
+
 @pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX-only")
 def test_cancel_also_kills_a_grandchild_whose_parent_already_exited():
     script = (

@@ -12,9 +12,11 @@ from SCDLSegmentLib.dependencies import (
     TORCH_REQUIREMENT,
     RequirementStatus,
     check_requirements,
+    pinned_installed,
     read_requirements,
     unsatisfied,
 )
+from SCDLSegmentLib.engine import default_python
 from SCDLSegmentLib.settings import Device, Settings, find_scdlcore_root
 
 
@@ -147,3 +149,17 @@ def test_read_requirements_skips_comments_and_options(tmp_path):
     path = tmp_path / "requirements.txt"
     path.write_text("# engine packages\n\nmonai>=1.4  # transforms\n--extra-index-url x\npsutil\n")
     assert read_requirements(path) == ["monai>=1.4", "psutil"]
+
+
+def test_pins_keep_the_installed_versions_and_skip_what_is_missing():
+    assert pinned_installed(["numpy", "no-such-package"]) == [f"numpy=={importlib.metadata.version('numpy')}"]
+
+
+def test_without_pythonslicer_the_engine_does_not_fall_back_to_slicers_own_executable(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # in Slicer, sys.executable is Slicer itself
+    with pytest.raises(RuntimeError, match="PythonSlicer, Slicer's Python launcher, was not found"):
+        default_python()
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    assert default_python() == str(launcher)
