@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -45,7 +46,7 @@ if _SCDLCORE_ROOT is not None and str(_SCDLCORE_ROOT) not in sys.path:
     sys.path.insert(0, str(_SCDLCORE_ROOT))
 
 from scdlcore.labels import SYNAPSE13, LabelTable  # noqa: E402  (needs the path above)
-from SCDLSegmentLib import catalog, dependencies, labelmap, progress  # noqa: E402
+from SCDLSegmentLib import catalog, dependencies, labelmap, progress, segmentations  # noqa: E402
 from SCDLSegmentLib.engine import EngineCommand, default_python  # noqa: E402
 from SCDLSegmentLib.jobs import CommandJob, FinetuneJob, FinetuneOutcome  # noqa: E402
 from SCDLSegmentLib.worker import TERMINAL_EVENTS, WorkerClient  # noqa: E402
@@ -57,13 +58,15 @@ __all__ = [
     "SCDLSegmentTest",
     "SCDLSegmentWidget",
     "SegmentationOutcome",
-    "existingSegments",
 ]
 
 #: How often the panel polls the engine's child processes.
 POLL_INTERVAL_MS = 100
-#: Errors our own code raises with a message meant for people (anything else is a bug: traceback).
-_USER_ERRORS = (ValueError, RuntimeError, OSError, TimeoutError)
+#: Errors with a message meant for people (anything else is a bug: traceback). CalledProcessError is what
+#: a failed pip or PyTorch install raises.
+_USER_ERRORS = (ValueError, RuntimeError, OSError, TimeoutError, subprocess.CalledProcessError)
+#: The organ terminology of the built-in label table (installed with the module, loaded at startup).
+TERMINOLOGY_FILE = Path(__file__).resolve().parent / "Resources" / "SCDLSegment.term.json"
 
 
 class SCDLSegment(ScriptedLoadableModule):
@@ -81,8 +84,9 @@ class SCDLSegment(ScriptedLoadableModule):
             "your corrections (semi-supervised, with Semantic Class Distribution Learning). "
             "The model runs in a separate process, on the GPU when there is one. "
             "<ol><li><b>Segment</b>: pick the CT, the model and the device, click Segment.</li>"
-            "<li><b>Review and submit</b>: fix segments in the embedded Segment Editor (Undo reverts the "
-            "whole result), tick the organs you checked, click Submit.</li>"
+            "<li><b>Review and submit</b>: fix segments in the embedded Segment Editor (its Undo, Ctrl+Z, "
+            "restores the segments from before the result; the segmentation node stays, and the history starts "
+            "anew when you pick another CT), tick the organs you checked, click Submit.</li>"
             "<li><b>Fine-tune</b>: train a new model version on the submitted cases; it is selected when done.</li></ol>"
             "Install the dependencies once under <i>Setup and advanced</i>."
         )
@@ -91,6 +95,16 @@ class SCDLSegment(ScriptedLoadableModule):
             "follows the patterns of the SlicerMONAIAuto3DSeg, SlicerTotalSegmentator and SlicerNNUnet "
             "extensions; PyTorch comes from the SlicerPyTorch extension."
         )
+        # Loaded at startup, so a saved scene reopens with its organs' standard terminology.
+        slicer.app.connect("startupCompleted()", loadTerminology)
+
+
+def loadTerminology(path: Path = TERMINOLOGY_FILE) -> str:
+    """Load a terminology context (``.term.json``) into Slicer; its name, or "" when it could not be loaded."""
+    context = slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(path))
+    if not context:
+        logging.warning("The organ terminology %s could not be loaded; segments keep their names and colors.", path)
+    return context
 
 
 #
@@ -140,6 +154,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._organsTable: LabelTable | None = None  # the table the reviewed-organs list shows
         self._inputVolumeId: str | None = None
         self._pollTimer = None
+        self._effectFactory = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -176,6 +191,9 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.timeout.connect(self.onPoll)
+        # Effects registered after this panel was built (other extensions, startup order) join its editor.
+        self._effectFactory = slicer.qSlicerSegmentEditorEffectFactory.instance()
+        self._effectFactory.connect("effectRegistered(QString)", self.onEffectRegistered)
 
         self.initializeParameterNode()
         self._fillOrgans(SYNAPSE13)
@@ -184,21 +202,34 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
+        if self._effectFactory is not None:
+            self._effectFactory.disconnect("effectRegistered(QString)", self.onEffectRegistered)
+            self._effectFactory = None
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self.logic is not None:
             self.logic.shutdown()
 
     def enter(self) -> None:
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()  # Ctrl+Z, effect keys, Esc, as in Segment Editor
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self.ui.segmentEditorWidget.setActiveEffect(None)
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
         self._disconnectParameterNode()
+
+    def onEffectRegistered(self, effectName: str = "") -> None:
+        self.ui.segmentEditorWidget.updateEffectList()
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancelSegmentation()  # its nodes are about to be removed
         self.setParameterNode(None)
+        editor = self.ui.segmentEditorWidget  # detached, as Slicer's Segment Editor module does
+        editor.setSegmentationNode(None)
+        editor.removeViewObservations()
 
     def onSceneEndClose(self, caller, event) -> None:
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self._segmentEditorNode())
@@ -560,8 +591,21 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInstallDependencies(self) -> None:
         with _ErrorDialog(_("Dependencies were not installed.")):
-            self.logic.installDependencies()
+            self._install(confirm=True)
         self.onCheckDependencies()
+
+    def _install(self, confirm: bool) -> None:
+        """Install the dependencies with the buttons that need them disabled: Slicer's installers keep
+        processing GUI events while pip runs."""
+        buttons = (self.ui.applyButton, self.ui.finetuneButton, self.ui.installDependenciesButton)
+        for button in buttons:
+            button.setEnabled(False)
+        try:
+            self.logic.installDependencies(confirm=confirm)
+        finally:
+            for button in buttons[:2]:
+                button.setEnabled(True)
+            self._onParameterNodeModified()
 
     def _dependenciesReady(self) -> bool:
         """True when the engine's packages are there; else offer to install them (on this GUI thread)."""
@@ -571,7 +615,8 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         question = _("SCDL Segment needs these Python packages: {packages}.\n\nInstall them now? This can take "
                      "several minutes (PyTorch is large).").format(packages=", ".join(missing))
         if slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install dependencies")):
-            self.logic.installDependencies(confirm=False)
+            with _ErrorDialog(_("Dependencies were not installed.")):
+                self._install(confirm=False)
             self.onCheckDependencies()
         return False
 
@@ -774,6 +819,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         """
         engine = self.engine()
         args = engine.worker(model, device)
+        self._noticeWorkerExit()
         if self.worker is not None and self.worker.running and self.worker.args == args and self._workerModelDir == engine.model_dir:
             return self.worker
         if self.worker is not None and self.worker.running:
@@ -792,9 +838,16 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
     def _anyWorker(self, model: str, device: Device) -> WorkerClient:
         """The running worker, whatever model it holds (adding a case needs none; it records that model, the
         one that segmented the case), else a new one for ``model`` on ``device``."""
+        self._noticeWorkerExit()
         if self.worker is not None and self.worker.running and self._workerModelDir == self.engine().model_dir:
             return self.worker
         return self.ensureWorker(model, device)
+
+    def _noticeWorkerExit(self) -> None:
+        """Deliver a worker's pending events: one that died while idle (nothing polls then) is seen as stopped
+        here, and the next request starts a new one instead of failing."""
+        if self.worker is not None:
+            self.worker.poll()
 
     def startCommand(self, args: list[str], onDone: Callable[[Any, str | None], None]) -> None:
         """Run a one-shot engine command that prints one JSON document; ``onDone(data, error)``."""
@@ -880,7 +933,15 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         """Fetch a public sample CT into the engine's cache (first time only) and load it."""
 
         def loaded(image: str | None, error: str | None) -> None:
-            onDone(None if error else slicer.util.loadVolume(image), error)
+            if error:
+                onDone(None, error)
+                return
+            try:
+                volume = slicer.util.loadVolume(image)
+            except _USER_ERRORS as err:  # a failure here would otherwise end in the poll timer, unreported
+                onDone(None, f"The sample CT {image} could not be loaded: {err}")
+                return
+            onDone(volume, None)
 
         self.startCommand(self.engine().sample_data(name), self._parsed(_sampleImage, loaded))
 
@@ -1035,61 +1096,44 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         """Write a label map file (the engine's output, on the volume's grid) into a segmentation.
 
         One segment per organ with the standard name, color and terminology, tagged with
-        ``labelmap.ORGAN_TAG``. Segments from an earlier run are overwritten in place; segments the
-        user made are kept. The segmentation's reference geometry is the volume and it follows the
-        volume's transform. ``beforeModify`` runs once before anything changes (one undo step).
+        ``labelmap.ORGAN_TAG`` (see :func:`SCDLSegmentLib.segmentations.import_result`). A new
+        segmentation is named after the volume and follows its transform; a given one keeps its own.
+        ``beforeModify`` runs once before any segment changes: the panel's Undo then restores the
+        segments from before (a segmentation node made for the result stays, empty).
 
         Returns:
             The segmentation node.
 
         Raises:
-            ValueError: the label map is not on the volume's grid.
+            ValueError: the label map is not on the volume's grid, or the segmentation's segments are not
+                binary labelmaps; nothing was changed.
         """
-        labelNode = slicer.util.loadLabelVolume(str(labelPath), {"show": False})
-        try:
-            labels = slicer.util.arrayFromVolume(labelNode)
-            _checkSameGrid(labelNode, volumeNode, labels.shape, f"The engine's label map {Path(labelPath).name}")
-            if segmentationNode is None:
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", f"{volumeNode.GetName()} segmentation"
-                )
-                segmentationNode.CreateDefaultDisplayNodes()
-            self._ensureTerminology(table)
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            segmentationNode.SetNodeReferenceID(
-                slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole(), volumeNode.GetID()
-            )
-            segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-            if beforeModify is not None:
-                beforeModify(segmentationNode, volumeNode)
-            segmentation = segmentationNode.GetSegmentation()
-            plan = labelmap.plan_result_segments(table, existingSegments(segmentationNode), organs)
-            with slicer.util.NodeModify(segmentationNode):
-                for update in plan:
-                    color = labelmap.unit_color(update.label)
-                    segmentId = update.segment_id or segmentation.AddEmptySegment(
-                        segmentation.GenerateUniqueSegmentID(update.label.name), update.label.display_name, color
-                    )
-                    segment = segmentation.GetSegment(segmentId)
-                    segment.SetName(update.label.display_name)
-                    segment.SetColor(*color)
-                    segment.SetTerminology(update.terminology)
-                    segment.SetTag(labelmap.ORGAN_TAG, update.label.name)
-                    mask = (labels == update.label.value).astype(np.uint8)
-                    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentationNode, segmentId, volumeNode)
-            return segmentationNode
-        finally:
-            slicer.mrmlScene.RemoveNode(labelNode)
+        scene = slicer.mrmlScene
+        with segmentations.result_labelmap(scene, labelPath, volumeNode) as labelNode:
+            segmentations.check_same_grid(labelNode, volumeNode, f"The engine's label map {Path(labelPath).name}")
+            created = segmentationNode is None
+            if created:
+                segmentationNode = segmentations.new_segmentation(scene, volumeNode, f"{volumeNode.GetName()} segmentation")
+            try:
+                self._ensureTerminology(table)
+                segmentations.import_result(labelNode, volumeNode, segmentationNode, table, organs, beforeModify)
+            except BaseException:
+                if created:
+                    scene.RemoveNode(segmentationNode)
+                raise
+        return segmentationNode
 
     def _ensureTerminology(self, table: LabelTable) -> None:
-        """Load the table's terminology context once, so Slicer shows the organs' standard codes."""
+        """Load the table's terminology context once, so Slicer shows the organs' standard codes (the built-in
+        table's was loaded at startup; another table's is written to a temporary file first)."""
         if table.name in self._terminologies:
             return
-        path = Path(slicer.util.tempDirectory("SCDLSegment-terminology")) / f"SCDLSegment-{table.name}.term.json"
-        path.write_text(json.dumps(table.slicer_terminology(), indent=2), encoding="utf-8")
-        if not slicer.modules.terminologies.logic().LoadTerminologyFromFile(str(path)):
-            self.onLog(f"The organ terminology {path} could not be loaded; segments keep their names and colors.")
-        self._terminologies.add(table.name)
+        path = TERMINOLOGY_FILE
+        if table.slicer_terminology() != SYNAPSE13.slicer_terminology():
+            path = Path(slicer.util.tempDirectory("SCDLSegment-terminology")) / f"SCDLSegment-{table.name}.term.json"
+            path.write_text(json.dumps(table.slicer_terminology(), indent=2), encoding="utf-8")
+        if loadTerminology(path):
+            self._terminologies.add(table.name)
 
     # ---------------------------------------------------------------- corrections
 
@@ -1106,12 +1150,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         _exportForEngine(volumeNode, imagePath)
         if segmentationNode is None:
             return imagePath, None
-        organSegments = labelmap.organs_to_segments(table, existingSegments(segmentationNode))
-        masks = {
-            organ: slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-            for organ, segmentId in organSegments.items()
-        }
-        labels, overlap = labelmap.compose_label_map(table, masks, slicer.util.arrayFromVolume(volumeNode).shape)
+        labels, overlap = segmentations.export_labels(segmentationNode, volumeNode, table)
         if overlap:
             self.onLog(f"{overlap} voxels belong to more than one organ; the organ later in the label table keeps them.")
         ijkToRas = vtk.vtkMatrix4x4()
@@ -1272,11 +1311,14 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         skip = ["torch", *dependencies.SLICER_PROVIDED]
         try:
             import slicer.packaging as slicerPackaging  # Slicer >= 5.12 (binds only the alias, not "slicer")
-        except ImportError:  # Slicer 5.10: pip_install takes only the requirements, so ask first ourselves
+        except ImportError:  # Slicer 5.10: pip_install takes only pip's arguments, so ask first ourselves
             question = f"SCDL Segment will now install: {', '.join(packages)}. Continue?"
             if confirm and not slicer.util.confirmOkCancelDisplay(question, windowTitle="Install dependencies"):
                 raise RuntimeError("Installation cancelled.") from None
-            slicer.util.pip_install(packages)
+            # Constraints pin Slicer's numpy, SimpleITK and torch, which monai's dependencies could replace.
+            constraints = Path(slicer.util.tempDirectory("SCDLSegment-install")) / "constraints.txt"
+            constraints.write_text("\n".join(dependencies.pinned_installed(skip)) + "\n", encoding="utf-8")
+            slicer.util.pip_install(["--constraint", str(constraints), *packages])
         else:
             slicerPackaging.pip_ensure(packages, skip_packages=skip, prompt_install=confirm, requester="SCDL Segment")
 
@@ -1303,34 +1345,6 @@ def _sampleImage(data: Any) -> str:
     return str(data[0]["image"])
 
 
-def existingSegments(segmentationNode) -> list[labelmap.ExistingSegment]:
-    """The segments of a segmentation node, with the organ tag this module sets (None on user segments)."""
-    segmentation = segmentationNode.GetSegmentation()
-    segments = []
-    for index in range(segmentation.GetNumberOfSegments()):
-        segmentId = segmentation.GetNthSegmentID(index)
-        segment = segmentation.GetSegment(segmentId)
-        organ = vtk.reference("")
-        hasOrgan = segment.GetTag(labelmap.ORGAN_TAG, organ)
-        segments.append(labelmap.ExistingSegment(segmentId, segment.GetName(), str(organ.get()) if hasOrgan else None))
-    return segments
-
-
-def _checkSameGrid(labelNode, volumeNode, shape: tuple[int, ...], what: str) -> None:
-    """Raise ValueError unless ``labelNode`` has the volume's voxel grid (shape and IJK-to-RAS, 1e-3 mm)."""
-    expected = slicer.util.arrayFromVolume(volumeNode).shape
-    matrices = []
-    for node in (labelNode, volumeNode):
-        matrix = vtk.vtkMatrix4x4()
-        node.GetIJKToRASMatrix(matrix)
-        matrices.append(slicer.util.arrayFromVTKMatrix(matrix))
-    if tuple(shape) != tuple(expected) or not np.allclose(matrices[0], matrices[1], atol=1e-3):
-        raise ValueError(
-            f"{what} is not on the grid of the volume {volumeNode.GetName()!r} (shape {tuple(shape)} vs "
-            f"{tuple(expected)}); the engine must write its result on the input grid."
-        )
-
-
 #
 # Self-test (runs inside real Slicer)
 #
@@ -1341,8 +1355,8 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
     organs, names, colors, terminology and geometry; add the CT unlabeled, then submit it reviewed
     (the same case, updated); fine-tune briefly; check that a new model version exists.
 
-    Needs the dependencies installed (Setup and advanced > Install) and the public sample CT, which
-    the engine fetches once into its cache. It writes only to temporary folders: a private model
+    Needs the dependencies installed (Setup and advanced > Install; skipped with a message without
+    them) and the public sample CT, which the engine fetches once into its cache. It writes only to temporary folders: a private model
     registry and dataset, and in-memory settings.
     """
 
@@ -1358,7 +1372,10 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         Settings(model_dir=slicer.util.tempDirectory("SCDLSegmentTest-models")).save(settings)
         logic = SCDLSegmentLogic(settingsStore=settings)
         missing = dependencies.unsatisfied(logic.checkDependencies())
-        self.assertEqual(missing, [], f"Install the dependencies first (Setup and advanced): {missing}")
+        if missing:  # e.g. the extension build machines: no torch, no download
+            message = f"SCDLSegmentTest skipped: install the dependencies first (Setup and advanced): {', '.join(missing)}"
+            logging.warning(message)
+            self.skipTest(message)
         try:
             self._runLoop(logic)
         finally:
@@ -1383,7 +1400,7 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(model, "No model in the registry: the bundled starter model is missing.")
         outcome = logic.segment(volume, model.ref, Device.CPU, segmentationNode=segmentationNode)
         self.assertIsNone(outcome.error)
-        segments = {segment.name: segment for segment in existingSegments(segmentationNode)}
+        segments = {segment.name: segment for segment in segmentations.existing_segments(segmentationNode)}
         table = model.labels
         for label in table.labels:
             self.assertIn(label.display_name, segments)

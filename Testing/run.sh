@@ -17,7 +17,7 @@ ensure_environment() {
     # The CPU build: a plain `torch` requirement would pull a CUDA build of several GB.
     "$python" -m pip install -q "torch==2.13.0"
   fi
-  if ! "$python" -c "import scdlcore, pytest, slicerio, PySide6" 2>/dev/null; then
+  if ! "$python" -c "import scdlcore, pytest, slicerio, PySide6, slicer_core" 2>/dev/null; then
     "$python" -m pip install -q -e "$root/SCDLCore[test]"
   fi
 }

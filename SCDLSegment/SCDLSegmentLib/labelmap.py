@@ -27,6 +27,7 @@ __all__ = [
     "compose_label_map",
     "organs_to_segments",
     "plan_result_segments",
+    "renumber",
     "reviewed_organs",
     "unit_color",
 ]
@@ -157,6 +158,16 @@ def compose_label_map(
         claimed |= mask
         labels[mask] = table[organ].value
     return labels, overlap
+
+
+def renumber(labels: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """The label map with ``values[k]`` as ``k + 1`` and every other value as 0, uint8 (uint16 past 255 organs).
+
+    Slicer imports label value ``k + 1`` into the ``k``-th of the segment ids it is given.
+    """
+    order = np.zeros(max([int(labels.max(initial=0)), *values]) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
+    order[list(values)] = np.arange(1, len(values) + 1)
+    return order[labels]
 
 
 def reviewed_organs(table: LabelTable, reviewed: Iterable[str]) -> list[str]:

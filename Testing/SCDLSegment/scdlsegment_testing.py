@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FAKE_ENGINE", "MODULE_DIR", "REPO_ROOT", "TESTS_DIR", "wait_until"]
+__all__ = ["FAKE_ENGINE", "MODULE_DIR", "REPO_ROOT", "TESTS_DIR", "real_scene", "wait_until"]
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parents[1]
@@ -32,3 +32,14 @@ def wait_until(condition: Callable[[], bool], poll: Callable[[], object] = lambd
             raise AssertionError(f"condition not met within {timeout} s")
         poll()
         time.sleep(0.01)
+
+
+def real_scene():
+    """A scene of Slicer's own MRML library (the slicer-core wheel), with the node classes of the
+    Segmentations and Volumes modules registered, as Slicer registers them at startup."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    for logic in (slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerVolumesLogic()):
+        logic.SetMRMLScene(scene)
+    return scene

@@ -1,11 +1,12 @@
-"""STAND-IN for 3D Slicer's Python modules (``slicer``, ``qt``, ``ctk``, ``vtk``), for headless tests.
+"""Slicer's Python modules for headless tests: REAL MRML, STAND-IN application and Qt.
 
-3D Slicer cannot be installed on the build machines, so the module file SCDLSegment.py is
-exercised against this small fake. It is NOT Slicer: it implements only the names the module
-calls, with the documented behaviour (SLICER_API.md) that matters to it, built on numpy and real
-NRRD files (pynrrd) in Slicer's conventions: arrays in (K, J, I) order, node geometry as
-IJK-to-RAS, files in LPS. Slicer-only behaviour the module relies on is kept observable: undo
-hooks, dialogs, pip calls and GUI state are recorded on :class:`Recorder` for the tests to check.
+3D Slicer itself cannot be installed on the build machines, but its core libraries can (the
+``slicer-core`` wheel, 5.12.4). So the ``slicer`` module SCDLSegment.py imports here holds Slicer's
+own MRML classes, scene, Segmentations / Volumes / Terminologies logics and ``slicer.util``
+functions, and real ``vtk``. Only what needs the application is a STAND-IN (NOT Slicer): ``qt``
+and ``ctk``, the widgets, dialogs, the IO manager's load, pip, ``slicer.app``, the segment editor
+effect factory, the parameter node wrapper and the scripted-module base classes. What the module
+asks of those is recorded on :class:`Recorder` for the tests to check.
 
 The widget tree comes from the real SCDLSegment.ui: :func:`load_ui` builds one fake widget per
 ``<widget>`` element (class name, object name, Designer properties), so a name the module uses
@@ -20,23 +21,26 @@ Usage (see ``test_module_headless.py``)::
 
 from __future__ import annotations
 
-import contextlib
 import enum
+import functools
 import importlib
 import itertools
 import sys
 import types
 import typing
+import unittest
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
-import nrrd
 import numpy as np
+import slicer as real_slicer  # Slicer's own libraries (slicer-core), imported before any stand-in is installed
+import slicer.util as real_util
+import vtk
+from scdlsegment_testing import real_scene
 
 __all__ = ["Recorder", "SlicerStandIn", "load_ui"]
 
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 MODULE_DIR = Path(__file__).resolve().parents[2] / "SCDLSegment"
 
 
@@ -52,332 +56,19 @@ class Recorder:
         self.open_file = ""
         self.existing_directory = ""
         self.torch_installs: list[dict] = []
-
-
-# ----------------------------------------------------------------------------- events and vtk
-
-
-class Observable:
-    """VTK-style AddObserver / RemoveObserver / InvokeEvent."""
-
-    def __init__(self) -> None:
-        self._observers: dict[int, tuple[int, Any]] = {}
-        self._tags = itertools.count(1)
-
-    def AddObserver(self, event, callback, priority=0.0):
-        tag = next(self._tags)
-        self._observers[tag] = (event, callback)
-        return tag
-
-    def RemoveObserver(self, tag) -> None:
-        self._observers.pop(tag, None)
-
-    def InvokeEvent(self, event) -> None:
-        for observed, callback in list(self._observers.values()):
-            if observed == event:
-                callback(self, event)
-
-
-class vtkMatrix4x4:  # noqa: N801
-    def __init__(self) -> None:
-        self.array = np.eye(4)
-
-    def SetElement(self, row: int, column: int, value: float) -> None:
-        self.array[row, column] = value
-
-    def GetElement(self, row: int, column: int) -> float:
-        return float(self.array[row, column])
-
-
-class reference:  # noqa: N801
-    """vtk.reference: an output argument."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-
-    def get(self):
-        return self.value
-
-    def set(self, value) -> None:
-        self.value = value
-
-
-def make_vtk() -> types.ModuleType:
-    vtk = types.ModuleType("vtk")
-    vtk.vtkMatrix4x4 = vtkMatrix4x4
-    vtk.reference = reference
-    vtk.vtkCommand = types.SimpleNamespace(ModifiedEvent=33)
-    return vtk
-
-
-# ----------------------------------------------------------------------------- MRML nodes
-
-
-class Node(Observable):
-    className = "vtkMRMLNode"
-
-    def __init__(self, name: str = "") -> None:
-        super().__init__()
-        self.name, self.id, self.scene = name, None, None
-        self.references: dict[str, str] = {}
-        self.singleton_tag = None
-        self.transform_id = None
-
-    def GetName(self):
-        return self.name
-
-    def SetName(self, name):
-        self.name = name
-
-    def GetID(self):
-        return self.id
-
-    def SetNodeReferenceID(self, role, node_id):
-        self.references[role] = node_id
-
-    def GetNodeReferenceID(self, role):
-        return self.references.get(role)
-
-    def SetSingletonTag(self, tag):
-        self.singleton_tag = tag
-
-    def SetAndObserveTransformNodeID(self, node_id):
-        self.transform_id = node_id
-
-    def GetTransformNodeID(self):
-        return self.transform_id
-
-    def CreateDefaultDisplayNodes(self):
-        pass
-
-    def StartModify(self):
-        return 0
-
-    def EndModify(self, previous):
-        self.InvokeEvent(33)
-
-    def Modified(self):
-        self.InvokeEvent(33)
-
-
-class VolumeNode(Node):
-    className = "vtkMRMLScalarVolumeNode"
-
-    def __init__(self, name="", array=None, ijk_to_ras=None) -> None:
-        super().__init__(name)
-        self.array = array
-        self.ijk_to_ras = np.eye(4) if ijk_to_ras is None else np.asarray(ijk_to_ras, dtype=float)
-
-    def GetImageData(self):
-        return None if self.array is None else self.array
-
-    def GetIJKToRASMatrix(self, matrix):
-        matrix.array[:] = self.ijk_to_ras
-
-    def GetSpacing(self):
-        return tuple(np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0))
-
-
-class LabelMapVolumeNode(VolumeNode):
-    className = "vtkMRMLLabelMapVolumeNode"
-
-
-class Segment:
-    def __init__(self, name, color) -> None:
-        self.name, self.color = name, tuple(color)
-        self.tags: dict[str, str] = {}
-        self.mask: np.ndarray | None = None
-
-    def GetName(self):
-        return self.name
-
-    def SetName(self, name):
-        self.name = name
-
-    def SetColor(self, r, g, b):
-        self.color = (r, g, b)
-
-    def GetColor(self):
-        return self.color
-
-    def SetTerminology(self, text):
-        self.tags["TerminologyEntry"] = text
-
-    def GetTerminology(self):
-        return self.tags.get("TerminologyEntry", "")
-
-    def SetTag(self, tag, value):
-        self.tags[tag] = str(value)
-
-    def GetTag(self, tag, out):
-        if tag not in self.tags:
-            return False
-        out.set(self.tags[tag])
-        return True
-
-
-class Segmentation:
-    def __init__(self) -> None:
-        self.segments: dict[str, Segment] = {}
-
-    def GetNumberOfSegments(self):
-        return len(self.segments)
-
-    def GetNthSegmentID(self, index):
-        return list(self.segments)[index]
-
-    def GetSegment(self, segment_id):
-        return self.segments.get(segment_id)
-
-    def GenerateUniqueSegmentID(self, base=""):
-        candidate, number = base or "Segment", 1
-        while candidate in self.segments:
-            candidate, number = f"{base}_{number}", number + 1
-        return candidate
-
-    def AddEmptySegment(self, segment_id="", name="", color=None):
-        segment_id = segment_id or self.GenerateUniqueSegmentID("Segment")
-        self.segments[segment_id] = Segment(name or segment_id, color or (0.5, 0.5, 0.5))
-        return segment_id
-
-
-class SegmentationNode(Node):
-    className = "vtkMRMLSegmentationNode"
-
-    def __init__(self, name="") -> None:
-        super().__init__(name)
-        self.segmentation = Segmentation()
-        self.reference_geometry_volume = None
-
-    @staticmethod
-    def GetReferenceImageGeometryReferenceRole():
-        return "referenceImageGeometryRef"
-
-    def GetSegmentation(self):
-        return self.segmentation
-
-    def SetReferenceImageGeometryParameterFromVolumeNode(self, volume):
-        self.reference_geometry_volume = volume
-
-
-class ScriptedModuleNode(Node):
-    className = "vtkMRMLScriptedModuleNode"
-
-    def __init__(self, name="") -> None:
-        super().__init__(name)
-        self.parameters: dict[str, Any] = {}
-
-    def GetParameter(self, name):
-        return str(self.parameters.get(name, ""))
-
-    def SetParameter(self, name, value):
-        self.parameters[name] = value
-
-
-class SegmentEditorNode(Node):
-    className = "vtkMRMLSegmentEditorNode"
-
-
-NODE_CLASSES = {cls.className: cls for cls in (VolumeNode, LabelMapVolumeNode, SegmentationNode, ScriptedModuleNode,
-                                               SegmentEditorNode)}
-
-
-class Scene(Observable):
-    StartCloseEvent, EndCloseEvent = 66001, 66003
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.nodes: list[Node] = []
-        self._ids = itertools.count(1)
-
-    def AddNode(self, node):
-        node.id, node.scene = f"{node.className}{next(self._ids)}", self
-        self.nodes.append(node)
-        return node
-
-    def AddNewNodeByClass(self, class_name, name=""):
-        return self.AddNode(NODE_CLASSES[class_name](name))
-
-    def RemoveNode(self, node):
-        self.nodes.remove(node)
-
-    def IsNodePresent(self, node) -> int:
-        """Slicer returns an int: the node's 1-based position in the scene, 0 when absent."""
-        return next((index for index, present in enumerate(self.nodes, start=1) if present is node), 0)
-
-    def GetFirstNodeByClass(self, class_name):
-        return next((node for node in self.nodes if node.className == class_name), None)
-
-    def GetSingletonNode(self, tag, class_name):
-        return next((n for n in self.nodes if n.singleton_tag == tag and n.className == class_name), None)
-
-    def Clear(self, remove_singletons=0):
-        self.InvokeEvent(self.StartCloseEvent)
-        self.nodes = [node for node in self.nodes if node.singleton_tag and not remove_singletons]
-        self.InvokeEvent(self.EndCloseEvent)
+        self.io_loads: list[str] = []  # files loaded through the IO manager (they land in File > Recent)
+        self.app_connections: list[tuple[str, Any]] = []  # slicer.app.connect(signal, slot)
 
 
 # ----------------------------------------------------------------------------- slicer.util
 
 
-def _write_nrrd(node: VolumeNode, filename: str) -> None:
-    directions = LPS_FROM_RAS @ node.ijk_to_ras[:3, :3]
-    header = {"space": "left-posterior-superior", "space directions": directions.T,
-              "space origin": LPS_FROM_RAS @ node.ijk_to_ras[:3, 3]}
-    nrrd.write(filename, np.ascontiguousarray(node.array), header, index_order="C")
-
-
-def _read_nrrd(filename: str, cls: type[VolumeNode], scene: Scene, name: str | None = None) -> VolumeNode:
-    """NRRD through pynrrd; any other format (NIfTI: the dataset store's files) through SimpleITK, as Slicer's ITK reader."""
-    if not str(filename).endswith(".nrrd"):
-        return _read_itk(filename, cls, scene)
-    array, header = nrrd.read(filename, index_order="C")
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = LPS_FROM_RAS @ np.asarray(header["space directions"], dtype=float).T
-    ijk_to_ras[:3, 3] = LPS_FROM_RAS @ np.asarray(header["space origin"], dtype=float)
-    return scene.AddNode(cls(name or Path(filename).name.split(".")[0], array, ijk_to_ras))
-
-
-def _read_itk(filename: str, cls: type[VolumeNode], scene: Scene) -> VolumeNode:
-    import SimpleITK as sitk
-
-    image = sitk.ReadImage(str(filename))
-    ijk_to_ras = np.eye(4)
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    ijk_to_ras[:3, :3] = LPS_FROM_RAS @ direction @ np.diag(image.GetSpacing())
-    ijk_to_ras[:3, 3] = LPS_FROM_RAS @ np.asarray(image.GetOrigin(), dtype=float)
-    return scene.AddNode(cls(Path(filename).name.split(".")[0], sitk.GetArrayFromImage(image), ijk_to_ras))
-
-
 def make_util(standin: SlicerStandIn) -> types.ModuleType:
+    """Slicer's own slicer.util (slicer-core) for everything MRML; stand-ins for what needs the application
+    (IO manager, dialogs, pip, temporary folders, .ui files)."""
     util = types.ModuleType("slicer.util")
+    util.__dict__.update({name: value for name, value in vars(real_util).items() if not name.startswith("__")})
     scene, recorder = standin.scene, standin.recorder
-
-    class VTKObservationMixin:
-        def __init__(self) -> None:
-            self._observations: list[tuple[Any, Any, Any, int]] = []
-
-        def addObserver(self, obj, event, method, group="none", priority=0.0):
-            self._observations.append((obj, event, method, obj.AddObserver(event, method)))
-
-        def removeObserver(self, obj, event, method):
-            for entry in list(self._observations):
-                if entry[:3] == (obj, event, method):
-                    obj.RemoveObserver(entry[3])
-                    self._observations.remove(entry)
-
-        def removeObservers(self, method=None):
-            for obj, event, observed, _tag in list(self._observations):
-                if method is None or observed == method:
-                    self.removeObserver(obj, event, observed)
-
-    @contextlib.contextmanager
-    def NodeModify(node):
-        previous = node.StartModify()
-        try:
-            yield
-        finally:
-            node.EndModify(previous)
 
     def tempDirectory(key="__SlicerTemp__", tempDir=None, includeDateTime=True):
         folder = standin.temp_root / f"{key}-{next(standin.temp_numbers)}"
@@ -385,28 +76,15 @@ def make_util(standin: SlicerStandIn) -> types.ModuleType:
         return str(folder)
 
     def exportNode(node, filename, properties={}, world=False):  # noqa: B006  (Slicer's signature)
-        _write_nrrd(node, filename)
-        return True
+        storage = real_slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(filename))
+        storage.SetUseCompression(int(properties.get("useCompression", 1)))
+        return bool(storage.WriteData(node))
 
-    def arrayFromVolume(node):
-        return node.array
-
-    def arrayFromVTKMatrix(matrix):
-        return matrix.array.copy()
-
-    def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
-        node = NODE_CLASSES[nodeClassName or "vtkMRMLScalarVolumeNode"](name or "Volume")
-        node.array, node.ijk_to_ras = np.array(narray), ijkToRAS.array.copy()
-        return scene.AddNode(node)
-
-    def updateSegmentBinaryLabelmapFromArray(narray, segmentationNode, segmentId, referenceVolumeNode=None):
-        if referenceVolumeNode is None or narray.shape != referenceVolumeNode.array.shape:
-            raise RuntimeError("stand-in: the array must be on the reference volume's grid")
-        segmentationNode.GetSegmentation().GetSegment(segmentId).mask = (np.asarray(narray) > 0).astype(np.uint8)
-
-    def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
-        mask = segmentationNode.GetSegmentation().GetSegment(segmentId).mask
-        return np.zeros(referenceVolumeNode.array.shape, np.uint8) if mask is None else mask.copy()
+    def loadVolume(filename, properties={}):  # noqa: B006  (Slicer's signature)
+        """The IO manager's load: the file is recorded (Slicer adds it to File > Recent)."""
+        recorder.io_loads.append(str(filename))
+        return standin.read_volume(filename)
 
     def loadUI(path):
         return load_ui(path)
@@ -424,19 +102,11 @@ def make_util(standin: SlicerStandIn) -> types.ModuleType:
     def pip_install(requirements):
         recorder.pip_install.append(requirements)
 
-    util.VTKObservationMixin = VTKObservationMixin
-    util.NodeModify = NodeModify
     util.tempDirectory = tempDirectory
     util.startupEnvironment = lambda: dict(standin.environment)
     util.exportNode = exportNode
-    util.loadLabelVolume = lambda filename, properties={}: _read_nrrd(filename, LabelMapVolumeNode, scene)  # noqa: B006
-    util.loadVolume = lambda filename, properties={}: _read_nrrd(filename, VolumeNode, scene)  # noqa: B006
-    util.getNodesByClass = lambda className, scene=None: [node for node in standin.scene.nodes if node.className == className]
-    util.arrayFromVolume = arrayFromVolume
-    util.arrayFromVTKMatrix = arrayFromVTKMatrix
-    util.addVolumeFromArray = addVolumeFromArray
-    util.updateSegmentBinaryLabelmapFromArray = updateSegmentBinaryLabelmapFromArray
-    util.arrayFromSegmentBinaryLabelmap = arrayFromSegmentBinaryLabelmap
+    util.loadVolume = loadVolume
+    util.loadLabelVolume = None  # the module must not load its temporary label maps through the IO manager
     util.loadUI = loadUI
     util.childWidgetVariables = childWidgetVariables
     util.errorDisplay = errorDisplay
@@ -454,8 +124,9 @@ class WithinRange:
         self.minimum, self.maximum = minimum, maximum
 
 
-def parameterNodeWrapper(cls):
-    """Each annotated attribute becomes a property stored on the wrapped scripted-module node."""
+def parameterNodeWrapper(cls, store: dict[str, dict[str, Any]]):
+    """Each annotated attribute becomes a property of the wrapped scripted-module node (its values kept in
+    ``store`` by node id, objects as they are; Slicer serialises them into the node's parameters)."""
     hints = typing.get_type_hints(cls, include_extras=True)
     defaults = {name: getattr(cls, name, None) for name in hints}
 
@@ -464,18 +135,17 @@ def parameterNodeWrapper(cls):
 
         def __init__(self, parameterNode) -> None:
             object.__setattr__(self, "parameterNode", parameterNode)
-            for name, default in defaults.items():
-                parameterNode.parameters.setdefault(f"wrapped:{name}", default)
+            object.__setattr__(self, "values", store.setdefault(parameterNode.GetID(), dict(defaults)))
 
         def __getattr__(self, name):
             if name in defaults:
-                return self.parameterNode.parameters[f"wrapped:{name}"]
+                return self.values[name]
             raise AttributeError(name)
 
         def __setattr__(self, name, value):
             if name not in defaults:
                 raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
-            self.parameterNode.parameters[f"wrapped:{name}"] = value
+            self.values[name] = value
             self.parameterNode.Modified()
 
         def __bool__(self):
@@ -483,6 +153,9 @@ def parameterNodeWrapper(cls):
 
         def __eq__(self, other):
             return isinstance(other, Wrapped) and other.parameterNode is self.parameterNode
+
+        def __hash__(self):
+            return hash(self.parameterNode.GetID())
 
         def AddObserver(self, event, callback, priority=0.0):
             return self.parameterNode.AddObserver(event, callback)
@@ -508,7 +181,7 @@ def parameterNodeWrapper(cls):
                     widget.bound_value = getattr(self, parameter)
 
             update()
-            return bound, self.parameterNode.AddObserver(33, update)
+            return bound, self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, update)
 
         def disconnectGui(self, tag):
             widgets, observer = tag
@@ -527,7 +200,8 @@ def _unannotated(hint):
 def _check_connector(widget: FakeWidget, datatype) -> None:
     """The widget/type pairs Slicer's built-in GUI connectors accept (SLICER_API.md section 4)."""
     if widget.cls == "qMRMLNodeComboBox":
-        ok = isinstance(datatype, type) and issubclass(datatype, Node) and datatype.className in widget.properties.get("nodeTypes", [])
+        ok = (isinstance(datatype, type) and issubclass(datatype, real_slicer.vtkMRMLNode)
+              and datatype.__name__ in widget.properties.get("nodeTypes", []))
     elif widget.cls == "QComboBox":
         ok = isinstance(datatype, type) and issubclass(datatype, enum.Enum)
     else:
@@ -631,7 +305,8 @@ class FakeWidget:
 
     def __getattr__(self, name):
         if name in ("setMRMLSegmentEditorNode", "setSegmentationNode", "setSourceVolumeNode", "saveStateForUndo",
-                    "setActiveEffect") and self.cls == "qMRMLSegmentEditorWidget":
+                    "setActiveEffect", "installKeyboardShortcuts", "uninstallKeyboardShortcuts",
+                    "removeViewObservations", "updateEffectList") and self.cls == "qMRMLSegmentEditorWidget":
             return lambda *args: self.calls.append((name, *args))
         raise AttributeError(f"stand-in {self.cls} {self.name!r} has no {name!r}")
 
@@ -758,8 +433,35 @@ class ScriptedLoadableModuleWidget:
         pass
 
 
-class ScriptedLoadableModuleTest:
-    pass
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    """Slicer's is a unittest.TestCase too (with delayDisplay, used by the self-test)."""
+
+    def delayDisplay(self, message, msec=1000):
+        pass
+
+
+class EffectFactory:
+    """STAND-IN for qSlicerSegmentEditorEffectFactory.instance(): its effectRegistered(QString) signal."""
+
+    def __init__(self) -> None:
+        self.slots: list[Any] = []
+
+    def connect(self, signal: str, slot) -> None:
+        assert signal == "effectRegistered(QString)", signal
+        self.slots.append(slot)
+
+    def disconnect(self, signal: str, slot) -> None:
+        self.slots.remove(slot)
+
+    def register(self, name: str) -> None:
+        for slot in list(self.slots):
+            slot(name)
+
+
+def _ijk_to_ras(volume):
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return matrix
 
 
 class DictSettings:
@@ -774,28 +476,38 @@ class DictSettings:
 
 
 class SlicerStandIn:
-    """Builds the fake modules around one scene, one recorder and one temporary folder."""
+    """Builds the modules around one real scene, one recorder and one temporary folder."""
 
     def __init__(self, temp_root: Path, environment: dict[str, str] | None = None) -> None:
         self.temp_root = Path(temp_root)
         self.temp_numbers = itertools.count(1)
         self.environment = dict(environment or {})
-        self.scene = Scene()
+        self.scene = real_scene()
+        self.logics = {
+            "segmentations": real_slicer.vtkSlicerSegmentationsModuleLogic(),
+            "volumes": real_slicer.vtkSlicerVolumesLogic(),
+            "terminologies": real_slicer.vtkSlicerTerminologiesModuleLogic(),
+        }
+        for name in ("segmentations", "volumes"):  # the terminology logic needs no scene (and would look for
+            self.logics[name].SetMRMLScene(self.scene)  # Slicer's default terminology files when given one)
         self.recorder = Recorder()
         self.settings = DictSettings()
-        self.terminology_files: list[str] = []
+        self.parameters: dict[str, dict[str, Any]] = {}  # the parameter node wrapper's values, by node id
+        self.effect_factory = EffectFactory()
         self.modules: dict[str, types.ModuleType] = {}
         self._build()
 
     def _build(self) -> None:
         slicer = types.ModuleType("slicer")
+        slicer.__dict__.update({name: value for name, value in vars(real_slicer).items() if not name.startswith("__")})
         slicer.__path__ = []  # a package, so "import slicer.packaging" resolves through sys.modules
         util = make_util(self)
         i18n = types.ModuleType("slicer.i18n")
         i18n.tr = lambda text: text
         i18n.translate = lambda context, text: text
         wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-        wrapper.parameterNodeWrapper, wrapper.WithinRange = parameterNodeWrapper, WithinRange
+        wrapper.parameterNodeWrapper = functools.partial(parameterNodeWrapper, store=self.parameters)
+        wrapper.WithinRange = WithinRange
         scripted = types.ModuleType("slicer.ScriptedLoadableModule")
         scene = self.scene
 
@@ -806,32 +518,72 @@ class SlicerStandIn:
             def getParameterNode(self):
                 node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
                 if node is None:
-                    node = ScriptedModuleNode(self.moduleName)
+                    node = real_slicer.vtkMRMLScriptedModuleNode()
+                    node.SetName(self.moduleName)
                     node.SetSingletonTag(self.moduleName)
-                    scene.AddNode(node)
+                    node = scene.AddNode(node)
                 return node
 
         scripted.ScriptedLoadableModule = ScriptedLoadableModule
         scripted.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
         scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
         scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
-        terminologies = types.SimpleNamespace(LoadTerminologyFromFile=self._load_terminology)
         slicer.util, slicer.i18n, slicer.parameterNodeWrapper, slicer.ScriptedLoadableModule = util, i18n, wrapper, scripted
         slicer.mrmlScene = scene
-        slicer.modules = types.SimpleNamespace(terminologies=types.SimpleNamespace(logic=lambda: terminologies))
-        slicer.vtkMRMLScalarVolumeNode, slicer.vtkMRMLSegmentationNode = VolumeNode, SegmentationNode
-        slicer.vtkMRMLSegmentEditorNode = SegmentEditorNode
-        ctk = types.ModuleType("ctk")
+        slicer.modules = types.SimpleNamespace(**{
+            name: types.SimpleNamespace(logic=functools.partial(lambda logic: logic, logic))
+            for name, logic in self.logics.items()})
+        slicer.app = types.SimpleNamespace(connect=lambda signal, slot: self.recorder.app_connections.append((signal, slot)))
+        slicer.qSlicerSegmentEditorEffectFactory = types.SimpleNamespace(instance=lambda: self.effect_factory)
         self.modules = {
             "slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-            "slicer.ScriptedLoadableModule": scripted, "qt": make_qt(self), "ctk": ctk, "vtk": make_vtk(),
+            "slicer.ScriptedLoadableModule": scripted, "qt": make_qt(self), "ctk": types.ModuleType("ctk"),
         }
 
-    def _load_terminology(self, path: str) -> str:
-        import json
+    # ------------------------------------------------------------- helpers for the tests (real MRML)
 
-        self.terminology_files.append(path)
-        return json.loads(Path(path).read_text(encoding="utf-8"))["SegmentationCategoryTypeContextName"]
+    def add_volume(self, name: str, array: np.ndarray, ijk_to_ras: np.ndarray, class_name="vtkMRMLScalarVolumeNode"):
+        node = self.scene.AddNewNodeByClass(class_name, name)
+        node.SetIJKToRASMatrix(real_util.vtkMatrixFromArray(np.asarray(ijk_to_ras, dtype=float)))
+        real_util.updateVolumeFromArray(node, np.ascontiguousarray(array))
+        return node
+
+    def read_volume(self, filename, class_name="vtkMRMLScalarVolumeNode"):
+        """A volume file read by Slicer's storage node into a new node named after the file."""
+        node = self.scene.AddNewNodeByClass(class_name, Path(filename).name.split(".")[0])
+        storage = real_slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(filename))
+        if not storage.ReadData(node):
+            self.scene.RemoveNode(node)
+            raise RuntimeError(f"Failed to load volume from {filename}")
+        return node
+
+    @staticmethod
+    def array(volume) -> np.ndarray:
+        return real_util.arrayFromVolume(volume)
+
+    @staticmethod
+    def ijk_to_ras(volume) -> np.ndarray:
+        return real_util.arrayFromVTKMatrix(_ijk_to_ras(volume))
+
+    def segment_mask(self, segmentation, segment_id: str, volume) -> np.ndarray:
+        """A segment on the volume's grid, through Slicer's own export."""
+        from SCDLSegmentLib.segmentations import _segment_mask
+
+        return _segment_mask(segmentation, segment_id, volume)
+
+    def set_segment(self, segmentation, segment_id: str, mask: np.ndarray, volume) -> None:
+        """Paint a segment from a mask on the volume's grid, through Slicer's own import."""
+        label = self.add_volume("painted", mask.astype(np.uint8), self.ijk_to_ras(volume), "vtkMRMLLabelMapVolumeNode")
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        assert real_slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, segmentation, ids)
+        self.scene.RemoveNode(label)
+
+    def loaded_terminologies(self) -> list[str]:
+        names = vtk.vtkStringArray()
+        self.logics["terminologies"].GetLoadedTerminologyNames(names)
+        return [names.GetValue(index) for index in range(names.GetNumberOfValues())]
 
     def add_packaging(self) -> types.ModuleType:
         """Make ``slicer.packaging`` importable, as in Slicer >= 5.12."""

@@ -10,6 +10,7 @@ from SCDLSegmentLib.labelmap import (
     compose_label_map,
     organs_to_segments,
     plan_result_segments,
+    renumber,
     reviewed_organs,
     unit_color,
 )
@@ -96,3 +97,10 @@ def test_reviewed_organs_are_validated_and_ordered():
 
 def test_unit_color():
     assert unit_color(SYNAPSE13["spleen"]) == pytest.approx((157 / 255, 108 / 255, 162 / 255))
+
+
+def test_renumber_puts_the_chosen_values_in_import_order_and_drops_the_rest():
+    labels = np.array([[0, 6, 1], [8, 6, 13]], dtype=np.uint8)
+    renumbered = renumber(labels, [6, 1])
+    np.testing.assert_array_equal(renumbered, [[0, 1, 2], [0, 1, 0]])
+    assert renumbered.dtype == np.uint8

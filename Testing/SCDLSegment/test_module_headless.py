@@ -1,12 +1,19 @@
-"""SCDLSegment.py run headless: against the slicer/qt/ctk/vtk STAND-IN of slicer_standin.py
-(not Slicer) and fake_engine.py (a real child process speaking the engine's protocols)."""
+"""SCDLSegment.py run headless: MRML on Slicer's own libraries (slicer-core), the application, Qt and
+ctk on the STAND-IN of slicer_standin.py (not Slicer), and fake_engine.py (a real child process
+speaking the engine's protocols)."""
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
+import signal
+import subprocess
+import sys
 import threading
 import types
+import unittest
+from pathlib import Path
 
 import nrrd
 import numpy as np
@@ -15,7 +22,9 @@ from scdlsegment_testing import wait_until
 from scdlcore.labels import SYNAPSE13
 from slicer_standin import SlicerStandIn
 from SCDLSegmentLib.dependencies import RequirementStatus
+import vtk
 from SCDLSegmentLib.labelmap import ORGAN_TAG
+from SCDLSegmentLib.segmentations import existing_segments
 from SCDLSegmentLib.settings import Device
 
 LIVER, SPLEEN = 6, 1
@@ -46,16 +55,21 @@ def add_ct(standin, name="CT"):
     image[1:4, 2:5, 1:4] = 200  # liver by the fake engine's rule
     image[2:5, 1:3, 5:7] = 100  # spleen
     ijk_to_ras = np.array([[-0.7, 0, 0, 40.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 100.0], [0, 0, 0, 1]])
-    return standin.scene.AddNode(standin.modules["slicer"].vtkMRMLScalarVolumeNode(name, image, ijk_to_ras))
+    return standin.add_volume(name, image, ijk_to_ras)
 
 
 def user_segmentation(standin, volume):
     node = standin.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "review")
     segment_id = node.GetSegmentation().AddEmptySegment("note", "My note", (1.0, 1.0, 0.0))
-    note = np.zeros(volume.array.shape, dtype=np.uint8)
+    note = np.zeros(standin.array(volume).shape, dtype=np.uint8)
     note[0, 0, :3] = 1
-    node.GetSegmentation().GetSegment(segment_id).mask = note
+    standin.set_segment(node, segment_id, note, volume)
     return node, segment_id, note
+
+
+def organ_tag(segment) -> str | None:
+    value = vtk.reference("")
+    return str(value.get()) if segment.GetTag(ORGAN_TAG, value) else None
 
 
 def test_module_metadata(module):
@@ -78,55 +92,52 @@ def test_segment_writes_one_segment_per_organ_on_the_input_grid_and_keeps_user_s
 
     assert outcome.error is None and not outcome.cancelled and outcome.segmentationNode is segmentation_node
     segmentation = segmentation_node.GetSegmentation()
-    segments = {segment.name: segment for segment in module.existingSegments(segmentation_node)}
+    segments = {segment.name: segment for segment in existing_segments(segmentation_node)}
     assert len(segments) == 14  # 13 organs + the user's note
     for label in SYNAPSE13.labels:
         segment = segmentation.GetSegment(segments[label.display_name].segment_id)
         assert segments[label.display_name].organ == label.name
         assert segment.GetTerminology() == SYNAPSE13.terminology_string(label)
         assert segment.GetColor() == pytest.approx(tuple(c / 255 for c in label.color))
-    image = volume.array
-    liver = segmentation.GetSegment(segments["Liver"].segment_id).mask
-    np.testing.assert_array_equal(liver, (image > 150).astype(np.uint8))
-    np.testing.assert_array_equal(segmentation.GetSegment(segments["Spleen"].segment_id).mask,
-                                  ((image > 50) & (image <= 150)).astype(np.uint8))
-    assert not segmentation.GetSegment(segments["Pancreas"].segment_id).mask.any()
-    np.testing.assert_array_equal(segmentation.GetSegment(note_id).mask, note)  # the user's segment is untouched
-    assert segmentation.GetSegment(note_id).tags.get(ORGAN_TAG) is None
+    image = standin.array(volume)
+    mask = functools.partial(standin.segment_mask, segmentation_node, volume=volume)
+    np.testing.assert_array_equal(mask(segments["Liver"].segment_id), (image > 150).astype(np.uint8))
+    np.testing.assert_array_equal(mask(segments["Spleen"].segment_id), ((image > 50) & (image <= 150)).astype(np.uint8))
+    assert not mask(segments["Pancreas"].segment_id).any()
+    np.testing.assert_array_equal(mask(note_id), note)  # the user's segment is untouched
+    assert organ_tag(segmentation.GetSegment(note_id)) is None
     assert segments_at_undo == [(segmentation_node, volume, 1)]  # one undo state, before any organ was written
     assert segmentation_node.GetNodeReferenceID("referenceImageGeometryRef") == volume.GetID()
-    assert segmentation_node.reference_geometry_volume is volume
     assert outcome.volumes_ml["liver"] == pytest.approx(27 * 0.7 * 0.8 * 2.5 / 1000)
-    assert [path.endswith("SCDLSegment-synapse13.term.json") for path in standin.terminology_files] == [True]
+    assert standin.loaded_terminologies().count("SCDL Segment synapse13") == 1  # the shipped file
     assert not list(standin.temp_root.glob("SCDLSegment-[0-9]*"))  # temporary files removed
-    assert [node.className for node in standin.scene.nodes].count("vtkMRMLLabelMapVolumeNode") == 0
+    assert standin.scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0
+    assert standin.recorder.io_loads == []  # the result never went through the IO manager (File > Recent)
 
     ids_before = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
     again = logic.segment(volume, "starter", Device.CPU, segmentationNode=segmentation_node, timeout_s=30)
     assert again.error is None
     assert [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())] == ids_before
-    assert len(standin.terminology_files) == 1  # loaded once
+    assert standin.loaded_terminologies().count("SCDL Segment synapse13") == 1  # loaded once
 
 
 def test_a_new_segmentation_is_named_after_the_volume(logic, standin):
     volume = add_ct(standin, name="Abdomen CT")
     outcome = logic.segment(volume, "starter", Device.CPU, organs=["spleen", "liver"], timeout_s=30)
     assert outcome.segmentationNode.GetName() == "Abdomen CT segmentation"
-    names = [outcome.segmentationNode.GetSegmentation().GetSegment(i).name
-             for i in outcome.segmentationNode.GetSegmentation().segments]
-    assert names == ["Spleen", "Liver"]
+    assert [segment.name for segment in existing_segments(outcome.segmentationNode)] == ["Spleen", "Liver"]
 
 
 def test_a_result_on_another_grid_is_refused(logic, standin, tmp_path):
     volume = add_ct(standin)
     path = tmp_path / "shifted.nrrd"
-    nrrd.write(str(path), np.zeros(volume.array.shape, np.uint8),
+    nrrd.write(str(path), np.zeros(standin.array(volume).shape, np.uint8),
                {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.8, 2.5]),
                 "space origin": np.zeros(3)}, index_order="C")
-    nodes_before = list(standin.scene.nodes)
+    nodes_before = standin.scene.GetNumberOfNodes()
     with pytest.raises(ValueError, match="not on the grid of the volume 'CT'"):
         logic.importLabelmap(path, volume)
-    assert standin.scene.nodes == nodes_before
+    assert standin.scene.GetNumberOfNodes() == nodes_before
 
 
 def test_cancel_stops_a_running_segmentation(logic, standin):
@@ -204,27 +215,31 @@ def test_submitted_case_has_fixed_label_values_on_the_volume_grid(logic, module,
     volume = add_ct(standin)
     segmentation_node = logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode
     segmentation = segmentation_node.GetSegmentation()
-    liver_id = next(segment.segment_id for segment in module.existingSegments(segmentation_node) if segment.organ == "liver")
+    liver_id = next(segment.segment_id for segment in existing_segments(segmentation_node) if segment.organ == "liver")
     segmentation.GetSegment(liver_id).SetName("Liver (edited)")  # renamed: still found by its tag
-    segmentation.GetSegment(liver_id).mask[0, 0, 0] = 1  # a correction
+    corrected = standin.segment_mask(segmentation_node, liver_id, volume)
+    corrected[0, 0, 0] = 1  # a correction
+    standin.set_segment(segmentation_node, liver_id, corrected, volume)
     tumour = segmentation.AddEmptySegment("tumour", "Tumour", (1, 0, 0))
-    segmentation.GetSegment(tumour).mask = np.ones(volume.array.shape, np.uint8)  # not an organ: not exported
+    standin.set_segment(segmentation_node, tumour, np.ones(corrected.shape, np.uint8), volume)  # not an organ
     dataset = tmp_path / "dataset"
 
     result = logic.submitCase(volume, segmentation_node, ["spleen", "liver"], dataset, "starter", Device.CPU)
-    other = add_ct(standin, "other CT")
-    other.array[0, 0, 0] = 0  # another CT: one CT is one case
+    other_image = standin.array(volume).copy()
+    other_image[0, 0, 0] = 0  # another CT: one CT is one case
+    other = standin.add_volume("other CT", other_image, standin.ijk_to_ras(volume))
     logic.submitCase(other, None, [], dataset, "starter", Device.CPU)
 
     assert result["case_id"] == "case001"
     labels, header = nrrd.read(str(dataset / "case001" / "label.nrrd"), index_order="C")
-    expected = np.zeros(volume.array.shape, np.uint8)
-    expected[(volume.array > 50) & (volume.array <= 150)] = SPLEEN
-    expected[volume.array > 150] = LIVER
+    ct = standin.array(volume)
+    expected = np.zeros(ct.shape, np.uint8)
+    expected[(ct > 50) & (ct <= 150)] = SPLEEN
+    expected[ct > 150] = LIVER
     expected[0, 0, 0] = LIVER
     np.testing.assert_array_equal(labels, expected)
     image, image_header = nrrd.read(str(dataset / "case001" / "image.nrrd"), index_order="C")
-    np.testing.assert_array_equal(image, volume.array)
+    np.testing.assert_array_equal(image, ct)
     np.testing.assert_allclose(header["space directions"], image_header["space directions"])
     np.testing.assert_allclose(header["space origin"], image_header["space origin"])
     np.testing.assert_allclose(image_header["space origin"], [-40.0, 20.0, 100.0])  # RAS (40, -20, 100) in LPS
@@ -324,7 +339,12 @@ def test_install_asks_then_uses_pip_install_on_slicer_5_10(standin, monkeypatch,
     logic = module.SCDLSegmentLogic(engine=fake_engine, settingsStore=standin.settings)
 
     logic.installDependencies()
-    assert standin.recorder.pip_install == [["monai>=1.4", "psutil>=5.9"]]
+    [(option, constraints, *packages)] = standin.recorder.pip_install
+    assert (option, packages) == ("--constraint", ["monai>=1.4", "psutil>=5.9"])
+    pins = Path(constraints).read_text(encoding="utf-8").split()  # Slicer's own packages stay as they are
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in pins
+    assert f"torch=={importlib.metadata.version('torch')}" in pins
     assert "monai>=1.4" in standin.recorder.confirmations[0]
 
     standin.recorder.confirm_answer = False
@@ -511,3 +531,104 @@ def test_panel_keeps_each_segmented_ct_in_the_dataset_once_when_asked(widget, st
     ui.submitButton.clicked.emit()
     pump(widget)
     assert ui.datasetStatusLabel.text == "Updated case001: was unlabeled, now reviewed."
+
+
+# ---------------------------------------------------------------- found by reading Slicer's source (issue 18)
+
+
+def test_a_segmentation_of_closed_surfaces_gets_a_message_and_stays_as_it_was(logic, standin):
+    volume = add_ct(standin)
+    surfaces = standin.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
+    surfaces.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    sphere = vtk.vtkSphereSource()
+    sphere.Update()
+    surfaces.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", [1.0, 0.0, 0.0])
+    undo_states = []
+
+    outcome = logic.segment(volume, "starter", Device.CPU, segmentationNode=surfaces, timeout_s=30,
+                            beforeModify=lambda *nodes: undo_states.append(nodes))
+
+    assert "keeps its segments as 'Closed surface'" in outcome.error
+    assert undo_states == [] and [segment.name for segment in existing_segments(surfaces)] == ["ball"]
+
+
+def test_a_worker_that_died_while_idle_is_restarted_by_the_next_request(logic, standin):
+    volume = add_ct(standin)
+    assert logic.segment(volume, "starter", Device.CPU, timeout_s=30).error is None
+    os.kill(logic.worker._process.pid, signal.SIGKILL)  # nothing polls an idle worker
+    logic.worker._process.wait(10)
+
+    again = logic.segment(volume, "starter", Device.CPU, timeout_s=30)
+
+    assert again.error is None
+
+
+def test_a_sample_that_fails_to_load_is_reported_and_the_button_comes_back(widget, standin, tmp_path, monkeypatch):
+    broken = tmp_path / "sample.nrrd"
+    broken.write_text("not a volume")
+    answers = []  # the engine's answer, delivered as the poll timer would: after the click returned
+    monkeypatch.setattr(widget.logic, "startCommand", lambda args, onDone: answers.append(onDone))
+
+    widget.ui.loadSampleButton.clicked.emit()
+    assert not widget.ui.loadSampleButton.enabled
+    answers[0]([{"image": str(broken)}], None)
+
+    assert widget.ui.loadSampleButton.enabled
+    assert any(f"The sample CT {broken} could not be loaded" in error for error in standin.recorder.errors)
+
+
+def test_the_editor_takes_keyboard_shortcuts_only_while_the_panel_is_shown(widget):
+    editor = widget.ui.segmentEditorWidget
+    widget.enter()
+    assert ("installKeyboardShortcuts",) in editor.calls
+    editor.calls.clear()
+    widget.exit()
+    assert editor.calls[-2:] == [("uninstallKeyboardShortcuts",), ("removeViewObservations",)]
+
+
+def test_closing_the_scene_detaches_the_editor(widget, standin):
+    editor = widget.ui.segmentEditorWidget
+    editor.calls.clear()
+    standin.scene.Clear(0)
+    start = editor.calls.index(("setSegmentationNode", None))
+    assert editor.calls[start + 1] == ("removeViewObservations",)
+
+
+def test_effects_registered_later_join_the_editor(widget, standin):
+    standin.effect_factory.register("Local threshold")
+    assert widget.ui.segmentEditorWidget.calls[-1] == ("updateEffectList",)
+    widget.cleanup()
+    assert standin.effect_factory.slots == []
+
+
+def test_the_shipped_terminology_is_loaded_at_startup(module, standin):
+    module.SCDLSegment(types.SimpleNamespace())
+    [(signal_name, slot)] = standin.recorder.app_connections
+    assert signal_name == "startupCompleted()"
+    slot()
+    assert "SCDL Segment synapse13" in standin.loaded_terminologies()
+
+
+def test_a_failed_install_is_a_dialog_and_the_buttons_wait_for_it(widget, standin, monkeypatch):
+    ui = widget.ui
+    states = []
+
+    def failing_install(confirm=True):
+        states.append((ui.applyButton.enabled, ui.finetuneButton.enabled, ui.installDependenciesButton.enabled))
+        raise subprocess.CalledProcessError(1, ["pip", "install", "monai"])
+
+    monkeypatch.setattr(widget.logic, "installDependencies", failing_install)
+    ui.installDependenciesButton.clicked.emit()
+
+    assert states == [(False, False, False)]  # Slicer's installers process GUI events while pip runs
+    assert "Dependencies were not installed." in standin.recorder.errors[-1]
+    assert "returned non-zero exit status 1" in standin.recorder.errors[-1]
+    assert ui.applyButton.enabled and ui.finetuneButton.enabled
+
+
+def test_the_self_test_skips_with_a_message_without_the_dependencies(module, monkeypatch):
+    monkeypatch.setattr(module.SCDLSegmentLogic, "checkDependencies", missing("torch>=2.4"))
+    monkeypatch.setattr(module, "default_python", lambda: sys.executable)  # PythonSlicer, in Slicer
+    test = module.SCDLSegmentTest("test_SCDLSegment_loop")
+    with pytest.raises(unittest.SkipTest, match="install the dependencies first .*torch>=2.4"):
+        test.test_SCDLSegment_loop()

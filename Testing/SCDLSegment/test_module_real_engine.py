@@ -1,6 +1,7 @@
 """SCDLSegment.py against the REAL engine: ``python -m scdlcore worker`` and ``scdl finetune`` as child processes.
 
-Slicer itself is the STAND-IN of slicer_standin.py (not Slicer); the engine is the real one, with the
+Slicer's MRML is real (slicer-core), its application and Qt are the STAND-IN of slicer_standin.py (not Slicer);
+the engine is the real one, with the
 intensity-threshold stand-in model of ``Testing/conftest.py`` (hand-set weights, not a trained model). This
 checks that the panel's client and the engine agree on the protocol, the dataset store and model versions.
 """
@@ -46,7 +47,7 @@ def abdomen_like_ct(standin):
     image[6:14, 10:20, 10:24] = 60
     image[8:12, 24:30, 28:36] = 400
     ijk_to_ras = np.array([[-6.0, 0, 0, 100.0], [0, -6.0, 0, 80.0], [0, 0, 6.0, -50.0], [0, 0, 0, 1]])
-    return standin.scene.AddNode(standin.modules["slicer"].vtkMRMLScalarVolumeNode("CT", image, ijk_to_ras))
+    return standin.add_volume("CT", image, ijk_to_ras)
 
 
 def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
@@ -78,7 +79,7 @@ def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
 def test_a_submit_waits_for_the_running_segmentation_and_suggest_names_a_stored_case(logic, standin, tmp_path):
     """The worker queues jobs: "Add as unlabeled" clicked while a segmentation runs is answered after it."""
     volume, other = abdomen_like_ct(standin), abdomen_like_ct(standin)
-    other.array[10, 20, 20] = 300  # another CT: other voxels
+    standin.array(other)[10, 20, 20] = 300  # another CT: other voxels
     dataset = tmp_path / "dataset"
     segmented, added = [], {}
     logic.startSegmentation(volume, "threshold", Device.CPU, onDone=segmented.append)
@@ -94,7 +95,7 @@ def test_a_submit_waits_for_the_running_segmentation_and_suggest_names_a_stored_
     suggestion = suggested["s"]
     assert suggestion.case_id == added["r"]["case_id"] and "uncertainty" in suggestion.reason
     loaded = standin.modules["slicer"].util.loadVolume(suggestion.image)  # the stored CT, as the panel loads it
-    np.testing.assert_array_equal(loaded.array, other.array)
+    np.testing.assert_array_equal(standin.array(loaded), standin.array(other))
 
 
 def test_a_worker_that_cannot_start_says_why(logic, standin):

@@ -20,7 +20,7 @@ def cmake_list(name: str) -> list[str]:
 
 
 def test_terminology_file_is_the_label_table_terminology():
-    shipped = json.loads((REPO_ROOT / "Resources" / "SCDLSegment.term.json").read_text(encoding="utf-8"))
+    shipped = json.loads((MODULE_DIR / "Resources" / "SCDLSegment.term.json").read_text(encoding="utf-8"))
     assert shipped == SYNAPSE13.slicer_terminology()
 
 
