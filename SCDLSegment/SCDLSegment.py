@@ -559,13 +559,22 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(outcome.error, windowTitle=_("Fine-tune"))
             return
         self.ui.finetuneProgressBar.setValue(100)
-        self.ui.finetuneStatusLabel.setText(_("New model {model} selected.").format(model=outcome.model))
-        rows = progress.dice_rows(outcome.before, outcome.after, self.logic.labelTable(self._parameters().model))
+        parent = self._parameters().model
+        rows = progress.dice_rows(outcome.before, outcome.after, self.logic.labelTable(parent))
         self.ui.diceTable.setRowCount(len(rows))
         for row, cells in enumerate(rows):
             for column, text in enumerate(cells):
                 self.ui.diceTable.setItem(row, column, qt.QTableWidgetItem(text))
-        self.refreshModels(select=outcome.model)
+        # A version that did not beat its parent is never selected silently.
+        question = _("{verdict}\n\nUse the new version {model} anyway?").format(verdict=outcome.verdict, model=outcome.model)
+        if outcome.better or slicer.util.confirmYesNoDisplay(question, windowTitle=_("Fine-tune")):
+            self.ui.finetuneStatusLabel.setText(_("New model {model} selected.").format(model=outcome.model) +
+                                                (f" {outcome.verdict}" if outcome.verdict else ""))
+            self.refreshModels(select=outcome.model)
+        else:
+            self.ui.finetuneStatusLabel.setText(
+                _("{model} was registered; {parent} stays selected.").format(model=outcome.model, parent=parent))
+            self.refreshModels(select=parent)
 
     # ---------------------------------------------------------------- setup
 

@@ -20,7 +20,7 @@ import pytest
 
 from scdlcore.bundle import ModelRegistry, load_bundle, save_bundle
 from scdlcore.dataset import DatasetStore
-from scdlcore.finetune import finetune
+from scdlcore.finetune import compare_to_parent, finetune
 from scdlcore.labels import SYNAPSE13
 from scdl_test_support import threshold_vnet
 
@@ -57,6 +57,19 @@ def test_finetune_registers_a_new_version_naming_its_parent(store, registry, tmp
     assert set(child.metrics["before_dice"]) == set(child.metrics["after_dice"]) == {"liver", "spleen"}
     assert all(0.0 <= v <= 1.0 for v in [*child.metrics["before_dice"].values(), *child.metrics["after_dice"].values()])
     assert registry.info("threshold").ref == "threshold@2", "the new version is the latest"
+    assert result.verdict == compare_to_parent(result.before, result.after, "training cases")
+
+
+def test_the_verdict_says_whether_the_new_version_beat_its_parent():
+    better = compare_to_parent({"liver": 0.80, "spleen": 0.60}, {"liver": 0.90, "spleen": 0.65}, "training cases")
+    assert better.better and better.worse == {}
+    assert better.summary == "Better than its parent: mean Dice 0.700 -> 0.775 on the training cases."
+    kept = compare_to_parent({"liver": 0.80}, {"liver": 0.80}, "held-out reviewed case c3")
+    assert not kept.better and "keeps the parent's weights" in kept.summary
+    mixed = compare_to_parent({"liver": 0.50, "spleen": 0.80}, {"liver": 0.90, "spleen": 0.70}, "training cases")
+    assert not mixed.better and mixed.worse == {"spleen": [0.8, 0.7]}
+    assert mixed.summary.endswith("but worse on spleen 0.800 -> 0.700.")
+    assert not compare_to_parent({}, {}, "training cases").better
 
 
 def test_recorded_before_and_after_dice_are_what_segment_and_evaluate_measure(store, registry, tmp_path):

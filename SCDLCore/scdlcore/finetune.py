@@ -27,12 +27,56 @@ from .dataset import load_dataset
 from .labels import LabelTable, differences_text
 from .train import Trainer, finished_run, holds_run
 
-__all__ = ["FinetuneResult", "bundle_weights_for_base", "check_same_labels", "default_run_folder", "finetune",
-           "finetune_config"]
+__all__ = ["FinetuneResult", "Verdict", "bundle_weights_for_base", "check_same_labels", "compare_to_parent",
+           "default_run_folder", "finetune", "finetune_config"]
 
 MIN_CASES_TO_HOLD_OUT = 3
+#: An organ whose validation Dice fell by more than this is named as worse than in the parent.
+WORSE_BY = 0.01
 #: The base a fine-tune trains with, by the parent's base: the annotation loop is semi-supervised.
 FINETUNE_BASE = {"supervised": "cps"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The new version against its parent on the validation cases.
+
+    Attributes:
+        better: the mean Dice rose and no organ fell by more than :data:`WORSE_BY`.
+        mean_before, mean_after: mean Dice over the organs validated (None when nothing was validated).
+        worse: ``{organ: [before, after]}`` for the organs that fell by more than :data:`WORSE_BY`.
+        summary: one sentence for people.
+    """
+
+    better: bool
+    mean_before: float | None
+    mean_after: float | None
+    worse: dict[str, list[float]]
+    summary: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"better": self.better, "mean_before": self.mean_before, "mean_after": self.mean_after,
+                "worse": self.worse, "summary": self.summary}
+
+
+def compare_to_parent(before: dict[str, float], after: dict[str, float], validation: str) -> Verdict:
+    """Say whether the fine-tuned weights beat the parent's on ``validation`` (e.g. "held-out reviewed case X")."""
+    organs = sorted(set(before) & set(after))
+    if not organs:
+        return Verdict(False, None, None, {}, "Nothing was validated, so it is unknown whether the new version is better.")
+    mean_before = sum(before[o] for o in organs) / len(organs)
+    mean_after = sum(after[o] for o in organs) / len(organs)
+    worse = {o: [round(before[o], 4), round(after[o], 4)] for o in organs if after[o] < before[o] - WORSE_BY}
+    better = mean_after > mean_before and not worse
+    change = f"mean Dice {mean_before:.3f} -> {mean_after:.3f} on the {validation}"
+    if better:
+        summary = f"Better than its parent: {change}."
+    elif mean_after <= mean_before:
+        summary = f"Not better than its parent ({change}): the new version keeps the parent's weights."
+    else:
+        fell = ", ".join(f"{o} {b:.3f} -> {a:.3f}" for o, (b, a) in worse.items())
+        summary = f"Better on average ({change}) but worse on {fell}."
+    return Verdict(better, round(mean_before, 4), round(mean_after, 4), worse, summary)
 
 
 @dataclass
@@ -44,6 +88,7 @@ class FinetuneResult:
     before: dict[str, float]
     after: dict[str, float]
     output: Path
+    verdict: Verdict | None = None
 
 
 def finetune_config(bundle: ModelBundle, dataset_dir: Path, *, steps: int, device: str, rehearsal: str = "",
@@ -156,6 +201,7 @@ def finetune(
     after = next((h["dice"] for h in validations if h["step"] == result.best_step), before)
     if result.status != "completed" or result.bundle is None:
         return FinetuneResult(result.status, None, before, after, output)
+    verdict = compare_to_parent(before, after, _validation_text(config))
     _record_lineage(result.bundle, trainer, before, after, config, lineage)
     try:
         registered = registry.register(result.bundle)
@@ -165,18 +211,22 @@ def finetune(
     if json_events:
         from .events import Progress
 
-        Progress(0, "finetune", json_lines=True).emit("result", model=registered.ref, before=before, after=after)
-    return FinetuneResult("completed", registered.ref, before, after, output)
+        Progress(0, "finetune", json_lines=True).emit("result", model=registered.ref, before=before, after=after,
+                                                       verdict=verdict.to_dict())
+    return FinetuneResult("completed", registered.ref, before, after, output, verdict)
+
+
+def _validation_text(config: Config) -> str:
+    held_out = config.data.val_cases
+    return f"held-out reviewed case {held_out[0]}" if held_out else "training cases"
 
 
 def _record_lineage(bundle_dir: Path, trainer: Trainer, before: dict, after: dict, config: Config,
                     lineage: dict[str, Any]) -> None:
     """Write the exported bundle's lineage and metrics (before/after Dice, what was validated on)."""
     exported = load_bundle(bundle_dir)
-    held_out = config.data.val_cases
     update_bundle_metadata(
         bundle_dir,
         lineage={**exported.lineage, **lineage, "data_fingerprint": trainer.data_fingerprint, "steps": trainer.step},
-        metrics={**exported.metrics, "before_dice": before, "after_dice": after,
-                 "validation": f"held-out reviewed case {held_out[0]}" if held_out else "training cases"},
+        metrics={**exported.metrics, "before_dice": before, "after_dice": after, "validation": _validation_text(config)},
     )

@@ -94,6 +94,8 @@ class FinetuneOutcome:
         model: the new model version (``name@version``), or None.
         before: Dice per organ of the starting model on the reviewed cases.
         after: Dice per organ of the new model.
+        better: the engine's verdict: the new version beat its parent on the validation cases.
+        verdict: the verdict in one sentence.
         error: a message for people when it failed.
         cancelled: the run was cancelled; nothing was registered.
     """
@@ -101,6 +103,8 @@ class FinetuneOutcome:
     model: str | None = None
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    better: bool = False
+    verdict: str = ""
     error: str | None = None
     cancelled: bool = False
 
@@ -144,4 +148,6 @@ class FinetuneJob(_ChildJob):
         if error is not None:
             return FinetuneOutcome(error=error)
         result = self._result
-        return FinetuneOutcome(str(result["model"]), dict(result.get("before") or {}), dict(result.get("after") or {}))
+        verdict = result.get("verdict") or {}
+        return FinetuneOutcome(str(result["model"]), dict(result.get("before") or {}), dict(result.get("after") or {}),
+                               bool(verdict.get("better")), str(verdict.get("summary") or ""))

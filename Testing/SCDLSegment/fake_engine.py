@@ -231,8 +231,12 @@ def finetune(args: argparse.Namespace) -> int:
     entries.append({"name": name, "version": version, "ref": f"{name}@{version}", "builtin": False,
                     "lineage": {"parent": args.model, "steps": args.steps}, "metrics": {"mean_dice": 0.85}})
     write_registry(entries)
+    worse = bool(os.environ.get("FAKE_ENGINE_FINETUNE_WORSE"))  # a run that did not beat its parent
+    verdict = {"better": not worse, "summary": "Not better than its parent (mean Dice 0.650 -> 0.650 on the training "
+               "cases): the new version keeps the parent's weights." if worse else
+               "Better than its parent: mean Dice 0.650 -> 0.850 on the training cases."}
     emit({"event": "result", "model": f"{name}@{version}", "before": {"liver": 0.7, "spleen": 0.6},
-          "after": {"liver": 0.9, "spleen": 0.8}})
+          "after": {"liver": 0.7, "spleen": 0.6} if worse else {"liver": 0.9, "spleen": 0.8}, "verdict": verdict})
     return 0
 
 

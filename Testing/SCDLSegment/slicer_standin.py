@@ -99,6 +99,10 @@ def make_util(standin: SlicerStandIn) -> types.ModuleType:
         recorder.confirmations.append(text)
         return recorder.confirm_answer
 
+    def confirmYesNoDisplay(text, windowTitle=None, parent=None, **kwargs):
+        recorder.confirmations.append(text)
+        return recorder.confirm_answer
+
     def pip_install(requirements):
         recorder.pip_install.append(requirements)
 
@@ -111,6 +115,7 @@ def make_util(standin: SlicerStandIn) -> types.ModuleType:
     util.childWidgetVariables = childWidgetVariables
     util.errorDisplay = errorDisplay
     util.confirmOkCancelDisplay = confirmOkCancelDisplay
+    util.confirmYesNoDisplay = confirmYesNoDisplay
     util.pip_install = pip_install
     util.delayDisplay = lambda message, autoCloseMsec=1000, parent=None, **kwargs: None
     return util

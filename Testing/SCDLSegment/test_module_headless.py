@@ -463,7 +463,9 @@ def test_panel_submit_then_finetune_selects_the_new_model(widget, standin):
     assert ui.finetuneButton.text == "Cancel fine-tuning"
     pump(widget)
     assert ui.finetuneButton.text == "Start fine-tuning"
-    assert ui.finetuneStatusLabel.text == "New model starter@2 selected."
+    assert ui.finetuneStatusLabel.text == ("New model starter@2 selected. Better than its parent: mean Dice 0.650 -> "
+                                           "0.850 on the training cases.")
+    assert standin.recorder.confirmations == []  # a better version is selected without asking
     assert ui.validationLabel.text.startswith("Validation at step 2: mean Dice 0.850")
     assert ui.diceTable.rowCount == 2
     assert ui.diceTable.cells[0, 0] == "Spleen" and ui.diceTable.cells[1, 3] == "+0.200"
@@ -632,3 +634,27 @@ def test_the_self_test_skips_with_a_message_without_the_dependencies(module, mon
     test = module.SCDLSegmentTest("test_SCDLSegment_loop")
     with pytest.raises(unittest.SkipTest, match="install the dependencies first .*torch>=2.4"):
         test.test_SCDLSegment_loop()
+
+
+@pytest.mark.parametrize("answer", [False, True])
+def test_panel_asks_before_selecting_a_version_that_did_not_beat_its_parent(widget, standin, answer):
+    ui = widget.ui
+    standin.environment["FAKE_ENGINE_FINETUNE_WORSE"] = "1"
+    standin.recorder.confirm_answer = answer
+    ui.applyButton.clicked.emit()
+    pump(widget)
+    ui.reviewedOrgansList.item(SYNAPSE13.names.index("liver")).setCheckState(2)
+    ui.submitButton.clicked.emit()
+    pump(widget)
+    widget._parameters().finetuneSteps = 2
+
+    ui.finetuneButton.clicked.emit()
+    pump(widget)
+
+    assert "Not better than its parent" in standin.recorder.confirmations[-1]
+    assert "Use the new version starter@2 anyway?" in standin.recorder.confirmations[-1]
+    if answer:
+        assert ui.modelComboBox.currentText == "starter@2"
+    else:
+        assert ui.finetuneStatusLabel.text == "starter@2 was registered; starter@1 stays selected."
+        assert ui.modelComboBox.currentText == "starter@1"

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"Cancelled; nothing registered. Continue with: scdl finetune ... --resume (run folder {result.output})")
         return 130
     if not args.events:
-        print(f"Registered {result.model}")
+        print(f"Registered {result.model}. {result.verdict.summary}")
         print(f"{'organ':32s} {'before':>7s} {'after':>7s}")
         for organ in sorted(set(result.before) | set(result.after)):
             b, a = result.before.get(organ), result.after.get(organ)
