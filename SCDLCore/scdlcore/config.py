@@ -204,7 +204,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU: fp32)
-    channels_last: bool = True  # channels_last_3d memory format on CUDA (the fast cuDNN kernels)
+    channels_last: bool = True  # channels_last_3d memory format: the fast cuDNN kernels on CUDA, oneDNN's on the CPU
     compile: bool = True  # torch.compile the networks (CUDA only; fuses norm/activation passes, ~1.3x)
     deterministic: bool = False  # deterministic cuDNN (the slow reference setting)
 

@@ -756,13 +756,15 @@ def _score_case(image: Volume, predictor: Predictor) -> tuple[str, float, dict[s
     """
     import torch
 
+    from .classes import class_argmax
+
     bundle = predictor.bundle
     prepared = predictor.preprocessing.prepare(image)  # the network input that `scdl segment` gives it
     body = torch.from_numpy(prepared.grid.array > _BODY_HU).to(predictor.device)
     x = torch.from_numpy(prepared.image())  # (D, H, W)
     probs = [predictor.sliding_window(x, networks=[net]) for net in predictor.networks[:2]]  # each (C, D, H, W)
     if len(probs) >= 2:
-        return "disagreement", *_disagreement(probs[0].argmax(0), probs[1].argmax(0), body, bundle.labels)
+        return "disagreement", *_disagreement(class_argmax(probs[0]), class_argmax(probs[1]), body, bundle.labels)
     return "entropy", *_entropy(probs[0], body, bundle.labels)
 
 
@@ -788,9 +790,11 @@ def _entropy(probs: torch.Tensor, body: torch.Tensor, table: LabelTable) -> tupl
     """Class probabilities (C, D, H, W) of one network; body (D, H, W) bool. Returns ``(score, organs, reason)``."""
     import torch
 
+    from .classes import class_argmax
+
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(0) / math.log(probs.shape[0])
     score = float(entropy[body].mean()) if bool(body.any()) else 0.0
-    predicted = probs.argmax(0)
+    predicted = class_argmax(probs)
     organs, total = {}, {}
     for index, name in enumerate(table.names, start=1):
         voxels = (predicted == index) & body

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .bundle import ModelBundle
+from .classes import class_argmax
 from .events import Progress
 from .io import Volume, read_image, write_label
 from .labels import LabelTable, value_counts
@@ -121,9 +122,9 @@ class Predictor:
         self.amp = amp and cuda
         count = 1 if ensemble == "first" else None
         self.networks = list(networks)[:count] if networks is not None else bundle.build_networks(self.device, count=count)
+        # Channels-last-3d unlocks the fast 3D convolution kernels: cuDNN's (PERFORMANCE.md) and oneDNN's on the CPU.
+        self.networks = [net.to(memory_format=torch.channels_last_3d) for net in self.networks]
         if cuda:
-            # Channels-last-3d unlocks the fast cuDNN kernels for 3D convolutions (PERFORMANCE.md).
-            self.networks = [net.to(memory_format=torch.channels_last_3d) for net in self.networks]
             torch.backends.cudnn.benchmark = True  # one patch shape: the tuned kernel is reused
         self._gaussian = _gaussian_map(bundle.patch_size, self.device)
 
@@ -232,8 +233,7 @@ class Predictor:
 
     def _forward(self, patches: torch.Tensor, networks: Sequence[torch.nn.Module]) -> torch.Tensor:
         """Gaussian-weighted softmax of the averaged ``networks``: (B, 1, d, h, w) -> (B, C, d, h, w) float32."""
-        if self.device.type == "cuda":
-            patches = patches.contiguous(memory_format=torch.channels_last_3d)
+        patches = patches.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = sum(net(patches)[0].float() for net in networks) / len(networks)
         return torch.softmax(logits, dim=1) * self._gaussian
@@ -254,7 +254,7 @@ def keep_largest_components(probs: torch.Tensor) -> None:
             regions get probability 1 for background and 0 for the rest, so the interpolation to the input grid
             treats them as background throughout.
     """
-    classes = probs.argmax(0).cpu().numpy()
+    classes = class_argmax(probs).cpu().numpy()
     stray = np.zeros(classes.shape, dtype=bool)
     for c in np.unique(classes[classes > 0]):
         regions, count = scipy.ndimage.label(classes == c, structure=_NEIGHBOURS_26)
@@ -318,7 +318,7 @@ def _probs_to_grid(
     directly: a convex mix of probability vectors that all peak at class c peaks at c too, so this is
     exact, and only voxels near organ borders pay for the interpolation.
     """
-    classes = _argmax0(probs)
+    classes = class_argmax(probs)
     present = torch.unique(classes)
     if bool((lut[present] == 0).all()):
         return  # nothing (kept) was found
@@ -338,7 +338,7 @@ def _probs_to_grid(
         mixed = labels < 0
         count = int(mixed.sum())
         if 3 * count > mixed.numel():  # mostly borders (a noisy model): interpolating all of it is cheaper
-            labels = values[_argmax0(_interpolate_slab(probs, present, z_slab, y, x))]
+            labels = values[class_argmax(_interpolate_slab(probs, present, z_slab, y, x))]
         elif count:
             if table is None:  # gathering whole probability vectors per voxel needs them contiguous
                 table = probs.flatten(1).T.index_select(1, present)
@@ -410,17 +410,6 @@ def _interpolate_points(table: torch.Tensor, grid: Sequence[int], z: _Corners, y
     along_y_low = torch.lerp(along_z(y[0], x[0]), along_z(y[1], x[0]), y[2][:, None])
     along_y_high = torch.lerp(along_z(y[0], x[1]), along_z(y[1], x[1]), y[2][:, None])
     return torch.lerp(along_y_low, along_y_high, x[2][:, None])
-
-
-def _argmax0(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(0)`` (first maximum wins) as int64, by a pass per class: several times faster on CPU
-    than torch's strided reduction over the leading axis."""
-    best, index = x[0].clone(), torch.zeros(x.shape[1:], dtype=torch.int64, device=x.device)
-    for c in range(1, x.shape[0]):
-        better = x[c] > best
-        best = torch.maximum(best, x[c], out=best)
-        index.masked_fill_(better, c)
-    return index
 
 
 def _any_except(mask: torch.Tensor, axis: int) -> torch.Tensor:

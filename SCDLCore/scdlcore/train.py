@@ -259,8 +259,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not config.train.deterministic
             torch.backends.cudnn.deterministic = config.train.deterministic
-            if config.train.channels_last:
-                self.base.to(memory_format=torch.channels_last_3d)
+        if config.train.channels_last:
+            self.base.to(memory_format=torch.channels_last_3d)
         if config.train.compile and self.device.type == "cuda":
             for network in self.base.networks:
                 network.compile()
@@ -299,7 +299,7 @@ class Trainer:
         labels = torch.from_numpy(arrays["labels"]).to(self.device)
         valid = torch.from_numpy(arrays["valid"]).to(self.device)
         images, labels, valid = self.augmenter(images, labels, valid, self.step, torch.from_numpy(arrays["class_hu"]))
-        if self.device.type == "cuda" and self.config.train.channels_last:
+        if self.config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last_3d)
         batch = Batch(images, labels, None if bool(valid.all()) else valid)
         losses = optimisation_step(self.model, self.optimizer, batch, self.step / self.config.train.steps, amp=self._amp)

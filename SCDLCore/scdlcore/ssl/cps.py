@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..classes import class_argmax
 from ..scdl import SCDLModule
 from .base import Batch, SSLBase, sigmoid_rampup
 
@@ -42,7 +43,7 @@ class CPS(SSLBase):
     def training_losses(self, batch: Batch, progress: float) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         outputs = [network(batch.images) for network in self.networks]
-        pseudo = [logits.detach().argmax(dim=1) for logits, _ in outputs]
+        pseudo = [class_argmax(logits.detach(), dim=1) for logits, _ in outputs]
         supervised = sum(self.supervised_loss(logits, batch) for logits, _ in outputs)
         cross = self.pseudo_ce_loss(outputs[0][0], pseudo[1]) + self.pseudo_ce_loss(outputs[1][0], pseudo[0])
         scdl = sum(self.scdl_loss(index, feat, batch, progress, losses) for index, (_, feat) in enumerate(outputs))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..classes import class_argmax
 from ..scdl import SCDLModule
 from .base import Batch, SSLBase, sigmoid_rampup
 
@@ -56,7 +57,7 @@ class MeanTeacher(SSLBase):
         logits, feat = self.networks[0](batch.images)
         with torch.no_grad():
             noise = (torch.randn_like(batch.images) * self.noise_std).clamp(-2 * self.noise_std, 2 * self.noise_std)
-            pseudo = self.teacher(batch.images + noise)[0].argmax(dim=1)
+            pseudo = class_argmax(self.teacher(batch.images + noise)[0], dim=1)
         supervised = self.supervised_loss(logits, batch)
         consistency = self.dice_loss(logits, pseudo)
         scdl = self.scdl_loss(0, feat, batch, progress, losses)
