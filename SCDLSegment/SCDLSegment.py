@@ -87,7 +87,8 @@ class SCDLSegment(ScriptedLoadableModule):
             "<li><b>Review and submit</b>: fix segments in the embedded Segment Editor (its Undo, Ctrl+Z, "
             "restores the segments from before the result; the segmentation node stays, and the history starts "
             "anew when you pick another CT), tick the organs you checked, click Submit.</li>"
-            "<li><b>Fine-tune</b>: train a new model version on the submitted cases; it is selected when done.</li></ol>"
+            "<li><b>Fine-tune</b>: train a new model version on the submitted cases; it is selected when it beats "
+            "its parent on the validation cases, else you are asked first.</li></ol>"
             "Install the dependencies once under <i>Setup and advanced</i>."
         )
         self.parent.acknowledgementText = _(
