@@ -1118,20 +1118,9 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             ValueError: the label map is not on the volume's grid, or the segmentation's segments are not
                 binary labelmaps; nothing was changed.
         """
-        scene = slicer.mrmlScene
-        with segmentations.result_labelmap(scene, labelPath, volumeNode) as labelNode:
-            segmentations.check_same_grid(labelNode, volumeNode, f"The engine's label map {Path(labelPath).name}")
-            created = segmentationNode is None
-            if created:
-                segmentationNode = segmentations.new_segmentation(scene, volumeNode, f"{volumeNode.GetName()} segmentation")
-            try:
-                self._ensureTerminology(table)
-                segmentations.import_result(labelNode, volumeNode, segmentationNode, table, organs, beforeModify)
-            except BaseException:
-                if created:
-                    scene.RemoveNode(segmentationNode)
-                raise
-        return segmentationNode
+        self._ensureTerminology(table)
+        with segmentations.result_labelmap(slicer.mrmlScene, labelPath, volumeNode) as labelNode:
+            return segmentations.import_result(labelNode, volumeNode, segmentationNode, table, organs, beforeModify)
 
     def _ensureTerminology(self, table: LabelTable) -> None:
         """Load the table's terminology context once, so Slicer shows the organs' standard codes (the built-in

@@ -10,8 +10,8 @@ __all__ = ["class_argmax"]
 def class_argmax(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``scores.argmax(dim)`` (first maximum wins) as int64, by one pass per class.
 
-    torch's strided reduction over a class axis that is not the last one is slow on the CPU (about 3x
-    slower than this for (2, 14, 48, 48, 48) scores on one thread); the passes are plain elementwise work.
+    torch's strided reduction over a class axis that is not the last one is slow on the CPU; the passes are
+    plain elementwise work (Testing/Benchmarks/results/train_step_cpu.md measures the training step with them).
 
     Args:
         scores: class scores (logits or probabilities), classes along ``dim``, e.g. (B, C, D, H, W) with ``dim=1``.

@@ -28,7 +28,6 @@ __all__ = [
     "existing_segments",
     "export_labels",
     "import_result",
-    "new_segmentation",
     "result_labelmap",
 ]
 
@@ -109,13 +108,13 @@ def check_editable(segmentationNode) -> None:
     )
 
 
-def new_segmentation(scene, volumeNode, name: str):
-    """A new segmentation for the volume's result: under the volume's transform, geometry from the volume.
+def _new_segmentation(volumeNode):
+    """A new segmentation for the volume's result, named after it: under the volume's transform, geometry from it.
 
     The transform is set first: the segmentation converts the reference geometry into its own
     frame when the geometry is set.
     """
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node = volumeNode.GetScene().AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} segmentation")
     node.CreateDefaultDisplayNodes()
     node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
     node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -129,29 +128,37 @@ def import_result(
     table: LabelTable,
     organs: list[str] | None = None,
     beforeModify: Callable[[Any, Any], None] | None = None,
-) -> None:
+):
     """Write the engine's label map into one segment per organ, in one import (one shared labelmap layer).
 
     Segments from an earlier run (found by ``labelmap.ORGAN_TAG``) are overwritten in place, an organ
-    the result lacks is emptied, the user's own segments are kept; the segmentation keeps its
+    the result lacks is emptied, the user's own segments are kept; a given segmentation keeps its
     transform. ``beforeModify(segmentationNode, volumeNode)`` runs once, after every check and before
     any segment changes (the panel saves its undo state there).
 
     Args:
         labelNode: the label map on the volume's grid (see :func:`result_labelmap`); its voxels are renumbered.
         volumeNode: the CT it was computed from.
-        segmentationNode: where the organs go.
+        segmentationNode: where the organs go; None = a new segmentation named after the volume, made once
+            the checks passed.
         table: the model's label table (values, names, colors, terminology).
         organs: machine names of the organs the result holds; None = every organ of the table.
         beforeModify: called once right before the first change.
 
+    Returns:
+        The segmentation node.
+
     Raises:
-        ValueError: another grid than the volume's, segments in another representation, an unknown organ.
+        ValueError: another grid than the volume's, segments in another representation, an unknown organ;
+            nothing was changed.
         RuntimeError: Slicer refused the import.
     """
     check_same_grid(labelNode, volumeNode, f"The engine's label map {labelNode.GetName()!r}")
-    check_editable(segmentationNode)
-    plan = labelmap.plan_result_segments(table, existing_segments(segmentationNode), organs)
+    if segmentationNode is not None:
+        check_editable(segmentationNode)
+    plan = labelmap.plan_result_segments(table, [] if segmentationNode is None else existing_segments(segmentationNode), organs)
+    if segmentationNode is None:  # made only once every check passed
+        segmentationNode = _new_segmentation(volumeNode)
     if beforeModify is not None:
         beforeModify(segmentationNode, volumeNode)
     segmentation = segmentationNode.GetSegmentation()
@@ -176,6 +183,7 @@ def import_result(
             labelNode, segmentationNode.GetParentTransformNode())
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segmentationNode, segmentIds):
             raise RuntimeError(f"Slicer could not import the organs into {segmentationNode.GetName()!r}; see the log.")
+    return segmentationNode
 
 
 def existing_segments(segmentationNode) -> list[labelmap.ExistingSegment]:

@@ -68,7 +68,7 @@ def make_util(standin: SlicerStandIn) -> types.ModuleType:
     (IO manager, dialogs, pip, temporary folders, .ui files)."""
     util = types.ModuleType("slicer.util")
     util.__dict__.update({name: value for name, value in vars(real_util).items() if not name.startswith("__")})
-    scene, recorder = standin.scene, standin.recorder
+    recorder = standin.recorder
 
     def tempDirectory(key="__SlicerTemp__", tempDir=None, includeDateTime=True):
         folder = standin.temp_root / f"{key}-{next(standin.temp_numbers)}"
@@ -463,12 +463,6 @@ class EffectFactory:
             slot(name)
 
 
-def _ijk_to_ras(volume):
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    return matrix
-
-
 class DictSettings:
     def __init__(self) -> None:
         self.values: dict[str, Any] = {}
@@ -547,12 +541,6 @@ class SlicerStandIn:
 
     # ------------------------------------------------------------- helpers for the tests (real MRML)
 
-    def add_volume(self, name: str, array: np.ndarray, ijk_to_ras: np.ndarray, class_name="vtkMRMLScalarVolumeNode"):
-        node = self.scene.AddNewNodeByClass(class_name, name)
-        node.SetIJKToRASMatrix(real_util.vtkMatrixFromArray(np.asarray(ijk_to_ras, dtype=float)))
-        real_util.updateVolumeFromArray(node, np.ascontiguousarray(array))
-        return node
-
     def read_volume(self, filename, class_name="vtkMRMLScalarVolumeNode"):
         """A volume file read by Slicer's storage node into a new node named after the file."""
         node = self.scene.AddNewNodeByClass(class_name, Path(filename).name.split(".")[0])
@@ -567,23 +555,11 @@ class SlicerStandIn:
     def array(volume) -> np.ndarray:
         return real_util.arrayFromVolume(volume)
 
-    @staticmethod
-    def ijk_to_ras(volume) -> np.ndarray:
-        return real_util.arrayFromVTKMatrix(_ijk_to_ras(volume))
-
     def segment_mask(self, segmentation, segment_id: str, volume) -> np.ndarray:
         """A segment on the volume's grid, through Slicer's own export."""
         from SCDLSegmentLib.segmentations import _segment_mask
 
         return _segment_mask(segmentation, segment_id, volume)
-
-    def set_segment(self, segmentation, segment_id: str, mask: np.ndarray, volume) -> None:
-        """Paint a segment from a mask on the volume's grid, through Slicer's own import."""
-        label = self.add_volume("painted", mask.astype(np.uint8), self.ijk_to_ras(volume), "vtkMRMLLabelMapVolumeNode")
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
-        assert real_slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, segmentation, ids)
-        self.scene.RemoveNode(label)
 
     def loaded_terminologies(self) -> list[str]:
         names = vtk.vtkStringArray()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from scdlsegment_testing import MODULE_DIR, real_scene
+from scdlsegment_testing import MODULE_DIR, add_volume, paint_segment, real_scene
 from scdlcore.io import read_label_map
 from scdlcore.labels import SYNAPSE13
 from SCDLSegmentLib import labelmap, segmentations
@@ -23,11 +23,8 @@ def scene():
     return real_scene()
 
 
-def add_volume(scene, array, class_name="vtkMRMLScalarVolumeNode", name="CT", ijk_to_ras=IJK_TO_RAS):
-    node = scene.AddNewNodeByClass(class_name, name)
-    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras))
-    slicer.util.updateVolumeFromArray(node, array)
-    return node
+def add_ct(scene):
+    return add_volume(scene, np.zeros(SHAPE, np.int16), IJK_TO_RAS)
 
 
 def result_labels() -> np.ndarray:
@@ -40,7 +37,7 @@ def result_labels() -> np.ndarray:
 
 def write_result(scene, path, labels, ijk_to_ras=IJK_TO_RAS):
     """The engine's output file, written by Slicer's own volume storage node."""
-    node = add_volume(scene, labels, "vtkMRMLLabelMapVolumeNode", "engine output", ijk_to_ras)
+    node = add_volume(scene, labels, ijk_to_ras, "engine output", "vtkMRMLLabelMapVolumeNode")
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     assert storage.WriteData(node)
@@ -57,10 +54,8 @@ def add_translation(scene, offset):
 
 def segment_result(scene, tmp_path, ct, segmentation=None, labels=None, **kwargs):
     path = write_result(scene, tmp_path / "labels.nrrd", result_labels() if labels is None else labels)
-    segmentation = segmentation or segmentations.new_segmentation(scene, ct, "CT segmentation")
     with segmentations.result_labelmap(scene, path, ct) as labelNode:
-        segmentations.import_result(labelNode, ct, segmentation, SYNAPSE13, **kwargs)
-    return segmentation
+        return segmentations.import_result(labelNode, ct, segmentation, SYNAPSE13, **kwargs)
 
 
 def mask(segmentation, ct, display_name):
@@ -79,16 +74,12 @@ def user_segment(segmentation, ct):
     segmentId = segmentation.GetSegmentation().AddEmptySegment("note", "My note", [1.0, 1.0, 0.0])
     note = np.zeros(SHAPE, dtype=np.uint8)
     note[0, 0, :3] = 1
-    labelNode = add_volume(segmentation.GetScene(), note, "vtkMRMLLabelMapVolumeNode", "note")
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segmentId)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation, ids)
-    segmentation.GetScene().RemoveNode(labelNode)
+    paint_segment(segmentation, segmentId, note, ct)
     return segmentId, note
 
 
 def test_each_organ_becomes_one_tagged_segment_with_name_color_and_terminology_in_one_shared_layer(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     segmentation = segment_result(scene, tmp_path, ct)
 
     found = {segment.name: segment for segment in segmentations.existing_segments(segmentation)}
@@ -104,7 +95,7 @@ def test_each_organ_becomes_one_tagged_segment_with_name_color_and_terminology_i
 
 
 def test_the_temporary_label_map_leaves_no_node_behind(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     before = scene.GetNumberOfNodes()
     segment_result(scene, tmp_path, ct)
     added = [scene.GetNthNode(index).GetClassName() for index in range(before, scene.GetNumberOfNodes())]
@@ -113,7 +104,7 @@ def test_the_temporary_label_map_leaves_no_node_behind(scene, tmp_path):
 
 
 def test_an_unreadable_result_file_is_a_clear_error(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     broken = tmp_path / "labels.nrrd"
     broken.write_text("not a volume")
     with pytest.raises(ValueError, match="labels.nrrd could not be read"), segmentations.result_labelmap(scene, broken, ct):
@@ -121,8 +112,8 @@ def test_an_unreadable_result_file_is_a_clear_error(scene, tmp_path):
 
 
 def test_a_second_run_overwrites_its_segments_in_place_and_keeps_the_users(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
-    segmentation = segmentations.new_segmentation(scene, ct, "review")
+    ct = add_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "review")
     noteId, note = user_segment(segmentation, ct)
     segment_result(scene, tmp_path, ct, segmentation)
     ids = [segment.segment_id for segment in segmentations.existing_segments(segmentation)]
@@ -137,14 +128,14 @@ def test_a_second_run_overwrites_its_segments_in_place_and_keeps_the_users(scene
 
 
 def test_only_the_requested_organs_are_written(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     segmentation = segment_result(scene, tmp_path, ct, organs=["liver"])
     assert [segment.organ for segment in segmentations.existing_segments(segmentation)] == ["liver"]
     np.testing.assert_array_equal(mask(segmentation, ct, "Liver"), (result_labels() == LIVER).astype(np.uint8))
 
 
 def test_a_new_segmentation_of_a_transformed_ct_gets_the_cts_grid_not_a_shifted_one(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     ct.SetAndObserveTransformNodeID(add_translation(scene, (50.0, 0.0, 0.0)).GetID())
     segmentation = segment_result(scene, tmp_path, ct)
 
@@ -155,7 +146,7 @@ def test_a_new_segmentation_of_a_transformed_ct_gets_the_cts_grid_not_a_shifted_
 
 def test_a_users_segmentation_keeps_its_own_transform_and_the_organs_land_on_the_ct(scene, tmp_path):
     """Offsets of whole voxels (70 x 0.7 mm, 40 x 0.8 mm): between two transforms Slicer moves an image by whole voxels."""
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     ct.SetAndObserveTransformNodeID(add_translation(scene, (49.0, 0.0, 0.0)).GetID())
     users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "review")
     users.SetAndObserveTransformNodeID(add_translation(scene, (0.0, -32.0, 0.0)).GetID())
@@ -166,7 +157,7 @@ def test_a_users_segmentation_keeps_its_own_transform_and_the_organs_land_on_the
 
 
 def test_a_segmentation_of_closed_surfaces_is_refused_before_anything_changes(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     surfaces = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "surfaces")
     surfaces.GetSegmentation().SetSourceRepresentationName("Closed surface")
     sphere = vtk.vtkSphereSource()
@@ -183,7 +174,7 @@ def test_a_segmentation_of_closed_surfaces_is_refused_before_anything_changes(sc
 
 
 def test_an_empty_segmentation_of_another_representation_is_switched_and_filled(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     empty.GetSegmentation().SetSourceRepresentationName("Closed surface")
     segment_result(scene, tmp_path, ct, empty)
@@ -191,21 +182,20 @@ def test_an_empty_segmentation_of_another_representation_is_switched_and_filled(
 
 
 def test_a_result_on_another_grid_is_refused(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     shifted = IJK_TO_RAS.copy()
     shifted[0, 3] += 1.0
     path = write_result(scene, tmp_path / "labels.nrrd", result_labels(), shifted)
-    segmentation = segmentations.new_segmentation(scene, ct, "s")
     with segmentations.result_labelmap(scene, path, ct) as labelNode, \
             pytest.raises(ValueError, match="labels.nrrd' is not on the grid of the volume 'CT'"):
-        segmentations.import_result(labelNode, ct, segmentation, SYNAPSE13)
-    assert segmentation.GetSegmentation().GetNumberOfSegments() == 0
+        segmentations.import_result(labelNode, ct, None, SYNAPSE13)
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0  # no segmentation was made
 
 
 def test_undo_restores_the_segments_from_before_the_result(scene, tmp_path):
     """What the panel's Undo does: the editor's history (vtkSegmentationHistory) saved in beforeModify."""
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
-    segmentation = segmentations.new_segmentation(scene, ct, "review")
+    ct = add_ct(scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "review")
     noteId, note = user_segment(segmentation, ct)
     history = slicer.vtkSegmentationHistory()
     history.SetSegmentation(segmentation.GetSegmentation())
@@ -219,7 +209,7 @@ def test_undo_restores_the_segments_from_before_the_result(scene, tmp_path):
 
 
 def test_export_gives_the_fixed_values_on_the_ct_grid_through_transforms(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     ct.SetAndObserveTransformNodeID(add_translation(scene, (50.0, 0.0, 0.0)).GetID())
     segmentation = segment_result(scene, tmp_path, ct)
     tagged = {segment.organ: segment.segment_id for segment in segmentations.existing_segments(segmentation)}
@@ -227,11 +217,7 @@ def test_export_gives_the_fixed_values_on_the_ct_grid_through_transforms(scene, 
     painted = segmentation.GetSegmentation().AddEmptySegment("", "stomach", [0.5, 0.5, 0.5])  # ...and painted one
     stomach = np.zeros(SHAPE, dtype=np.uint8)
     stomach[0, 5:7, 0:2] = 1
-    labelNode = add_volume(scene, stomach, "vtkMRMLLabelMapVolumeNode", "painted")
-    labelNode.SetAndObserveTransformNodeID(ct.GetTransformNodeID())
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(painted)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentation, ids)
+    paint_segment(segmentation, painted, stomach, ct)
 
     labels, overlap = segmentations.export_labels(segmentation, ct, SYNAPSE13)
 
@@ -242,7 +228,7 @@ def test_export_gives_the_fixed_values_on_the_ct_grid_through_transforms(scene, 
 
 
 def test_a_seg_nrrd_written_by_slicer_reads_back_in_the_engine_with_the_tables_values(scene, tmp_path):
-    ct = add_volume(scene, np.zeros(SHAPE, np.int16))
+    ct = add_ct(scene)
     segmentation = segment_result(scene, tmp_path, ct)
     path = tmp_path / "case.seg.nrrd"
     storage = slicer.vtkMRMLSegmentationStorageNode()

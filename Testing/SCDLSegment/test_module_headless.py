@@ -18,7 +18,7 @@ from pathlib import Path
 import nrrd
 import numpy as np
 import pytest
-from scdlsegment_testing import wait_until
+from scdlsegment_testing import add_volume, paint_segment, wait_until
 from scdlcore.labels import SYNAPSE13
 from slicer_standin import SlicerStandIn
 from SCDLSegmentLib.dependencies import RequirementStatus
@@ -28,6 +28,7 @@ from SCDLSegmentLib.segmentations import existing_segments
 from SCDLSegmentLib.settings import Device
 
 LIVER, SPLEEN = 6, 1
+CT_IJK_TO_RAS = np.array([[-0.7, 0, 0, 40.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 100.0], [0, 0, 0, 1]])
 
 
 @pytest.fixture
@@ -54,8 +55,7 @@ def add_ct(standin, name="CT"):
     image = np.full((6, 7, 8), -1000, dtype=np.int16)
     image[1:4, 2:5, 1:4] = 200  # liver by the fake engine's rule
     image[2:5, 1:3, 5:7] = 100  # spleen
-    ijk_to_ras = np.array([[-0.7, 0, 0, 40.0], [0, 0.8, 0, -20.0], [0, 0, 2.5, 100.0], [0, 0, 0, 1]])
-    return standin.add_volume(name, image, ijk_to_ras)
+    return add_volume(standin.scene, image, CT_IJK_TO_RAS, name)
 
 
 def user_segmentation(standin, volume):
@@ -63,7 +63,7 @@ def user_segmentation(standin, volume):
     segment_id = node.GetSegmentation().AddEmptySegment("note", "My note", (1.0, 1.0, 0.0))
     note = np.zeros(standin.array(volume).shape, dtype=np.uint8)
     note[0, 0, :3] = 1
-    standin.set_segment(node, segment_id, note, volume)
+    paint_segment(node, segment_id, note, volume)
     return node, segment_id, note
 
 
@@ -219,15 +219,15 @@ def test_submitted_case_has_fixed_label_values_on_the_volume_grid(logic, module,
     segmentation.GetSegment(liver_id).SetName("Liver (edited)")  # renamed: still found by its tag
     corrected = standin.segment_mask(segmentation_node, liver_id, volume)
     corrected[0, 0, 0] = 1  # a correction
-    standin.set_segment(segmentation_node, liver_id, corrected, volume)
+    paint_segment(segmentation_node, liver_id, corrected, volume)
     tumour = segmentation.AddEmptySegment("tumour", "Tumour", (1, 0, 0))
-    standin.set_segment(segmentation_node, tumour, np.ones(corrected.shape, np.uint8), volume)  # not an organ
+    paint_segment(segmentation_node, tumour, np.ones(corrected.shape, np.uint8), volume)  # not an organ
     dataset = tmp_path / "dataset"
 
     result = logic.submitCase(volume, segmentation_node, ["spleen", "liver"], dataset, "starter", Device.CPU)
     other_image = standin.array(volume).copy()
     other_image[0, 0, 0] = 0  # another CT: one CT is one case
-    other = standin.add_volume("other CT", other_image, standin.ijk_to_ras(volume))
+    other = add_volume(standin.scene, other_image, CT_IJK_TO_RAS, "other CT")
     logic.submitCase(other, None, [], dataset, "starter", Device.CPU)
 
     assert result["case_id"] == "case001"

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from scdlsegment_testing import REPO_ROOT
+from scdlsegment_testing import REPO_ROOT, add_volume
 from slicer_standin import SlicerStandIn
 from SCDLSegmentLib.catalog import DatasetSummary
 from SCDLSegmentLib.engine import EngineCommand
@@ -47,7 +47,7 @@ def abdomen_like_ct(standin):
     image[6:14, 10:20, 10:24] = 60
     image[8:12, 24:30, 28:36] = 400
     ijk_to_ras = np.array([[-6.0, 0, 0, 100.0], [0, -6.0, 0, 80.0], [0, 0, 6.0, -50.0], [0, 0, 0, 1]])
-    return standin.add_volume("CT", image, ijk_to_ras)
+    return add_volume(standin.scene, image, ijk_to_ras)
 
 
 def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
