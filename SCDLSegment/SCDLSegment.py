@@ -37,6 +37,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
 from SCDLSegmentLib.settings import Device, Settings, find_scdlcore_root
 
 # The scdlcore package ships next to this file (installed extension) or in ../SCDLCore (source
@@ -273,7 +274,9 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.outputSegmentation = self.logic.segmentationFor(node.inputVolume) if node.inputVolume else None
         running = self.logic.segmentationRunning
         self.ui.applyButton.setEnabled(running or node.inputVolume is not None)
-        self.ui.applyButton.setToolTip(_("Cancel the segmentation") if running else _("Segment the organs of the input CT"))
+        self.ui.applyButton.setToolTip(
+            _("Cancel the segmentation") if running else _("Segment the organs of the input CT")
+        )
         self.ui.submitButton.setEnabled(node.inputVolume is not None and node.outputSegmentation is not None)
         self.ui.addUnlabeledButton.setEnabled(node.inputVolume is not None)
         if node.outputSegmentation is not None and node.inputVolume is not None:
@@ -481,9 +484,14 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.datasetStatusLabel.setText(_("The CT was not kept in the dataset (see the log)."))
             self.appendLog(f"Keeping the CT in the dataset failed: {collected['error']}")
             return
-        message = _("Kept in the dataset as {case} (unlabeled).") if collected.get("new") else \
-            _("Already in the dataset as {case} ({status}).")
-        self.ui.datasetStatusLabel.setText(message.format(case=collected.get("case_id", ""), status=collected.get("status", "")))
+        message = (
+            _("Kept in the dataset as {case} (unlabeled).")
+            if collected.get("new")
+            else _("Already in the dataset as {case} ({status}).")
+        )
+        self.ui.datasetStatusLabel.setText(
+            message.format(case=collected.get("case_id", ""), status=collected.get("status", ""))
+        )
         self.refreshDataset()
 
     def refreshDataset(self) -> None:
@@ -530,8 +538,12 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._dependenciesReady():
                 return
             self.logic.startFinetune(
-                self.logic.datasetDir(node), self._selectedModel(), node.finetuneSteps, node.device,
-                onEvent=self._onFinetuneEvent, onDone=self._onFinetuneDone,
+                self.logic.datasetDir(node),
+                self._selectedModel(),
+                node.finetuneSteps,
+                node.device,
+                onEvent=self._onFinetuneEvent,
+                onDone=self._onFinetuneDone,
             )
             self.ui.finetuneButton.setText(_("Cancel fine-tuning"))
             self.ui.finetuneProgressBar.setValue(0)
@@ -567,14 +579,19 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for column, text in enumerate(cells):
                 self.ui.diceTable.setItem(row, column, qt.QTableWidgetItem(text))
         # A version that did not beat its parent is never selected silently.
-        question = _("{verdict}\n\nUse the new version {model} anyway?").format(verdict=outcome.verdict, model=outcome.model)
+        question = _("{verdict}\n\nUse the new version {model} anyway?").format(
+            verdict=outcome.verdict, model=outcome.model
+        )
         if outcome.better or slicer.util.confirmYesNoDisplay(question, windowTitle=_("Fine-tune")):
-            self.ui.finetuneStatusLabel.setText(_("New model {model} selected.").format(model=outcome.model) +
-                                                (f" {outcome.verdict}" if outcome.verdict else ""))
+            self.ui.finetuneStatusLabel.setText(
+                _("New model {model} selected.").format(model=outcome.model)
+                + (f" {outcome.verdict}" if outcome.verdict else "")
+            )
             self.refreshModels(select=outcome.model)
         else:
             self.ui.finetuneStatusLabel.setText(
-                _("{model} was registered; {parent} stays selected.").format(model=outcome.model, parent=parent))
+                _("{model} was registered; {parent} stays selected.").format(model=outcome.model, parent=parent)
+            )
             self.refreshModels(select=parent)
 
     # ---------------------------------------------------------------- setup
@@ -595,7 +612,9 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.appendLog(status.describe())
         missing = dependencies.unsatisfied(statuses)
         self.ui.dependencyStatusLabel.setText(
-            _("Missing: {packages}").format(packages=", ".join(missing)) if missing else _("All dependencies installed.")
+            _("Missing: {packages}").format(packages=", ".join(missing))
+            if missing
+            else _("All dependencies installed.")
         )
         self.ui.installDependenciesButton.setEnabled(bool(missing))
 
@@ -622,8 +641,10 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = dependencies.unsatisfied(self.logic.checkDependencies())
         if not missing:
             return True
-        question = _("SCDL Segment needs these Python packages: {packages}.\n\nInstall them now? This can take "
-                     "several minutes (PyTorch is large).").format(packages=", ".join(missing))
+        question = _(
+            "SCDL Segment needs these Python packages: {packages}.\n\nInstall them now? This can take "
+            "several minutes (PyTorch is large)."
+        ).format(packages=", ".join(missing))
         if slicer.util.confirmOkCancelDisplay(question, windowTitle=_("Install dependencies")):
             with _ErrorDialog(_("Dependencies were not installed.")):
                 self._install(confirm=False)
@@ -756,8 +777,11 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
     def saveSettings(self, parameters: SCDLSegmentParameterNode) -> None:
         """Remember the panel's choices for the next session."""
         self.settings = Settings(
-            dataset_dir=parameters.datasetDir, model_dir=parameters.modelDir, model=parameters.model,
-            device=parameters.device, finetune_steps=parameters.finetuneSteps,
+            dataset_dir=parameters.datasetDir,
+            model_dir=parameters.modelDir,
+            model=parameters.model,
+            device=parameters.device,
+            finetune_steps=parameters.finetuneSteps,
             collect_unlabeled=parameters.collectUnlabeled,
         )
         self.settings.save(self._store)
@@ -775,8 +799,11 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         """The first segmentation whose reference geometry is ``volumeNode``, or None."""
         role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
         return next(
-            (node for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
-             if node.GetNodeReferenceID(role) == volumeNode.GetID()),
+            (
+                node
+                for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+                if node.GetNodeReferenceID(role) == volumeNode.GetID()
+            ),
             None,
         )
 
@@ -821,6 +848,17 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             self.poll()
             time.sleep(0.05)
 
+    def runBlocking(self, start: Callable[[Callable[..., None]], None], timeout_s: float) -> tuple:
+        """Start a job with a done-callback and wait for it (blocking: scripts and tests, never the panel).
+
+        Returns:
+            The arguments the job called its callback with.
+        """
+        calls: list[tuple] = []
+        start(lambda *args: calls.append(args))
+        self.waitFor(lambda: bool(calls), timeout_s)
+        return calls[0]
+
     def ensureWorker(self, model: str, device: Device) -> WorkerClient:
         """The running worker for this model and device; (re)started when either changed.
 
@@ -830,7 +868,12 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         engine = self.engine()
         args = engine.worker(model, device)
         self._noticeWorkerExit()
-        if self.worker is not None and self.worker.running and self.worker.args == args and self._workerModelDir == engine.model_dir:
+        if (
+            self.worker is not None
+            and self.worker.running
+            and self.worker.args == args
+            and self._workerModelDir == engine.model_dir
+        ):
             return self.worker
         if self.worker is not None and self.worker.running:
             if self.worker.pending:
@@ -865,12 +908,10 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
 
     def runCommand(self, args: list[str], timeout_s: float = 300.0) -> Any:
         """Blocking :meth:`startCommand`; returns the JSON document or raises RuntimeError."""
-        done: dict[str, Any] = {}
-        self.startCommand(args, lambda data, error: done.update(data=data, error=error))
-        self.waitFor(lambda: bool(done), timeout_s)
-        if done["error"]:
-            raise RuntimeError(done["error"])
-        return done["data"]
+        data, error = self.runBlocking(lambda done: self.startCommand(args, done), timeout_s)
+        if error:
+            raise RuntimeError(error)
+        return data
 
     def shutdown(self) -> None:
         """Stop every child process (Slicer is closing or the module is reloaded)."""
@@ -916,13 +957,17 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
                 self.models = [entry if known.ref == entry.ref else known for known in self.models]
             onDone(entry, error)
 
-        self.startCommand(self.engine().models_info(model), self._parsed(lambda data: catalog.parse_models([data])[0], done))
+        self.startCommand(
+            self.engine().models_info(model), self._parsed(lambda data: catalog.parse_models([data])[0], done)
+        )
 
     def startImportModel(self, path: str, onDone: Callable[[str | None, str | None], None]) -> None:
         """Copy a model bundle (for offline sites) into the registry; ``onDone(name@version, error)``."""
         self.startCommand(self.engine().models_import(path), self._parsed(_importedRef, onDone))
 
-    def startDatasetSummary(self, datasetDir: Path, onDone: Callable[[catalog.DatasetSummary | None, str | None], None]) -> None:
+    def startDatasetSummary(
+        self, datasetDir: Path, onDone: Callable[[catalog.DatasetSummary | None, str | None], None]
+    ) -> None:
         if not Path(datasetDir).is_dir():
             onDone(catalog.DatasetSummary(0, 0, 0), None)  # nothing submitted yet
             return
@@ -931,13 +976,20 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
     def datasetSummary(self, datasetDir: Path) -> catalog.DatasetSummary:
         return catalog.parse_dataset(self.runCommand(self.engine().dataset_list(datasetDir)))
 
-    def startSuggestCase(self, datasetDir: Path, model: str, device: Device,
-                         onDone: Callable[[catalog.Suggestion | None, str | None], None]) -> None:
+    def startSuggestCase(
+        self,
+        datasetDir: Path,
+        model: str,
+        device: Device,
+        onDone: Callable[[catalog.Suggestion | None, str | None], None],
+    ) -> None:
         """Ask the engine which unlabeled case to review next: ``model`` scores every unlabeled case on
         ``device`` (the networks' disagreement, or the softmax entropy) in a child process."""
         if not Path(datasetDir).is_dir():
             raise ValueError(f"The dataset folder {datasetDir} does not exist yet: add cases first.")
-        self.startCommand(self.engine().dataset_suggest(datasetDir, model, device), self._parsed(catalog.parse_suggestion, onDone))
+        self.startCommand(
+            self.engine().dataset_suggest(datasetDir, model, device), self._parsed(catalog.parse_suggestion, onDone)
+        )
 
     def startLoadSample(self, onDone: Callable[[Any, str | None], None], name: str = "ct_abdomen") -> None:
         """Fetch a public sample CT into the engine's cache (first time only) and load it."""
@@ -1019,8 +1071,14 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         if organs is not None:
             labelmap.reviewed_organs(table, organs)  # validates the names
         job = _SegmentationJob(
-            volumeNode, segmentationNode, table, organs, Path(slicer.util.tempDirectory("SCDLSegment")),
-            onProgress or (lambda stage, fraction: None), onDone or (lambda outcome: None), beforeModify,
+            volumeNode,
+            segmentationNode,
+            table,
+            organs,
+            Path(slicer.util.tempDirectory("SCDLSegment")),
+            onProgress or (lambda stage, fraction: None),
+            onDone or (lambda outcome: None),
+            beforeModify,
         )
         try:
             job.onProgress("export", 0.0)
@@ -1039,12 +1097,14 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             raise
         self._segmentation = job
 
-    def segment(self, volumeNode, model: str, device: Device, timeout_s: float = 1800.0, **kwargs) -> SegmentationOutcome:
+    def segment(
+        self, volumeNode, model: str, device: Device, timeout_s: float = 1800.0, **kwargs
+    ) -> SegmentationOutcome:
         """Blocking :meth:`startSegmentation`; returns the outcome (check its ``error``)."""
-        outcomes: list[SegmentationOutcome] = []
-        self.startSegmentation(volumeNode, model, device, onDone=outcomes.append, **kwargs)
-        self.waitFor(lambda: bool(outcomes), timeout_s)
-        return outcomes[0]
+        (outcome,) = self.runBlocking(
+            lambda done: self.startSegmentation(volumeNode, model, device, onDone=done, **kwargs), timeout_s
+        )
+        return outcome
 
     def cancelSegmentation(self) -> None:
         """Cancel the running segmentation; the worker is ended if it does not stop in time."""
@@ -1073,17 +1133,25 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         if job.cancelled:
             return SegmentationOutcome(table=job.table, cancelled=True)
         if not slicer.mrmlScene.IsNodePresent(job.volumeNode):
-            return SegmentationOutcome(table=job.table, error=(
-                f"The volume {job.volumeNode.GetName()!r} was removed from the scene while it was segmented; "
-                "nothing was imported."))
+            return SegmentationOutcome(
+                table=job.table,
+                error=(
+                    f"The volume {job.volumeNode.GetName()!r} was removed from the scene while it was segmented; "
+                    "nothing was imported."
+                ),
+            )
         if job.segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(job.segmentationNode):
             self.onLog("The segmentation chosen for the result was removed meanwhile; the result goes into a new one.")
             job.segmentationNode = None
         job.onProgress("import", 0.0)
         try:
             node = self.importLabelmap(
-                event.get("output") or job.folder / "labels.nrrd", job.volumeNode, job.segmentationNode, job.table,
-                job.organs, job.beforeModify,
+                event.get("output") or job.folder / "labels.nrrd",
+                job.volumeNode,
+                job.segmentationNode,
+                job.table,
+                job.organs,
+                job.beforeModify,
             )
         except _USER_ERRORS as err:
             return SegmentationOutcome(table=job.table, error=str(err))
@@ -1136,7 +1204,9 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- corrections
 
-    def exportCase(self, volumeNode, segmentationNode, folder: Path, table: LabelTable = SYNAPSE13) -> tuple[Path, Path | None]:
+    def exportCase(
+        self, volumeNode, segmentationNode, folder: Path, table: LabelTable = SYNAPSE13
+    ) -> tuple[Path, Path | None]:
         """Write the CT and (if given) its organ label map on the CT's grid with the table's fixed values.
 
         Returns:
@@ -1151,7 +1221,9 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             return imagePath, None
         labels, overlap = segmentations.export_labels(segmentationNode, volumeNode, table)
         if overlap:
-            self.onLog(f"{overlap} voxels belong to more than one organ; the organ later in the label table keeps them.")
+            self.onLog(
+                f"{overlap} voxels belong to more than one organ; the organ later in the label table keeps them."
+            )
         ijkToRas = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRas)
         labelNode = slicer.util.addVolumeFromArray(labels, ijkToRas, "SCDLSegment export", "vtkMRMLLabelMapVolumeNode")
@@ -1198,23 +1270,35 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
             imagePath, labelPath = self.exportCase(volumeNode, segmentationNode, folder, table)
             Path(datasetDir).mkdir(parents=True, exist_ok=True)
             self._anyWorker(model, device).request(
-                "add_case", handle, dataset=str(datasetDir), image=str(imagePath),
-                label=None if labelPath is None else str(labelPath), reviewed=reviewed,
+                "add_case",
+                handle,
+                dataset=str(datasetDir),
+                image=str(imagePath),
+                label=None if labelPath is None else str(labelPath),
+                reviewed=reviewed,
             )
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def submitCase(self, volumeNode, segmentationNode, reviewed: list[str], datasetDir: Path, model: str,
-                   device: Device, timeout_s: float = 300.0) -> dict:
+    def submitCase(
+        self,
+        volumeNode,
+        segmentationNode,
+        reviewed: list[str],
+        datasetDir: Path,
+        model: str,
+        device: Device,
+        timeout_s: float = 300.0,
+    ) -> dict:
         """Blocking :meth:`startSubmitCase`; returns the worker's result or raises RuntimeError."""
-        done: dict[str, Any] = {}
-        self.startSubmitCase(volumeNode, segmentationNode, reviewed, datasetDir, model, device,
-                             lambda result, error: done.update(result=result, error=error))
-        self.waitFor(lambda: bool(done), timeout_s)
-        if done["error"]:
-            raise RuntimeError(done["error"])
-        return done["result"]
+        result, error = self.runBlocking(
+            lambda done: self.startSubmitCase(volumeNode, segmentationNode, reviewed, datasetDir, model, device, done),
+            timeout_s,
+        )
+        if error:
+            raise RuntimeError(error)
+        return result
 
     # ---------------------------------------------------------------- fine-tune
 
@@ -1246,16 +1330,22 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         args = self.engine().finetune(datasetDir, model, steps, device)
         if device is not Device.CPU and self.worker is not None and self.worker.running and not self.worker.pending:
             self.worker.close()  # its model and cached GPU memory would compete with training on a small GPU
-            self.onLog("The SCDL engine was stopped to free the GPU for fine-tuning; the next segmentation restarts it.")
-        self._finetune = FinetuneJob(args, self._environment(), onEvent or (lambda event: None), done, self.onLog).start()
+            self.onLog(
+                "The SCDL engine was stopped to free the GPU for fine-tuning; the next segmentation restarts it."
+            )
+        self._finetune = FinetuneJob(
+            args, self._environment(), onEvent or (lambda event: None), done, self.onLog
+        ).start()
         self.onLog(f"Fine-tuning {model} for {steps} steps on {datasetDir} (device {device.value}).")
 
-    def finetune(self, datasetDir: Path, model: str, steps: int, device: Device, timeout_s: float = 3600.0) -> FinetuneOutcome:
+    def finetune(
+        self, datasetDir: Path, model: str, steps: int, device: Device, timeout_s: float = 3600.0
+    ) -> FinetuneOutcome:
         """Blocking :meth:`startFinetune`; returns the outcome (check its ``error``)."""
-        outcomes: list[FinetuneOutcome] = []
-        self.startFinetune(datasetDir, model, steps, device, onDone=outcomes.append)
-        self.waitFor(lambda: bool(outcomes), timeout_s)
-        return outcomes[0]
+        (outcome,) = self.runBlocking(
+            lambda done: self.startFinetune(datasetDir, model, steps, device, onDone=done), timeout_s
+        )
+        return outcome
 
     def cancelFinetune(self) -> None:
         """Kill the fine-tuning process tree; nothing is registered (the next run starts afresh, with the
@@ -1267,7 +1357,9 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
 
     def checkDependencies(self) -> list[dependencies.RequirementStatus]:
         """torch and the packages of Resources/requirements.txt, checked without importing them."""
-        requirements = dependencies.read_requirements(Path(__file__).resolve().parent / "Resources" / "requirements.txt")
+        requirements = dependencies.read_requirements(
+            Path(__file__).resolve().parent / "Resources" / "requirements.txt"
+        )
         return dependencies.check_requirements([dependencies.TORCH_REQUIREMENT, *requirements])
 
     def installDependencies(self, confirm: bool = True) -> None:
@@ -1297,9 +1389,12 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
                 "SCDL Segment needs the PyTorch extension: install 'PyTorch' from the Extensions Manager, "
                 "restart Slicer, then install the dependencies again."
             ) from err
-        requirement = dependencies.TORCH_REQUIREMENT[len("torch"):]
+        requirement = dependencies.TORCH_REQUIREMENT[len("torch") :]
         self.onLog(f"Installing PyTorch ({dependencies.TORCH_REQUIREMENT}) through the PyTorch extension.")
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=confirm, torchVersionRequirement=requirement) is None:
+        if (
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=confirm, torchVersionRequirement=requirement)
+            is None
+        ):
             raise RuntimeError(
                 f"PyTorch {requirement} was not installed. If an older torch is installed, uninstall it in the "
                 "'PyTorch Util' module, restart Slicer and try again."
@@ -1355,8 +1450,8 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
     (the same case, updated); fine-tune briefly; check that a new model version exists.
 
     Needs the dependencies installed (Setup and advanced > Install; skipped with a message without
-    them) and the public sample CT, which the engine fetches once into its cache. It writes only to temporary folders: a private model
-    registry and dataset, and in-memory settings.
+    them) and the public sample CT, which the engine fetches once into its cache. It writes only to
+    temporary folders: a private model registry and dataset, and in-memory settings.
     """
 
     def setUp(self) -> None:
@@ -1372,7 +1467,9 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         logic = SCDLSegmentLogic(settingsStore=settings)
         missing = dependencies.unsatisfied(logic.checkDependencies())
         if missing:  # e.g. the extension build machines: no torch, no download
-            message = f"SCDLSegmentTest skipped: install the dependencies first (Setup and advanced): {', '.join(missing)}"
+            message = (
+                f"SCDLSegmentTest skipped: install the dependencies first (Setup and advanced): {', '.join(missing)}"
+            )
             logging.warning(message)
             self.skipTest(message)
         try:
@@ -1409,8 +1506,12 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         liver = segmentation.GetSegment(liverId)
         self.assertEqual(liver.GetTerminology(), table.terminology_string(table["liver"]))
         np.testing.assert_allclose(liver.GetColor(), labelmap.unit_color(table["liver"]), atol=1e-3)
-        self.assertEqual(segmentationNode.GetNodeReferenceID(
-            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), volume.GetID())
+        self.assertEqual(
+            segmentationNode.GetNodeReferenceID(
+                slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+            ),
+            volume.GetID(),
+        )
         liverMask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volume)
         self.assertEqual(liverMask.shape, shape)
         self.assertGreater(int(np.count_nonzero(liverMask)), 0, "The starter model found no liver in the sample CT.")
@@ -1422,7 +1523,9 @@ class SCDLSegmentTest(ScriptedLoadableModuleTest):
         added = logic.submitCase(volume, None, [], datasetDir, model.ref, Device.CPU)
         self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=0, partial=0, unlabeled=1))
         reviewed = logic.submitCase(volume, segmentationNode, ["liver", "spleen"], datasetDir, model.ref, Device.CPU)
-        self.assertEqual((reviewed["case_id"], reviewed["previous"]), (added["case_id"], "unlabeled"), "One CT is one case.")
+        self.assertEqual(
+            (reviewed["case_id"], reviewed["previous"]), (added["case_id"], "unlabeled"), "One CT is one case."
+        )
         self.assertEqual(logic.datasetSummary(datasetDir), catalog.DatasetSummary(labeled=0, partial=1, unlabeled=0))
 
         self.delayDisplay("Fine-tuning for a few steps")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scdlcore.bundle import save_bundle
+from scdlcore.bundle.format import save_bundle
 from scdlcore.labels import SYNAPSE13
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -14,15 +14,17 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from scdlcore.bundle import ModelRegistry, load_bundle, save_bundle
-from scdlcore.dataset import DatasetStore
-from scdlcore.finetune import compare_to_parent, finetune
-from scdlcore.labels import SYNAPSE13
 from scdl_test_support import threshold_vnet
+
+from scdlcore.bundle.format import load_bundle, save_bundle
+from scdlcore.bundle.registry import ModelRegistry
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.labels import SYNAPSE13
+from scdlcore.training.finetune import compare_to_parent, finetune
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = {"train.patch_size": [32, 32, 32], "train.labeled_batch": 1, "train.unlabeled_batch": 1}
@@ -46,8 +48,11 @@ def registry(threshold_bundle, tmp_path) -> ModelRegistry:
     return registry
 
 
+@pytest.mark.slow  # fine-tunes
 def test_finetune_registers_a_new_version_naming_its_parent(store, registry, tmp_path):
-    result = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu", overrides=FAST)
+    result = finetune(
+        "threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu", overrides=FAST
+    )
 
     assert (result.status, result.model) == ("completed", "threshold@2")
     child = registry.info("threshold@2")
@@ -72,13 +77,21 @@ def test_the_verdict_says_whether_the_new_version_beat_its_parent():
     assert not compare_to_parent({}, {}, "training cases").better
 
 
+@pytest.mark.slow  # fine-tunes
 def test_recorded_before_and_after_dice_are_what_segment_and_evaluate_measure(store, registry, tmp_path):
     """Validation runs through the shipped predictor and scdl evaluate's Dice: the recorded numbers are a user's."""
-    from scdlcore.infer import Predictor
-    from scdlcore.metrics import evaluate_files
+    from scdlcore.evaluation.metrics import evaluate_files
+    from scdlcore.inference.predictor import Predictor
 
-    result = finetune("threshold", store, registry=registry, steps=3, output=tmp_path / "run", device="cpu",
-                      overrides={**FAST, "train.val_every": 3})
+    result = finetune(
+        "threshold",
+        store,
+        registry=registry,
+        steps=3,
+        output=tmp_path / "run",
+        device="cpu",
+        overrides={**FAST, "train.val_every": 3},
+    )
     stored = DatasetStore(store).case("abdomen")
     image, label = DatasetStore(store).dataset().path(stored.image), DatasetStore(store).dataset().path(stored.label)
     for ref, recorded in (("threshold@1", result.before), (result.model, result.after)):
@@ -90,40 +103,70 @@ def test_recorded_before_and_after_dice_are_what_segment_and_evaluate_measure(st
             assert dice == pytest.approx(measured.organs[organ].dice, abs=1e-12), (ref, organ)
 
 
+@pytest.mark.slow  # fine-tunes
 def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_child_segments_as_fast(
     store, registry, tmp_path
 ):
     """The starter's case: a CPS bundle with one network. The child trains both networks from it (see
-    test_train's test of the copy), keeps both for `dataset suggest`, and segments with the first, like its parent."""
-    parent = save_bundle(tmp_path / "cps1", [threshold_vnet()], name="pair", base="cps", labels=SYNAPSE13,
-                         spacing=(6.0, 6.0, 6.0), hu_window=(-125, 275), patch_size=(64, 64, 64))
+    test_trainer's test of the copy), keeps both for `dataset suggest`, and segments with the first, like its parent."""
+    parent = save_bundle(
+        tmp_path / "cps1",
+        [threshold_vnet()],
+        name="pair",
+        base="cps",
+        labels=SYNAPSE13,
+        spacing=(6.0, 6.0, 6.0),
+        hu_window=(-125, 275),
+        patch_size=(64, 64, 64),
+    )
     registry.import_(parent)
     result = finetune("pair", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
     child = registry.info(result.model)
     assert (result.model, len(child.networks), child.ensemble) == ("pair@2", 2, "first")
 
 
+@pytest.mark.slow  # fine-tunes
 def test_a_parent_trained_supervised_is_fine_tuned_semi_supervised(store, registry, tmp_path):
     """The starter is trained supervised; the annotation loop learns from the store's unlabeled CT too."""
     assert registry.info("threshold@1").base == "supervised"
-    result = finetune("threshold", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
+    result = finetune(
+        "threshold", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST
+    )
     child = registry.info(result.model)
     assert (child.base, len(child.networks), child.ensemble, child.scdl["enabled"]) == ("cps", 2, "first", True)
 
 
+@pytest.mark.slow  # fine-tunes
 def test_cancelled_finetune_registers_nothing_and_resumes(store, registry, tmp_path):
     cancel = threading.Event()
     cancel.set()  # stop at once: the run writes its checkpoint and returns
-    first = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu",
-                     cancel=cancel, overrides=FAST)
+    first = finetune(
+        "threshold",
+        store,
+        registry=registry,
+        steps=4,
+        output=tmp_path / "run",
+        device="cpu",
+        cancel=cancel,
+        overrides=FAST,
+    )
     assert (first.status, first.model) == ("cancelled", None)
     assert [entry.ref for entry in registry.list() if entry.name == "threshold"] == ["threshold@1"]
 
-    resumed = finetune("threshold", store, registry=registry, steps=4, output=tmp_path / "run", device="cpu",
-                       resume=True, overrides=FAST)
+    resumed = finetune(
+        "threshold",
+        store,
+        registry=registry,
+        steps=4,
+        output=tmp_path / "run",
+        device="cpu",
+        resume=True,
+        overrides=FAST,
+    )
     assert (resumed.status, resumed.model) == ("completed", "threshold@2")
 
 
+@pytest.mark.slow  # fine-tunes
 def test_a_finetune_never_overwrites_an_earlier_run(store, registry, tmp_path):
     """The default run folder: a run cancelled in the panel is resumed by --resume, and a new fine-tune of the
     same parent goes into the next free folder; a run folder given twice without --resume is refused."""
@@ -136,15 +179,35 @@ def test_a_finetune_never_overwrites_an_earlier_run(store, registry, tmp_path):
     assert (resumed.status, resumed.model, resumed.output) == ("completed", "threshold@2", first.output)
     again = finetune("threshold@1", store, registry=registry, steps=4, device="cpu", overrides=FAST)
     assert (again.model, again.output) == ("threshold@3", store / "runs" / "finetune-threshold-v1-2")
-    with pytest.raises(ValueError, match=r"finetune-threshold-v1 holds a training run already: continue it with --resume"):
+    with pytest.raises(
+        ValueError, match=r"finetune-threshold-v1 holds a training run already: continue it with --resume"
+    ):
         finetune("threshold@1", store, registry=registry, steps=4, device="cpu", output=first.output, overrides=FAST)
     with pytest.raises(FileNotFoundError, match=r"Cannot resume: no checkpoint at .*finetune-threshold-v1-3"):
-        finetune("threshold@1", store, registry=registry, steps=4, device="cpu", resume=True, overrides=FAST)  # all finished
+        finetune(
+            "threshold@1", store, registry=registry, steps=4, device="cpu", resume=True, overrides=FAST
+        )  # all finished
 
 
+@pytest.mark.slow  # fine-tunes
 def test_sigkilled_finetune_resumes_to_completion(store, registry, tmp_path):
-    command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", str(store), "--model", "threshold",
-               "--steps", "40", "--device", "cpu", "--output", str(tmp_path / "run"), "--events"]
+    command = [
+        sys.executable,
+        "-m",
+        "scdlcore",
+        "finetune",
+        "--dataset",
+        str(store),
+        "--model",
+        "threshold",
+        "--steps",
+        "40",
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "run"),
+        "--events",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(registry))
     for line in process.stdout:
         event = json.loads(line)
@@ -163,91 +226,210 @@ def test_sigkilled_finetune_resumes_to_completion(store, registry, tmp_path):
     assert load_bundle(registry.root / "threshold" / "2").lineage["steps"] == 40
 
 
-def test_worker_transcript_segment_progress_cancel_add_case_shutdown(samples, registry, tmp_path):
-    worker = subprocess.Popen([sys.executable, "-m", "scdlcore", "worker", "--model", "threshold", "--device", "cpu"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(registry))
+# ---------------------------------------------------------------- the worker (protocol 1), one behaviour per test
 
-    def send(**request) -> None:
-        worker.stdin.write(json.dumps({"protocol": 1, **request}) + "\n")
-        worker.stdin.flush()
 
-    def events_until(request_id: str, ends=("result", "error", "cancelled")) -> list[dict]:
+class WorkerSession:
+    """A running ``python -m scdlcore worker`` with the threshold model: requests in on stdin, events out on stdout."""
+
+    def __init__(self, registry: ModelRegistry, log: Path) -> None:
+        self.log = log
+        with open(log, "w") as stderr:  # a file, not a pipe: a long session's log must never block the worker
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "scdlcore", "worker", "--model", "threshold", "--device", "cpu"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=_env(registry),
+            )
+        self.ready = json.loads(self.process.stdout.readline() or "null")
+
+    def send(self, **request) -> None:
+        self.process.stdin.write(json.dumps({"protocol": 1, **request}) + "\n")
+        self.process.stdin.flush()
+
+    def events_until(self, request_id: str | None, ends=("result", "error", "cancelled")) -> list[dict]:
+        """Every event read up to and including the end of ``request_id``."""
         seen = []
-        for line in worker.stdout:
+        for line in self.process.stdout:
             event = json.loads(line)
             seen.append(event)
             if event["id"] == request_id and event["event"] in ends:
                 return seen
-        raise AssertionError(f"worker ended before answering {request_id}: {worker.stderr.read()[-2000:]}")
+        raise AssertionError(f"worker ended before answering {request_id}: {self.log.read_text()[-2000:]}")
 
-    ready = json.loads(worker.stdout.readline())
-    assert ready == {**ready, "protocol": 1, "id": None, "event": "ready", "model": "threshold@1", "device": "cpu", "cuda": False}
+    def request(self, request_id: str, **request) -> list[dict]:
+        self.send(id=request_id, **request)
+        return self.events_until(request_id)
 
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.send(id="close", command="shutdown")
+                self.process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            stream.close()
+
+
+@pytest.fixture(scope="module")
+def worker_registry(threshold_bundle, tmp_path_factory) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path_factory.mktemp("worker") / "models")
+    registry.import_(threshold_bundle)
+    return registry
+
+
+@pytest.fixture(scope="module")
+def worker(worker_registry, tmp_path_factory) -> Iterator[WorkerSession]:
+    """One worker for the module's requests (it serves request after request, as in the Slicer panel); every
+    test waits for the end of what it sent, so the next one finds it idle."""
+    session = WorkerSession(worker_registry, tmp_path_factory.mktemp("worker-log") / "stderr.txt")
+    yield session
+    session.close()
+
+
+@pytest.mark.slow
+def test_the_worker_announces_its_model_and_device_when_ready(worker):
+    ready = worker.ready
+    assert ready == {
+        **ready,
+        "protocol": 1,
+        "id": None,
+        "event": "ready",
+        "model": "threshold@1",
+        "device": "cpu",
+        "cuda": False,
+    }
+
+
+@pytest.mark.slow
+def test_a_segment_request_streams_its_progress_then_the_result(worker, samples, tmp_path):
     output = tmp_path / "ct.seg.nrrd"
-    send(id="s1", command="segment", input=str(samples["ct_abdomen"].image), output=str(output))
-    transcript = events_until("s1")
+    transcript = worker.request("s1", command="segment", input=str(samples["ct_abdomen"].image), output=str(output))
     assert all(event["id"] == "s1" for event in transcript)
     assert [e["event"] for e in transcript].count("progress") >= 3
     assert transcript[-1]["event"] == "result" and transcript[-1]["volumes_ml"]["liver"] > 100
     assert output.is_file()
 
-    # Jobs queue behind the running one; a waiting job can be cancelled, and so can the running one.
-    send(id="s2", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "b.nii.gz"))
-    send(id="s3", command="segment", input=str(samples["ct_chest_cta"].image), output=str(tmp_path / "c.nii.gz"))
-    send(id="a1", command="add_case", dataset=str(tmp_path / "dataset"), image=str(samples["ct_chest_nrrd"].image), label=None,
-         source=None)
-    send(id="q0", command="status")
-    send(id="c0", command="cancel", target="s3")
-    send(id="c1", command="cancel", target="s2")
-    seen = events_until("s2")
+
+@pytest.mark.slow
+def test_jobs_queue_behind_the_running_one_and_a_waiting_or_running_job_can_be_cancelled(worker, samples, tmp_path):
+    chest = str(samples["ct_chest_cta"].image)
+    worker.send(id="s2", command="segment", input=chest, output=str(tmp_path / "b.nii.gz"))
+    worker.send(id="s3", command="segment", input=chest, output=str(tmp_path / "c.nii.gz"))
+    worker.send(
+        id="a1",
+        command="add_case",
+        dataset=str(tmp_path / "dataset"),
+        image=str(samples["ct_chest_nrrd"].image),
+        label=None,
+        source=None,
+    )
+    worker.send(id="q0", command="status")
+    worker.send(id="c0", command="cancel", target="s3")  # waiting
+    worker.send(id="c1", command="cancel", target="s2")  # running
+    seen = worker.events_until("s2")
+
     ends = [(e["id"], e["event"]) for e in seen if e["event"] in ("result", "cancelled", "error")]
     assert ends == [("q0", "result"), ("c0", "result"), ("s3", "cancelled"), ("c1", "result"), ("s2", "cancelled")]
     status = next(e for e in seen if e["id"] == "q0")
     assert [job for job in [status["busy"], *status["queued"]] if job] == ["s2", "s3", "a1"]
     assert [e["cancelled"] for e in seen if e["id"] in ("c0", "c1")] == [True, True]
     assert not (tmp_path / "c.nii.gz").exists() and not any(e["id"] == "s3" and e["event"] == "progress" for e in seen)
+    assert worker.events_until("a1")[-1]["event"] == "result"  # the job behind them runs once they are cancelled
 
-    added = events_until("a1")[-1]  # it waited for s2 and runs now
+
+@pytest.mark.slow
+def test_add_case_stores_the_ct_unlabeled_with_the_default_source(worker, samples, tmp_path):
+    added = worker.request(
+        "a2",
+        command="add_case",
+        dataset=str(tmp_path / "dataset"),
+        image=str(samples["ct_chest_nrrd"].image),
+        label=None,
+        source=None,
+    )[-1]
     assert added["event"] == "result", added
     assert added["labeled"] is False and added["counts"]["unlabeled"] == 1
-    assert [case.source for case in DatasetStore(tmp_path / "dataset").cases()] == ["3D Slicer"]  # a null source: the default
+    assert [case.source for case in DatasetStore(tmp_path / "dataset").cases()] == ["3D Slicer"]  # a null source
 
-    # "collect": the segmented CT is kept in the dataset as an unlabeled case, once.
+
+@pytest.mark.slow
+def test_collect_keeps_the_segmented_ct_in_the_dataset_once(worker, samples, tmp_path):
     for request_id, new in (("k1", True), ("k2", False)):
-        send(id=request_id, command="segment", input=str(samples["ct_abdomen"].image), output=str(output),
-             collect=str(tmp_path / "dataset"))
-        transcript = events_until(request_id)
+        transcript = worker.request(
+            request_id,
+            command="segment",
+            input=str(samples["ct_abdomen"].image),
+            output=str(tmp_path / "ct.seg.nrrd"),
+            collect=str(tmp_path / "dataset"),
+        )
         assert transcript[-2]["stage"] == "collect" and transcript[-2]["event"] == "progress"
         collected = transcript[-1]["collected"]
-        assert collected == {**collected, "case_id": "case0002", "new": new, "status": "unlabeled"}
-        assert collected["counts"] == {"labeled": 0, "partial": 0, "unlabeled": 2}
+        assert collected == {**collected, "case_id": "case0001", "new": new, "status": "unlabeled"}
+        assert collected["counts"] == {"labeled": 0, "partial": 0, "unlabeled": 1}
 
-    send(id="x0", command=["segment"])  # not a request: answered without an id, and the worker serves on
-    assert events_until(None, ends=("error",))[-1]["message"].startswith("Not a request")
-    send(id="x1", command="no_such_command")
-    assert "Unknown command 'no_such_command'" in events_until("x1")[-1]["message"]
-    # A malformed request is answered with an error naming the field, and the worker serves on.
-    for request_id, request, message in (
-        ("b1", {"command": "finetune", "dataset": str(tmp_path / "dataset"), "steps": "abc"},
-         "Request 'finetune': the field 'steps' must be a whole number, got \"abc\"."),
-        ("b2", {"command": "segment", "output": str(output)}, "Request 'segment' lacks the field 'input'."),
-        ("b3", {"command": "segment", "input": str(output), "output": str(output), "organs": "liver"},
-         "Request 'segment': the field 'organs' must be a list of strings, got \"liver\"."),
-    ):
-        send(id=request_id, **request)
-        answer = events_until(request_id)[-1]
-        assert (answer["event"], answer["message"]) == ("error", message)
-    # A fine-tune that fails before training: one error, with the child's reason.
-    send(id="f1", command="finetune", dataset=str(tmp_path / "dataset"), steps=2, device="cpu")
-    seen = events_until("f1")
+
+@pytest.mark.slow
+def test_a_line_that_is_not_a_request_is_answered_without_an_id_and_the_worker_serves_on(worker):
+    worker.send(id="x0", command=["segment"])
+    assert worker.events_until(None, ends=("error",))[-1]["message"].startswith("Not a request")
+    assert worker.request("q1", command="status")[-1]["event"] == "result"
+
+
+@pytest.mark.slow
+def test_an_unknown_command_is_answered_with_an_error_naming_it(worker):
+    answer = worker.request("x1", command="no_such_command")[-1]
+    assert answer["event"] == "error" and "Unknown command 'no_such_command'" in answer["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("request_fields", "fragments"),
+    [
+        (
+            {"command": "finetune", "dataset": "{tmp}/dataset", "steps": "abc"},
+            ("Request 'finetune'", "'steps'", "whole number"),
+        ),
+        ({"command": "segment", "output": "{tmp}/ct.seg.nrrd"}, ("Request 'segment'", "lacks the field 'input'")),
+        (
+            {"command": "segment", "input": "{tmp}/ct.nrrd", "output": "{tmp}/ct.seg.nrrd", "organs": "liver"},
+            ("Request 'segment'", "'organs'", "list of strings"),
+        ),
+    ],
+    ids=["steps-not-a-number", "no-input", "organs-not-a-list"],
+)
+def test_a_malformed_request_is_answered_with_an_error_naming_the_field(worker, tmp_path, request_fields, fragments):
+    request = {
+        key: value.format(tmp=tmp_path) if isinstance(value, str) else value for key, value in request_fields.items()
+    }
+    answer = worker.request("b1", **request)[-1]
+    assert answer["event"] == "error", answer
+    assert answer["message"].startswith(fragments[0]) and all(fragment in answer["message"] for fragment in fragments)
+
+
+@pytest.mark.slow
+def test_a_finetune_that_fails_before_training_is_one_error_with_the_childs_reason(worker, samples, tmp_path):
+    DatasetStore.init(tmp_path / "dataset").add(samples["ct_chest_nrrd"].image, source="test")  # nothing labeled
+    seen = worker.request("f1", command="finetune", dataset=str(tmp_path / "dataset"), steps=2, device="cpu")
     assert [e["event"] for e in seen if e["id"] == "f1"] == ["error"]
     assert "has no labeled case" in seen[-1]["message"]  # the child's own error event, passed on
-    send(id="q1", command="status")
-    status = events_until("q1")[-1]
-    assert (status["busy"], status["queued"]) == (None, [])
-    send(id="z1", command="shutdown")
-    assert events_until("z1")[-1]["event"] == "result"
-    assert worker.wait(timeout=60) == 0
+    status = worker.request("q2", command="status")[-1]
+    assert (status["busy"], status["queued"]) == (None, [])  # the worker is idle again
+
+
+@pytest.mark.slow
+def test_shutdown_is_answered_and_the_worker_exits_cleanly(worker_registry, tmp_path):
+    session = WorkerSession(worker_registry, tmp_path / "stderr.txt")
+    try:
+        assert session.ready["event"] == "ready"
+        assert session.request("z1", command="shutdown")[-1]["event"] == "result"
+        assert session.process.wait(timeout=60) == 0
+    finally:
+        session.close()
 
 
 def _env(registry: ModelRegistry) -> dict[str, str]:

@@ -56,21 +56,39 @@ def test_the_earlier_runs_are_kept_with_their_machine_and_provenance(monkeypatch
     assert {r["machine"] for r in earlier["runs"]} == {"NVIDIA H200 (CUDA 13.0)"}
     # The committed table itself extended the first ablation invocation (10 runs) with 8 more.
     first = committed["earlier"][0]
-    assert earlier["earlier"] == [first, {"command": committed["command"], "machine": "NVIDIA H200 (CUDA 13.0)",
-                                          "torch": committed["torch"], "date": committed["date"], "runs": 8}]
+    assert earlier["earlier"] == [
+        first,
+        {
+            "command": committed["command"],
+            "machine": "NVIDIA H200 (CUDA 13.0)",
+            "torch": committed["torch"],
+            "date": committed["date"],
+            "runs": 8,
+        },
+    ]
     assert first["runs"] == 10
 
     outcome = bench_accuracy.Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
-    report = bench_accuracy._markdown(outcome.runs, bench_accuracy.configurations(args.patch), bench_accuracy._meta(args, outcome))
+    report = bench_accuracy._markdown(
+        outcome.runs, bench_accuracy.configurations(args.patch), bench_accuracy._meta(args, outcome)
+    )
     assert f"- Extends (`--add-to`) a table of 10 runs made by `{first['command']}` on NVIDIA H200" in report
     assert f"- Extends (`--add-to`) a table of 8 runs made by `{committed['command']}` on NVIDIA H200" in report
     assert "| (c) with scdl.grid = 21 | `scdl.grid=21` | 3 | 0.077 ± 0.013 |" in report
 
 
-@pytest.mark.parametrize("option, value, key", [("--steps", "600", "steps"), ("--width", "16", "width"),
-                                                 ("--patch", "96", "patch"), ("--spacing", "1.5", "spacing_mm")])
-def test_a_different_budget_is_refused_naming_the_file_and_the_difference(monkeypatch, tmp_path, earlier_table, option,
-                                                                         value, key):
+@pytest.mark.parametrize(
+    "option, value, key",
+    [
+        ("--steps", "600", "steps"),
+        ("--width", "16", "width"),
+        ("--patch", "96", "patch"),
+        ("--spacing", "1.5", "spacing_mm"),
+    ],
+)
+def test_a_different_budget_is_refused_naming_the_file_and_the_difference(
+    monkeypatch, tmp_path, earlier_table, option, value, key
+):
     budget = list(ITS_BUDGET)
     if option in budget:
         budget[budget.index(option) + 1] = value
@@ -78,7 +96,9 @@ def test_a_different_budget_is_refused_naming_the_file_and_the_difference(monkey
         budget += [option, value]
     args = parse(monkeypatch, tmp_path, *budget, "--add-to", str(earlier_table))
 
-    with pytest.raises(SystemExit, match=rf"{earlier_table.name}: its runs had {key} = .*only runs with the same budget"):
+    with pytest.raises(
+        SystemExit, match=rf"{earlier_table.name}: its runs had {key} = .*only runs with the same budget"
+    ):
         bench_accuracy._earlier_results(args.add_to, args)
 
 
@@ -90,7 +110,6 @@ def test_a_file_that_is_not_a_results_file_is_refused_by_name(monkeypatch, tmp_p
 
     with pytest.raises(SystemExit, match=r"foreign\.json: not a results file of bench_accuracy\.py"):
         bench_accuracy._earlier_results(args.add_to, args)
-
 
 
 def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tmp_path, earlier_table):

@@ -14,20 +14,24 @@ import pytest
 import slicerio
 
 from scdlcore.cli import main
-from scdlcore.io import read_label, write_label
+from scdlcore.io.read import read_label
+from scdlcore.io.write import write_label
 from scdlcore.labels import SYNAPSE13
 
 
 def test_a_reference_scored_against_itself_is_perfect(samples, tmp_path, capsys):
     label = samples["ct_abdomen"].label
-    assert main(["evaluate", str(label), str(label), "--json", str(tmp_path / "s.json"), "--csv", str(tmp_path / "s.csv")]) == 0
+    assert (
+        main(["evaluate", str(label), str(label), "--json", str(tmp_path / "s.json"), "--csv", str(tmp_path / "s.csv")])
+        == 0
+    )
     table = capsys.readouterr().out
     assert "liver" in table and "minority mean" in table
     summary = json.loads((tmp_path / "s.json").read_text())["summary"]
     assert summary["mean_dice"] == 1.0 and summary["mean_hd95"] == 0.0
     assert summary["organs"]["esophagus"]["dice"] is None, "absent from both: undefined, not 0 or 1"
     assert "adrenal_gland_right" in summary["minority_organs"]
-    rows = {row["organ"]: row for row in csv.DictReader(open(tmp_path / "s.csv"))}
+    rows = {row["organ"]: row for row in csv.DictReader((tmp_path / "s.csv").read_text().splitlines())}
     assert float(rows["liver"]["dice"]) == 1.0 and rows["liver"]["distance_unit"] == "mm"
 
 
@@ -37,7 +41,18 @@ def test_a_shifted_prediction_loses_dice_and_gains_distance_in_mm(samples, tmp_p
     moved[2:] = reference.array[:-2]  # two 3 mm slices along z
     shifted = reference.with_array(moved)
     write_label(tmp_path / "shifted.nii.gz", shifted)
-    assert main(["evaluate", str(tmp_path / "shifted.nii.gz"), str(samples["ct_abdomen"].label), "--json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "shifted.nii.gz"),
+                str(samples["ct_abdomen"].label),
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     liver = json.loads((tmp_path / "s.json").read_text())["summary"]["organs"]["liver"]
     assert 0.8 < liver["dice"] < 1.0
     assert 3.0 <= liver["hd95_mm"] <= 6.0 + 1e-6, "a 6 mm shift: no surface point moves further"
@@ -50,8 +65,22 @@ def test_model_mode_segments_each_image_first(samples, threshold_bundle, tmp_pat
     sample = samples["ct_abdomen"]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
     (tmp_path / "temp").mkdir()
-    assert main(["evaluate", "--model", str(threshold_bundle), "--device", "cpu", str(sample.image), str(sample.label),
-                 "--json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(threshold_bundle),
+                "--device",
+                "cpu",
+                str(sample.image),
+                str(sample.label),
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "s.json").read_text())
     assert (scores["cases"][0]["image"], scores["cases"][0]["reference"]) == (str(sample.image), str(sample.label))
     assert not any((tmp_path / "temp").iterdir()), "the predictions made for scoring are deleted"
@@ -75,7 +104,18 @@ def test_a_slicer_segmentation_is_matched_by_segment_name_not_by_its_label_value
     slicerio.write_segmentation(str(tmp_path / "slicer.seg.nrrd"), segmentation)
     assert not np.array_equal(read_label(tmp_path / "slicer.seg.nrrd").array, reference.array)  # really renumbered
 
-    assert main(["evaluate", str(tmp_path / "slicer.seg.nrrd"), str(samples["ct_abdomen"].label), "--json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "slicer.seg.nrrd"),
+                str(samples["ct_abdomen"].label),
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "s.json").read_text())["summary"]
     assert summary["mean_dice"] == 1.0 and summary["mean_hd95"] == 0.0
 
@@ -93,21 +133,53 @@ def test_folders_pair_nnunet_channel_names_as_dataset_import_does(samples, tmp_p
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_folder_of_predictions_is_scored_against_a_folder_of_references_by_case_name(
     samples, threshold_bundle, tmp_path, capsys
 ):
-    """What a researcher runs after ``scdl segment CT... -o results/``: results/NAME.seg.nrrd with labels/NAME.nii.gz."""
+    """What a researcher runs after ``scdl segment CT... -o results/``.
+
+    results/NAME.seg.nrrd scored against labels/NAME.nii.gz.
+    """
     abdomen, dicom, chest = samples["ct_abdomen"], samples["ct_abdomen_dicom"], samples["ct_chest_nrrd"]
     results, labels = tmp_path / "results", tmp_path / "labels"
-    assert main(["segment", str(abdomen.image), str(dicom.image), str(chest.image), "-o", str(results),
-                 "--model", str(threshold_bundle), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(abdomen.image),
+                str(dicom.image),
+                str(chest.image),
+                "-o",
+                str(results),
+                "--model",
+                str(threshold_bundle),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     labels.mkdir()
     shutil.copy(abdomen.label, labels / "example_ct.nii.gz")
     shutil.copy(dicom.label, labels / "example_ct_dicom.nii.gz")
     shutil.copy(dicom.label, labels / "lonely.nii.gz")
     capsys.readouterr()
 
-    assert main(["evaluate", str(results), str(labels), "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(results),
+                str(labels),
+                "--json",
+                str(tmp_path / "s.json"),
+                "--plot",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     height, width, _ = plt.imread(tmp_path / "s.png").shape  # a real PNG: Dice and HD95 panels, 13 organs
     assert (height, width) == (750, 915)
@@ -130,10 +202,16 @@ def test_a_folder_of_predictions_is_scored_against_a_folder_of_references_by_cas
     assert "mean of 2 cases, native grid (mm)" in out
 
     # The same scores as the two pairs given one by one.
-    assert main(["evaluate", str(results / "example_ct.seg.nrrd"), str(abdomen.label), "--json", str(tmp_path / "one.json")]) == 0
+    assert (
+        main(
+            ["evaluate", str(results / "example_ct.seg.nrrd"), str(abdomen.label), "--json", str(tmp_path / "one.json")]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "one.json").read_text())["summary"]["mean_dice"] == scores["cases"][0]["mean_dice"]
 
 
+@pytest.mark.slow
 def test_model_mode_pairs_a_folder_of_cts_dicom_series_included_with_a_folder_of_references(
     samples, threshold_bundle, tmp_path, capsys
 ):
@@ -142,7 +220,23 @@ def test_model_mode_pairs_a_folder_of_cts_dicom_series_included_with_a_folder_of
     shutil.copytree(dicom.image, images / "patient2")  # a DICOM series subfolder is one CT
     labels.mkdir()
     shutil.copy(dicom.label, labels / "patient2.nii.gz")
-    assert main(["evaluate", "--model", str(threshold_bundle), "--device", "cpu", str(images), str(labels),
-                 "--json", str(tmp_path / "s.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(threshold_bundle),
+                "--device",
+                "cpu",
+                str(images),
+                str(labels),
+                "--json",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 0
+    )
     cases = json.loads((tmp_path / "s.json").read_text())["cases"]
-    assert [(case["image"], case["reference"]) for case in cases] == [(str(images / "patient2"), str(labels / "patient2.nii.gz"))]
+    assert [(case["image"], case["reference"]) for case in cases] == [
+        (str(images / "patient2"), str(labels / "patient2.nii.gz"))
+    ]

@@ -7,6 +7,7 @@ model): its output must lie on each input's exact grid and follow the input's ow
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,11 @@ import pytest
 import slicerio
 import torch
 
-from scdlcore import bundle as bundle_module
+from scdlcore.bundle import registry as registry_module
 from scdlcore.cli import main
-from scdlcore.io import Volume, read_image, read_label, write_image
+from scdlcore.io.read import read_image, read_label
+from scdlcore.io.volume import Volume
+from scdlcore.io.write import write_image
 from scdlcore.labels import SYNAPSE13
 
 SPLEEN, LIVER = SYNAPSE13["spleen"].value, SYNAPSE13["liver"].value
@@ -25,6 +28,12 @@ SPLEEN, LIVER = SYNAPSE13["spleen"].value, SYNAPSE13["liver"].value
 
 def _segment(*args: str | Path) -> int:
     return main(["segment", *map(str, args), "--device", "cpu"])
+
+
+def _assert_one_error_line(err: str, start: str) -> None:
+    """A user error is one stderr line, ``scdl segment: error: `` then the message, which starts with ``start``
+    (the file and the problem; the advice after it may be reworded)."""
+    assert err.startswith(f"scdl segment: error: {start}") and err.endswith("\n") and err.count("\n") == 1, err
 
 
 def _threshold(hu: np.ndarray) -> np.ndarray:
@@ -42,7 +51,9 @@ def _assert_same_geometry(labels: Volume, ct: Volume) -> None:
     assert labels.direction == ct.direction
 
 
-@pytest.mark.parametrize("sample", ["ct_abdomen", "ct_abdomen_dicom", "ct_chest_nrrd"])  # NIfTI, DICOM folder, NRRD
+@pytest.mark.parametrize(  # NIfTI, DICOM folder (512 x 512: slow), NRRD
+    "sample", ["ct_abdomen", pytest.param("ct_abdomen_dicom", marks=pytest.mark.slow), "ct_chest_nrrd"]
+)
 def test_segmentation_lies_exactly_on_the_input_grid(
     sample: str, samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -76,7 +87,9 @@ def test_oblique_volume_gives_exact_nrrd_and_nifti_within_float32(threshold_bund
     np.testing.assert_array_equal(nifti.array, labels.array)
 
 
-def test_slicer_segmentation_has_the_organ_names_values_and_codes(samples, threshold_bundle: Path, tmp_path: Path) -> None:
+def test_slicer_segmentation_has_the_organ_names_values_and_codes(
+    samples, threshold_bundle: Path, tmp_path: Path
+) -> None:
     output = tmp_path / "ct.seg.nrrd"
     assert _segment(samples["ct_abdomen"].image, "-o", output, "--model", threshold_bundle) == 0
     segmentation = slicerio.read_segmentation(str(output))
@@ -99,13 +112,29 @@ def test_events_are_json_lines_ending_with_the_result(
     samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     output, overview = tmp_path / "ct.nii.gz", tmp_path / "ct.png"
-    code = _segment(samples["ct_chest_nrrd"].image, "-o", output, "--model", threshold_bundle, "--events",
-                    "--overview", overview, "--organs", "spleen", "liver")
+    code = _segment(
+        samples["ct_chest_nrrd"].image,
+        "-o",
+        output,
+        "--model",
+        threshold_bundle,
+        "--events",
+        "--overview",
+        overview,
+        "--organs",
+        "spleen",
+        "liver",
+    )
     assert code == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {e["event"] for e in events[:-1]} == {"progress"} and events[-2]["step"] == 100
     result = events[-1]
-    assert (result["event"], result["model"], result["output"], result["overview"]) == ("result", "threshold@1", str(output), str(overview))
+    assert (result["event"], result["model"], result["output"], result["overview"]) == (
+        "result",
+        "threshold@1",
+        str(output),
+        str(overview),
+    )
     assert set(result["volumes_ml"]) == {"spleen", "liver"} and result["volumes_ml"]["spleen"] > 0
     assert overview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -137,8 +166,11 @@ def _widen_model_json(bundle: Path) -> None:
     ("damage", "message"),
     [
         (_corrupt_weights, "weights.safetensors in {bundle} is not a valid safetensors file ("),
-        (_widen_model_json, "weights.safetensors in {bundle} does not match the networks described in model.json: "
-                            "shape mismatch: net0.encoders.0.0.weight is [2, 1, 3, 3, 3] in the file, [4, 1, 3, 3, 3] by model.json"),
+        (
+            _widen_model_json,
+            "weights.safetensors in {bundle} does not match the networks described in model.json: "
+            "shape mismatch: net0.encoders.0.0.weight is [2, 1, 3, 3, 3] in the file, [4, 1, 3, 3, 3] by model.json",
+        ),
     ],
 )
 def test_damaged_bundles_are_refused_with_the_file_named(
@@ -162,17 +194,22 @@ def test_pickle_and_foreign_folder_are_refused(samples, tmp_path: Path, capsys: 
     foreign.mkdir()
     (foreign / "config.yaml").write_text("model: unet\n")
     assert _segment(samples["ct_chest_nrrd"].image, "-o", tmp_path / "out.nrrd", "--model", foreign) == 2
-    assert capsys.readouterr().err == (
-        f"scdl segment: error: {foreign} is not an SCDL model bundle: it has no model.json "
-        "(a bundle holds model.json and weights.safetensors).\n"
-    )
+    _assert_one_error_line(capsys.readouterr().err, f"{foreign} is not an SCDL model bundle: it has no model.json")
 
 
-def test_bad_input_and_organ_names_are_user_errors(threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_and_organ_names_are_user_errors(
+    threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert _segment(tmp_path / "missing.nii.gz", "-o", tmp_path / "o.nrrd", "--model", threshold_bundle) == 2
-    assert capsys.readouterr().err == f"scdl segment: error: {tmp_path / 'missing.nii.gz'}: no such file or folder. Check the path.\n"
-    assert _segment(tmp_path / "missing.nii.gz", "-o", tmp_path / "o.nrrd", "--model", threshold_bundle, "--organs", "livr") == 2
-    assert "Unknown organ 'livr' in label table 'synapse13'; did you mean 'liver'?" in capsys.readouterr().err
+    _assert_one_error_line(capsys.readouterr().err, f"{tmp_path / 'missing.nii.gz'}: no such file or folder")
+    assert (
+        _segment(
+            tmp_path / "missing.nii.gz", "-o", tmp_path / "o.nrrd", "--model", threshold_bundle, "--organs", "livr"
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert re.search(r"(?i)unknown organ.*'livr'.*'synapse13'.*did you mean 'liver'", err), err
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(
@@ -184,10 +221,9 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     assert _segment(ct, "-o", tmp_path / "out.txt", "--model", threshold_bundle) == 2
-    assert capsys.readouterr().err == (f"scdl segment: error: {tmp_path / 'out.txt'}: cannot write this file type; "
-                                       "use one of .seg.nrrd, .nii.gz, .nii, .nrrd, .mha.\n")
+    _assert_one_error_line(capsys.readouterr().err, f"{tmp_path / 'out.txt'}: cannot write this file type")
     assert _segment(ct, "-o", blocker / "out.nii.gz", "--model", threshold_bundle) == 2
-    assert capsys.readouterr().err == f"scdl segment: error: Cannot write into {blocker}: {blocker} is a file, not a folder.\n"
+    _assert_one_error_line(capsys.readouterr().err, f"Cannot write into {blocker}: {blocker} is a file, not a folder")
     label = samples["ct_abdomen"].label
     assert main(["evaluate", str(label), str(label), "--json", str(blocker / "scores.json")]) == 1
     err = capsys.readouterr().err
@@ -200,9 +236,11 @@ def test_with_events_a_failure_is_also_an_error_event_on_stdout(
 ) -> None:
     """Programs reading --events get the failure as a JSON line; people get the one line on stderr."""
     missing = tmp_path / "missing"
-    argv = {"segment": ["segment", str(missing), "-o", str(tmp_path / "o.nrrd"), "--model", str(threshold_bundle)],
-            "finetune": ["finetune", "--dataset", str(missing), "--model", str(threshold_bundle)],
-            "train": ["train", "--config", str(missing), "-o", str(tmp_path / "run")]}[command]
+    argv = {
+        "segment": ["segment", str(missing), "-o", str(tmp_path / "o.nrrd"), "--model", str(threshold_bundle)],
+        "finetune": ["finetune", "--dataset", str(missing), "--model", str(threshold_bundle)],
+        "train": ["train", "--config", str(missing), "-o", str(tmp_path / "run")],
+    }[command]
     assert main([*argv, "--events"]) == 2
     out, err = capsys.readouterr()
     (event,) = [json.loads(line) for line in out.splitlines()]
@@ -215,7 +253,7 @@ def test_with_events_an_unexpected_failure_is_an_error_event_and_keeps_its_trace
 ) -> None:
     """A failure that is not bad input (here a stand-in for CUDA running out of memory in the forward pass) still
     reaches a program reading --events as an error event; the exception itself propagates with its traceback."""
-    from scdlcore.infer import Predictor
+    from scdlcore.inference.predictor import Predictor
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -231,7 +269,9 @@ def test_with_events_an_unexpected_failure_is_an_error_event_and_keeps_its_trace
 
 
 @pytest.mark.parametrize("device, accepted", [("cuda:1", True), ("cuda", True), ("gpu", False), ("cuda:x", False)])
-def test_device_takes_auto_cpu_cuda_and_one_gpu_of_several(device: str, accepted: bool, capsys: pytest.CaptureFixture) -> None:
+def test_device_takes_auto_cpu_cuda_and_one_gpu_of_several(
+    device: str, accepted: bool, capsys: pytest.CaptureFixture
+) -> None:
     from scdlcore.cli import build_parser
 
     argv = ["finetune", "--dataset", "d", "--model", "m", "--device", device]
@@ -247,11 +287,13 @@ def test_device_takes_auto_cpu_cuda_and_one_gpu_of_several(device: str, accepted
 @pytest.fixture
 def no_shipped_starter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """For the registry commands: hide the starter model shipped with the package."""
-    monkeypatch.setattr(bundle_module, "STARTER_MODEL_DIR", tmp_path / "no-shipped-starter")
+    monkeypatch.setattr(registry_module, "STARTER_MODEL_DIR", tmp_path / "no-shipped-starter")
 
 
 @pytest.mark.usefixtures("no_shipped_starter")
-def test_models_commands_round_trip(samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_models_commands_round_trip(
+    samples, threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     registry = ["--models-dir", str(tmp_path / "models")]
     assert main(["models", "import", str(threshold_bundle), *registry]) == 0
     assert main(["models", "import", str(threshold_bundle), *registry, "--json"]) == 0
@@ -259,7 +301,9 @@ def test_models_commands_round_trip(samples, threshold_bundle: Path, tmp_path: P
     assert main(["models", "list", *registry, "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert [entry["ref"] for entry in listing] == ["threshold@1", "threshold@2"]
-    assert listing[0]["spacing"] == [6.0, 6.0, 6.0] and listing[0]["labels"]["name"] == "synapse13"  # what the panel shows
+    assert (
+        listing[0]["spacing"] == [6.0, 6.0, 6.0] and listing[0]["labels"]["name"] == "synapse13"
+    )  # what the panel shows
     assert main(["models", "info", "threshold@1", *registry]) == 0
     assert "model:         threshold@1" in capsys.readouterr().out
 
@@ -277,7 +321,9 @@ def test_models_commands_round_trip(samples, threshold_bundle: Path, tmp_path: P
 
 
 @pytest.mark.usefixtures("no_shipped_starter")
-def test_models_import_with_bad_checksum_stores_nothing(threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_models_import_with_bad_checksum_stores_nothing(
+    threshold_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     bundle = Path(shutil.copytree(threshold_bundle, tmp_path / "bundle"))
     meta = json.loads((bundle / "model.json").read_text())
     meta["sha256"]["weights.safetensors"] = "0" * 64

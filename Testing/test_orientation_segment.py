@@ -14,14 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scdlcore.bundle import BundleError, ModelRegistry, load_bundle
-from scdlcore.infer import Predictor
-from scdlcore.io import read_image, read_label_map, resample_onto, write_image
+from scdlcore.bundle.format import BundleError, load_bundle
+from scdlcore.bundle.registry import ModelRegistry
+from scdlcore.inference.predictor import Predictor
+from scdlcore.io.read import read_image
+from scdlcore.io.segnrrd import read_label_map
+from scdlcore.io.volume import resample_onto
+from scdlcore.io.write import write_image
 from scdlcore.labels import SYNAPSE13
 from scdlcore.preprocess import Reorientation
 
 FOLD1_MODEL = Path(__file__).resolve().parent / "data" / "fold1_model"
-TWINS = [((0, 1, 2), flips) for flips in itertools.product([False, True], repeat=3)] + [((2, 0, 1), (False, True, False))]
+TWINS = [((0, 1, 2), flips) for flips in itertools.product([False, True], repeat=3)] + [
+    ((2, 0, 1), (False, True, False))
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +44,11 @@ def reference(samples, starter_predictor):
     return ct, labels
 
 
+@pytest.mark.slow  # runs a real model on real CT
 @pytest.mark.parametrize("axes, flips", TWINS)
-def test_segmenting_a_twin_gives_the_same_organ_voxels_in_physical_space(reference, starter_predictor, tmp_path,
-                                                                         axes, flips):
+def test_segmenting_a_twin_gives_the_same_organ_voxels_in_physical_space(
+    reference, starter_predictor, tmp_path, axes, flips
+):
     ct, expected = reference
     path = tmp_path / "twin.nrrd"
     write_image(path, Reorientation(axes, flips).volume(ct))
@@ -52,6 +60,7 @@ def test_segmenting_a_twin_gives_the_same_organ_voxels_in_physical_space(referen
     np.testing.assert_array_equal(on_reference_grid.array, expected.array)
 
 
+@pytest.mark.slow  # runs a real model on real CT
 def test_a_model_trained_on_ct_abdomen_finds_the_liver_on_the_patients_right_of_the_spleen_on_another_ct(samples):
     """ct_abdomen_dicom is another patient, stored in another axis order (identity direction, ct_abdomen's is
     diag(-1, -1, 1)) and another phase (portal venous); the model never saw it."""
@@ -81,6 +90,9 @@ def test_a_bundle_that_records_no_orientation_is_refused_with_the_reason(thresho
     (legacy / "model.json").write_text(json.dumps(meta))
     bundle = load_bundle(legacy)  # it can still be listed, inspected, exported and removed
     assert bundle.orientation is None
-    with pytest.raises(BundleError, match=r"records no input orientation: it was trained on CTs in their files' own "
-                                          r"axis order.*mirrors the anatomy"):
+    with pytest.raises(
+        BundleError,
+        match=r"records no input orientation: it was trained on CTs in their files' own "
+        r"axis order.*mirrors the anatomy",
+    ):
         Predictor(bundle, "cpu")

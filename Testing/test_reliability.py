@@ -30,14 +30,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scdl_test_support import split_dicom_series, write_raw_nrrd
 
-from scdlcore.bundle import ModelRegistry, load_bundle, save_bundle
+from scdlcore.bundle.format import save_bundle
+from scdlcore.bundle.registry import ModelRegistry
 from scdlcore.cli import main
-from scdlcore.dataset import DatasetStore
+from scdlcore.dataset.store import DatasetStore
 from scdlcore.labels import SYNAPSE13, Label, LabelTable
 from scdlcore.nets import VNet
 from scdlcore.worker import Worker
-from scdl_test_support import split_dicom_series, write_raw_nrrd
 
 TABLE = Path(__file__).with_name("reliability.md")
 WORKER_PREFIX = "worker: "
@@ -59,8 +60,15 @@ def _rows() -> list[Row]:
         if len(cells) != 6 or cells[0] in ("row", "---") or set(cells[0]) <= {"-", "|"}:
             continue
         name, _, command, expected, message, unchanged = cells
-        rows.append(Row(name, command.strip("`"), expected, message,
-                        tuple(part.strip() for part in unchanged.split(",") if part.strip())))
+        rows.append(
+            Row(
+                name,
+                command.strip("`"),
+                expected,
+                message,
+                tuple(part.strip() for part in unchanged.split(",") if part.strip()),
+            )
+        )
     return rows
 
 
@@ -101,8 +109,15 @@ def _not_ct(env: Env) -> Path:
 
 def _bundle(env: Env, name: str, table: LabelTable = SYNAPSE13) -> Path:
     torch.manual_seed(0)
-    return save_bundle(env.root / name, [VNet(num_classes=table.num_classes, width=2)], name=name, labels=table,
-                       spacing=(6.0, 6.0, 6.0), hu_window=(-125, 275), patch_size=(32, 32, 32))
+    return save_bundle(
+        env.root / name,
+        [VNet(num_classes=table.num_classes, width=2)],
+        name=name,
+        labels=table,
+        spacing=(6.0, 6.0, 6.0),
+        hu_window=(-125, 275),
+        patch_size=(32, 32, 32),
+    )
 
 
 def _edit_model_json(bundle: Path, edit: Callable[[dict], None]) -> None:
@@ -126,8 +141,10 @@ def _nan_bundle(env: Env) -> Path:
 
 
 def _table(name: str, names: list[str]) -> LabelTable:
-    return LabelTable(name, tuple(Label(i, organ, organ.title(), (200, 100, 100), "0", organ)
-                                  for i, organ in enumerate(names, start=1)))
+    return LabelTable(
+        name,
+        tuple(Label(i, organ, organ.title(), (200, 100, 100), "0", organ) for i, organ in enumerate(names, start=1)),
+    )
 
 
 def _manifest(env: Env, edit: Callable[[dict], None]) -> Path:
@@ -302,8 +319,10 @@ def _snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones too) with its sha256; the folders themselves as entries."""
     if not folder.exists():
         return {}
-    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
-            for path in sorted(folder.rglob("*"))}
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        for path in sorted(folder.rglob("*"))
+    }
 
 
 def _run_cli(command: str, capsys, caplog) -> tuple[str, str]:
@@ -338,7 +357,11 @@ def _run_worker(request: str, models: Path) -> tuple[str, str]:
     assert events.get(timeout=120)["event"] == "ready"
     requests.put(request + "\n")
     request_id = json.loads(request)["id"]
-    while (event := events.get(timeout=300))["id"] != request_id or event["event"] not in ("result", "error", "cancelled"):
+    while (event := events.get(timeout=300))["id"] != request_id or event["event"] not in (
+        "result",
+        "error",
+        "cancelled",
+    ):
         pass
     requests.put(json.dumps({"protocol": 1, "id": "bye", "command": "shutdown"}) + "\n")
     requests.put(None)
@@ -352,7 +375,7 @@ def test_reliability_row(row: Row, samples, threshold_bundle, tmp_path, monkeypa
     env.paths.update({key: Path(value) for key, value in globals()[row.name](env, monkeypatch).items()})
     before = {name: _snapshot(env.paths[name]) for name in row.unchanged}
     if row.command.startswith(WORKER_PREFIX):
-        outcome, message = _run_worker(env.fill(row.command[len(WORKER_PREFIX):]), env.paths["models"])
+        outcome, message = _run_worker(env.fill(row.command[len(WORKER_PREFIX) :]), env.paths["models"])
     else:
         outcome, message = _run_cli(env.fill(row.command), capsys, caplog)
     monkeypatch.undo()  # the simulated full disk ends with the command
@@ -364,8 +387,11 @@ def test_reliability_row(row: Row, samples, threshold_bundle, tmp_path, monkeypa
 
 
 def test_every_row_has_its_input_and_every_input_its_row():
-    inputs = {name for name, value in globals().items() if inspect.isfunction(value) and value.__module__ == __name__
-              and not name.startswith(("_", "test_"))}
+    inputs = {
+        name
+        for name, value in globals().items()
+        if inspect.isfunction(value) and value.__module__ == __name__ and not name.startswith(("_", "test_"))
+    }
     assert {row.name for row in ROWS} == inputs and len(ROWS) >= 25
 
 
@@ -389,17 +415,29 @@ def test_an_import_removes_what_a_killed_import_left(threshold_bundle, tmp_path)
     assert [entry.ref for entry in registry.list() if not entry.builtin] == ["threshold@1", "threshold@2"]
 
 
+@pytest.mark.slow  # trains
 def test_a_run_removes_the_checkpoint_a_killed_run_was_writing(tmp_path, samples):
     """The run folder as a kill -9 mid-checkpoint leaves it: the next run there removes the half-written file."""
-    from scdlcore.config import Config
-    from scdlcore.train import Trainer
+    from scdlcore.training.config import Config
+    from scdlcore.training.trainer import Trainer
 
     store = DatasetStore.init(tmp_path / "dataset")
     store.add(samples["ct_abdomen"].image, samples["ct_abdomen"].label, case_id="abdomen", source="test")
-    config = Config().with_overrides({
-        "data.dataset": str(tmp_path / "dataset"), "data.spacing": [6.0, 6.0, 6.0], "network.width": 2,
-        "ssl.base": "supervised", "scdl.enabled": False, "train.patch_size": [32, 32, 32], "train.labeled_batch": 1,
-        "train.unlabeled_batch": 0, "train.steps": 2, "train.val_every": 0, "train.device": "cpu"})
+    config = Config().with_overrides(
+        {
+            "data.dataset": str(tmp_path / "dataset"),
+            "data.spacing": [6.0, 6.0, 6.0],
+            "network.width": 2,
+            "ssl.base": "supervised",
+            "scdl.enabled": False,
+            "train.patch_size": [32, 32, 32],
+            "train.labeled_batch": 1,
+            "train.unlabeled_batch": 0,
+            "train.steps": 2,
+            "train.val_every": 0,
+            "train.device": "cpu",
+        }
+    )
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
     stale = checkpoints / f".scdl-tmp-{_dead_pid()}-0badc0de-last.safetensors"

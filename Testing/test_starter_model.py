@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from scdlcore.bundle import STARTER_MODEL_DIR, ModelRegistry
+from scdlcore.bundle.registry import STARTER_MODEL_DIR, ModelRegistry
 from scdlcore.cli import main
 
 
@@ -38,6 +38,7 @@ def test_the_starter_is_registered_by_default_and_says_what_it_is(registry: Mode
     assert folds == {("ct_abdomen",): "ct_abdomen_dicom", ("ct_abdomen_dicom",): "ct_abdomen"}
 
 
+@pytest.mark.slow  # the starter model on real CT
 @pytest.mark.parametrize("case, organs_present", [("ct_abdomen", 12), ("ct_abdomen_dicom", 8)])
 def test_segmenting_each_labeled_ct_reproduces_the_recorded_dice(
     registry: ModelRegistry, samples, tmp_path: Path, capsys: pytest.CaptureFixture, case: str, organs_present: int

@@ -24,8 +24,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "atomic_write", "atomic_write_text", "fsync_file", "remove_stale_temporaries",
-           "temporary_sibling"]
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_write",
+    "atomic_write_text",
+    "fsync_file",
+    "remove_stale_temporaries",
+    "temporary_sibling",
+]
 
 #: Start of every temporary name (hidden on POSIX).
 TEMP_PREFIX = ".scdl-tmp-"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-__all__ = ["PROTOCOL_VERSION", "Progress", "to_jsonable"]
+__all__ = ["PROTOCOL_VERSION", "Progress", "to_jsonable", "write_event"]
 
 PROTOCOL_VERSION = 1
 _log = logging.getLogger("scdl")
@@ -75,22 +75,27 @@ class Progress:
                 self._bar.set_postfix(_short(fields), refresh=False)
         else:
             eta = self.eta_seconds()
-            self.emit("progress", step=done, total=self.total, progress=done / max(self.total, 1),
-                      eta_s=None if eta is None else round(eta, 1), **fields)
+            self.emit(
+                "progress",
+                step=done,
+                total=self.total,
+                progress=done / max(self.total, 1),
+                eta_s=None if eta is None else round(eta, 1),
+                **fields,
+            )
 
     def emit(self, event: str, **fields: Any) -> None:
         """Report a notable event (``validation``, ``result``, ``error``...)."""
         if not self.enabled:
             return
         if self.json_lines:
-            record = {"protocol": PROTOCOL_VERSION, "id": self.request_id, "event": event, "stage": self.stage,
-                      **self.context, **fields}
-            self.stream.write(json.dumps(to_jsonable(record)) + "\n")
-            self.stream.flush()
+            write_event(self.stream, self.request_id, event, stage=self.stage, **self.context, **fields)
         elif event != "progress":
             message = fields.get("message") or ", ".join(f"{k}={v}" for k, v in _short(fields).items())
             if self._bar is not None:
-                self._bar.write(f"[{event}] {message}", file=sys.stderr)  # where the bar is, so neither garbles the other
+                self._bar.write(
+                    f"[{event}] {message}", file=sys.stderr
+                )  # where the bar is, so neither garbles the other
             else:
                 _log.info("[%s] %s", event, message)
 
@@ -98,6 +103,13 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def write_event(stream: IO[str], request_id: str | None, event: str, **fields: Any) -> None:
+    """One JSON-lines event record, the protocol's only shape: ``{"protocol", "id", "event", **fields}``."""
+    record = {"protocol": PROTOCOL_VERSION, "id": request_id, "event": event, **fields}
+    stream.write(json.dumps(to_jsonable(record)) + "\n")
+    stream.flush()
 
 
 def to_jsonable(value: Any) -> Any:

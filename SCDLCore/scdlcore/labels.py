@@ -9,7 +9,9 @@ SNOMED CT, as Slicer's terminology module expects them.
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -87,10 +89,37 @@ class LabelTable:
         try:
             return self._by_name[name]
         except KeyError:
-            raise KeyError(f"Unknown organ {name!r} in label table {self.name!r}; known: {', '.join(self.names)}.") from None
+            raise KeyError(
+                f"Unknown organ {name!r} in label table {self.name!r}; known: {', '.join(self.names)}."
+            ) from None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def check_organs(self, names: Iterable[str], what: str = "organ") -> list[str]:
+        """``names`` in table order, each checked to be an organ's machine name.
+
+        Raises:
+            ValueError: an unknown name; the message suggests the closest organ and lists them all.
+        """
+        names = list(names)
+        unknown = [name for name in names if name not in self._by_name]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], self.names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Unknown {what}(s) {', '.join(map(repr, unknown))} in label table {self.name!r}.{hint} "
+                f"Organs: {', '.join(self.names)}."
+            )
+        return [name for name in self.names if name in names]
+
+    def find(self, name: str) -> Label | None:
+        """The organ a person's segment name means: its machine or display name, ignoring case and treating
+        spaces, ``_`` and ``-`` alike ("Kidney right", "kidney_right" and "kidney-right" are one organ)."""
+        wanted = _name_key(name)
+        return next(
+            (label for label in self.labels if wanted in (_name_key(label.name), _name_key(label.display_name))), None
+        )
 
     def class_index(self, name: str) -> int:
         """Network channel of an organ (1..C-1; 0 is background)."""
@@ -172,6 +201,10 @@ class LabelTable:
         )
 
 
+def _name_key(name: str) -> str:
+    return " ".join(re.split(r"[\s_\-]+", name.strip().lower()))
+
+
 def _label(value: int, name: str, display: str, color: Iterable[int], code: str, meaning: str) -> Label:
     return Label(value, name, display, tuple(color), code, meaning)  # type: ignore[arg-type]
 
@@ -242,8 +275,11 @@ def table_differences(table: LabelTable, reference: LabelTable) -> list[str]:
     ours = {label.name: label.value for label in table.labels}
     theirs = {label.name: label.value for label in reference.labels}
     where = f"{reference.name!r}"
-    problems = [f"{name}: value {ours[name]} here, {theirs[name]} in {where}"
-                for name in ours if name in theirs and ours[name] != theirs[name]]
+    problems = [
+        f"{name}: value {ours[name]} here, {theirs[name]} in {where}"
+        for name in ours
+        if name in theirs and ours[name] != theirs[name]
+    ]
     problems += [f"{name} is not in {where}" for name in ours if name not in theirs]
     problems += [f"{name} of {where} is missing" for name in theirs if name not in ours]
     if not problems and table.names != reference.names:
@@ -270,8 +306,10 @@ def check_builtin_name(table: LabelTable) -> None:
         return
     differences = differences_text(table, builtin)
     if differences:
-        raise ValueError(f"its label table is named {table.name!r}, a built-in table, but differs from it "
-                         f"({differences}). Give a custom table its own name.")
+        raise ValueError(
+            f"its label table is named {table.name!r}, a built-in table, but differs from it "
+            f"({differences}). Give a custom table its own name."
+        )
 
 
 def map_label_values(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:

@@ -32,10 +32,19 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from scdlcore.io import Volume
+from scdlcore.io.volume import Volume
 
-__all__ = ["BODY_SEARCH_MM", "CANONICAL_ORIENTATION", "NetworkInput", "Preprocessing", "Reorientation", "body_bbox",
-           "crop", "hu_window", "resample_to_spacing"]
+__all__ = [
+    "BODY_SEARCH_MM",
+    "CANONICAL_ORIENTATION",
+    "NetworkInput",
+    "Preprocessing",
+    "Reorientation",
+    "body_bbox",
+    "crop",
+    "hu_window",
+    "resample_to_spacing",
+]
 
 #: body_bbox looks for the body on voxels about this far apart (mm).
 BODY_SEARCH_MM = 4.0
@@ -55,8 +64,10 @@ def orientation_directions(code: str) -> np.ndarray:
     code = str(code).upper()
     columns = np.array([_SIDE_LPS.get(c, (0, 0, 0)) for c in code], dtype=float).T
     if len(code) != 3 or not np.array_equal(np.abs(columns).sum(axis=1), [1, 1, 1]):
-        raise ValueError(f"Orientation {code!r} is not three letters naming each body axis once: one of R/L, "
-                         "one of A/P, one of S/I (e.g. 'RAS').")
+        raise ValueError(
+            f"Orientation {code!r} is not three letters naming each body axis once: one of R/L, "
+            "one of A/P, one of S/I (e.g. 'RAS')."
+        )
     return columns
 
 
@@ -218,9 +229,7 @@ def crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
     return Volume(volume.array[box], volume.spacing, tuple(origin[:3]), volume.direction)
 
 
-def body_bbox(
-    image: Volume, threshold_hu: float = -500.0, margin_mm: float = 10.0
-) -> tuple[slice, slice, slice]:
+def body_bbox(image: Volume, threshold_hu: float = -500.0, margin_mm: float = 10.0) -> tuple[slice, slice, slice]:
     """Bounding box of the body: the largest connected region above ``threshold_hu``, plus a margin.
 
     The largest component leaves out the scanner table, clothes and noise when they do not touch the

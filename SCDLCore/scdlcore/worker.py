@@ -1,7 +1,7 @@
 """``scdl worker``: a long-lived process that keeps a model loaded and answers JSON-lines requests.
 
 The 3D Slicer panel starts one worker and talks to it over stdin/stdout (protocol version 1, see the
-README's "Worker protocol" section for a transcript). One request per line in, one event per line out;
+README's "Worker protocol (version 1)" section for a transcript). One request per line in, one event per line out;
 every event carries the request's ``id``. Jobs (segment, add_case, finetune) queue and run one at a time,
 in the order they came, in a job thread, so ``status`` and ``cancel`` are answered while they run or wait;
 fine-tuning runs ``scdl finetune`` in a child process whose events are forwarded with the request id, so the
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .events import PROTOCOL_VERSION, Progress, to_jsonable
+from scdlcore.events import PROTOCOL_VERSION, Progress, write_event
 
 __all__ = ["Worker"]
 
@@ -33,8 +33,14 @@ Job = Callable[[], Ending]
 #: Per command, its fields: (type, required). Anything else in a request is ignored.
 _FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "segment": {"input": (str, True), "output": (str, True), "organs": (list, False), "collect": (str, False)},
-    "add_case": {"dataset": (str, True), "image": (str, True), "label": (str, False), "reviewed": (list, False),
-                 "case_id": (str, False), "source": (str, False)},
+    "add_case": {
+        "dataset": (str, True),
+        "image": (str, True),
+        "label": (str, False),
+        "reviewed": (list, False),
+        "case_id": (str, False),
+        "source": (str, False),
+    },
     "finetune": {"dataset": (str, True), "steps": (int, False), "model": (str, False), "device": (str, False)},
     "cancel": {"target": (str, True)},
 }
@@ -87,9 +93,9 @@ class Worker:
         """Load the model, announce ``ready``, answer requests until ``shutdown`` or end of input."""
         import torch
 
-        from .bundle import ModelRegistry
-        from .infer import Predictor
-        from .train import resolve_device
+        from scdlcore.bundle.registry import ModelRegistry
+        from scdlcore.device import resolve_device
+        from scdlcore.inference.predictor import Predictor
 
         try:
             self.bundle = ModelRegistry(self.models_dir).resolve(self.model_ref)
@@ -99,9 +105,18 @@ class Worker:
             self.emit(None, "error", message=str(err) or type(err).__name__, fatal=True)
             return 2
         cuda = self.device.type == "cuda"
-        self.emit(None, "ready", model=self.bundle.ref, device=self.device.type, torch=torch.__version__, cuda=cuda,
-                  gpu=torch.cuda.get_device_name(self.device) if cuda else None,
-                  gpu_memory_gb=round(torch.cuda.get_device_properties(self.device).total_memory / 2**30, 1) if cuda else None)
+        self.emit(
+            None,
+            "ready",
+            model=self.bundle.ref,
+            device=self.device.type,
+            torch=torch.__version__,
+            cuda=cuda,
+            gpu=torch.cuda.get_device_name(self.device) if cuda else None,
+            gpu_memory_gb=round(torch.cuda.get_device_properties(self.device).total_memory / 2**30, 1)
+            if cuda
+            else None,
+        )
         self._job_thread.start()
         for line in self.stdin:
             if not line.strip():
@@ -112,13 +127,21 @@ class Worker:
                 if not isinstance(command, str) or not isinstance(request_id, (str, type(None))):
                     raise TypeError
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-                self.emit(None, "error", message=f"Not a request (a JSON object with \"id\" and \"command\" strings): {line.strip()[:200]}")
+                self.emit(
+                    None,
+                    "error",
+                    message=f'Not a request (a JSON object with "id" and "command" strings): {line.strip()[:200]}',
+                )
                 continue
             protocol = request.get("protocol", PROTOCOL_VERSION)
             if protocol != PROTOCOL_VERSION:
-                self.emit(request_id, "error", message=f"The request speaks protocol {json.dumps(protocol)[:20]}; this "
-                          f"worker speaks protocol {PROTOCOL_VERSION}. Update SCDL Segment so that the panel and "
-                          "the engine match.")
+                self.emit(
+                    request_id,
+                    "error",
+                    message=f"The request speaks protocol {json.dumps(protocol)[:20]}; this "
+                    f"worker speaks protocol {PROTOCOL_VERSION}. Update SCDL Segment so that the panel and "
+                    "the engine match.",
+                )
                 continue
             if command == "shutdown":
                 self._close_jobs()
@@ -126,7 +149,11 @@ class Worker:
                 return 0
             handler = self._handlers.get(command)
             if handler is None:
-                self.emit(request_id, "error", message=f"Unknown command {command!r}; known: {', '.join([*self._handlers, 'shutdown'])}.")
+                self.emit(
+                    request_id,
+                    "error",
+                    message=f"Unknown command {command!r}; known: {', '.join([*self._handlers, 'shutdown'])}.",
+                )
                 continue
             try:
                 _check_fields(command, request)
@@ -138,22 +165,30 @@ class Worker:
         return 0
 
     def emit(self, request_id: str | None, event: str, **fields: Any) -> None:
-        record = {"protocol": PROTOCOL_VERSION, "id": request_id, "event": event, **fields}
-        self.out.write(json.dumps(to_jsonable(record)) + "\n")
+        write_event(self.out, request_id, event, **fields)
 
     # --- requests -------------------------------------------------------------------------------------
     def _start_segment(self, request_id: str, request: dict[str, Any]) -> None:
         def segment() -> Ending:
-            from .infer import organ_volumes_ml
+            from scdlcore.inference.predictor import organ_volumes_ml
 
             start = time.monotonic()
             progress = Progress(100, "segment", json_lines=True, stream=self.out, request_id=request_id)  # type: ignore[arg-type]
-            labels = self.predictor.predict_file(request["input"], request["output"], organs=request.get("organs"),
-                                                 progress=progress, cancel=self._cancel)
+            labels = self.predictor.predict_file(
+                request["input"],
+                request["output"],
+                organs=request.get("organs"),
+                progress=progress,
+                cancel=self._cancel,
+            )
             volumes = organ_volumes_ml(labels, self.bundle.labels)
-            result = {"output": request["output"], "volumes_ml": volumes,
-                      "organs_found": sum(volume > 0 for volume in volumes.values()),
-                      "seconds": round(time.monotonic() - start, 2), "model": self.bundle.ref}
+            result = {
+                "output": request["output"],
+                "volumes_ml": volumes,
+                "organs_found": sum(volume > 0 for volume in volumes.values()),
+                "seconds": round(time.monotonic() - start, 2),
+                "model": self.bundle.ref,
+            }
             if request.get("collect"):
                 progress.stage = "collect"
                 progress.update(progress.total)  # tells the panel what the last seconds are spent on
@@ -167,7 +202,8 @@ class Worker:
 
         A failure is reported in the result, not raised: the segmentation itself succeeded.
         """
-        from .dataset import CTAlreadyStored, DatasetStore
+        from scdlcore.dataset.manifest import CTAlreadyStored
+        from scdlcore.dataset.store import DatasetStore
 
         try:
             with DatasetStore.created_for(Path(dataset), labels=self.bundle.labels.name) as store:
@@ -181,30 +217,49 @@ class Worker:
 
     def _start_add_case(self, request_id: str, request: dict[str, Any]) -> None:
         def add_case() -> Ending:
-            from .dataset import DatasetStore
+            from scdlcore.dataset.store import DatasetStore
 
             label = request.get("label")
             with DatasetStore.created_for(Path(request["dataset"]), labels=self.bundle.labels.name) as store:
                 before = {case.id: case.status for case in store.cases()}
-                case = store.add(request["image"], label, case_id=request.get("case_id"),
-                                 reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
-                                 source=request.get("source") or "3D Slicer", model=self.bundle.ref)
-            return "result", {"case_id": case.id, "labeled": case.is_labeled, "previous": before.get(case.id),
-                              "counts": store.counts()}
+                case = store.add(
+                    request["image"],
+                    label,
+                    case_id=request.get("case_id"),
+                    reviewed=request.get("reviewed") if label else None,  # an unlabeled case reviews nothing
+                    source=request.get("source") or "3D Slicer",
+                    model=self.bundle.ref,
+                )
+            return "result", {
+                "case_id": case.id,
+                "labeled": case.is_labeled,
+                "previous": before.get(case.id),
+                "counts": store.counts(),
+            }
 
         self._run_job(request_id, add_case)
 
     def _start_finetune(self, request_id: str, request: dict[str, Any]) -> None:
-        command = [sys.executable, "-m", "scdlcore", "finetune", "--dataset", request["dataset"],
-                   "--model", request.get("model") or self.bundle.ref,
-                   "--device", request.get("device") or self.device_name, "--events"]
+        command = [
+            sys.executable,
+            "-m",
+            "scdlcore",
+            "finetune",
+            "--dataset",
+            request["dataset"],
+            "--model",
+            request.get("model") or self.bundle.ref,
+            "--device",
+            request.get("device") or self.device_name,
+            "--events",
+        ]
         if request.get("steps") is not None:  # else scdl finetune's default
             command += ["--steps", str(request["steps"])]
         if self.models_dir:
             command += ["--models-dir", self.models_dir]
 
         def finetune() -> Ending:  # the child's own result, error or cancelled event ends the request
-            from .infer import InferenceCancelled
+            from scdlcore.inference.predictor import InferenceCancelled
 
             with self._jobs_changed:  # a cancel that came before the child existed still stops it
                 self._child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -280,7 +335,7 @@ class Worker:
 
     @staticmethod
     def _run_one(work: Job) -> Ending:
-        from .infer import InferenceCancelled
+        from scdlcore.inference.predictor import InferenceCancelled
 
         try:
             return work()
@@ -318,9 +373,15 @@ def _check_fields(command: str, request: dict[str, Any]) -> None:
         if value is None:
             if required:
                 raise ValueError(f"Request {command!r} lacks the field {name!r}.")
-        elif isinstance(value, bool) or not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        elif (
+            isinstance(value, bool)
+            or not isinstance(value, kind)
+            or (kind is list and not all(isinstance(v, str) for v in value))
+        ):
             wanted = {str: "a string", int: "a whole number", list: "a list of strings"}[kind]
-            raise ValueError(f"Request {command!r}: the field {name!r} must be {wanted}, got {json.dumps(value)[:100]}.")
+            raise ValueError(
+                f"Request {command!r}: the field {name!r} must be {wanted}, got {json.dumps(value)[:100]}."
+            )
 
 
 def main(model: str, device: str, models_dir: str | None) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scdl_test_support import sample_cache_dir, samples  # noqa: F401  (shared fixtures)
 
-from scdlcore.io import Volume
+from scdlcore.io.volume import Volume
 
 #: Geometry of the synthetic volumes: non-cubic, anisotropic, oblique, off-centre.
 SYNTHETIC_SHAPE = (10, 20, 30)  # (D, H, W)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from scdlcore.labels import SYNAPSE13

@@ -6,8 +6,9 @@ The networks here are tiny random VNets (width 2): test fixtures, not models.
 from __future__ import annotations
 
 import json
-import zipfile
+import re
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from scdlcore import bundle as bundle_module
-from scdlcore.bundle import (
-    BundleError,
-    ModelRegistry,
-    copy_bundle,
-    default_models_dir,
-    load_bundle,
-    save_bundle,
-)
+from scdlcore.bundle import registry as registry_module
+from scdlcore.bundle.format import BundleError, copy_bundle, load_bundle, save_bundle
+from scdlcore.bundle.registry import ModelRegistry, default_models_dir
 from scdlcore.labels import SYNAPSE13
 from scdlcore.nets import VNet
 
@@ -33,7 +28,7 @@ META = dict(name="tiny", labels=SYNAPSE13, spacing=(6.0, 6.0, 6.0), hu_window=(-
 @pytest.fixture(autouse=True)
 def no_shipped_starter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests are about user-installed models: hide the starter model shipped with the package."""
-    monkeypatch.setattr(bundle_module, "STARTER_MODEL_DIR", tmp_path / "no-shipped-starter")
+    monkeypatch.setattr(registry_module, "STARTER_MODEL_DIR", tmp_path / "no-shipped-starter")
 
 
 @pytest.fixture
@@ -80,6 +75,7 @@ def test_round_trip_restores_weights_metadata_and_eval_mode(bundle_dir: Path, ne
     assert len(bundle.build_networks("cpu", count=1)) == 1
 
 
+@pytest.mark.slow
 def test_half_precision_weights_halve_the_file_and_load_as_float32(tmp_path: Path, networks: list[VNet]) -> None:
     full = save_bundle(tmp_path / "full", networks, **META) / "weights.safetensors"
     half = save_bundle(tmp_path / "half", networks, weights_dtype=torch.float16, **META)
@@ -126,6 +122,7 @@ def test_archive_holds_the_same_bundle(tmp_path: Path, networks: list[VNet]) -> 
     assert all(torch.equal(weights[k], v) for k, v in networks[1].state_dict().items())
 
 
+@pytest.mark.slow
 def test_saving_unwraps_compiled_and_ddp_networks(tmp_path: Path, networks: list[VNet]) -> None:
     wrapped = [torch.compile(networks[0]), _DDPStandIn(networks[1])]
     folder = save_bundle(tmp_path / "wrapped", wrapped, **META)
@@ -145,7 +142,8 @@ def test_saving_replaces_an_existing_bundle_whole(bundle_dir: Path, networks: li
 def test_corrupt_safetensors_is_refused(bundle_dir: Path) -> None:
     weights = bundle_dir / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(BundleError, match=rf"^weights\.safetensors in {bundle_dir} is not a valid safetensors file \("):
+    problem = rf"^weights\.safetensors in {re.escape(str(bundle_dir))} is not a valid safetensors file"
+    with pytest.raises(BundleError, match=problem):
         load_bundle(bundle_dir)
 
 
@@ -158,7 +156,9 @@ def test_changed_weights_fail_the_checksum(bundle_dir: Path) -> None:
 def test_model_json_not_matching_the_weights_is_refused(bundle_dir: Path) -> None:
     meta = json.loads((bundle_dir / "model.json").read_text())
     _edit_meta(bundle_dir, networks=[{**net, "width": 4} for net in meta["networks"]])
-    with pytest.raises(BundleError, match=r"does not match the networks described in model\.json: shape mismatch: net0\."):
+    with pytest.raises(
+        BundleError, match=r"does not match the networks described in model\.json: shape mismatch: net0\."
+    ):
         load_bundle(bundle_dir)
     _edit_meta(bundle_dir, networks=meta["networks"][:1])
     with pytest.raises(BundleError, match=r"unexpected keys: net1\.decoders"):
@@ -169,7 +169,9 @@ def test_model_json_not_matching_the_weights_is_refused(bundle_dir: Path) -> Non
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_weights_holding_nan_or_inf_are_refused_on_load_and_import(tmp_path: Path, networks: list[VNet], bad: float) -> None:
+def test_weights_holding_nan_or_inf_are_refused_on_load_and_import(
+    tmp_path: Path, networks: list[VNet], bad: float
+) -> None:
     """A diverged model (checksum updated to match) must not load: it would segment nothing, with exit code 0."""
     with torch.no_grad():
         networks[0].head.weight[3, 0] = bad
@@ -185,7 +187,7 @@ def test_weights_holding_nan_or_inf_are_refused_on_load_and_import(tmp_path: Pat
 def test_pickle_checkpoints_are_refused(tmp_path: Path, networks: list[VNet]) -> None:
     checkpoint = tmp_path / "model.pt"
     torch.save(networks[0].state_dict(), checkpoint)
-    with pytest.raises(BundleError, match=rf"^{checkpoint} is a pickle file; SCDL loads weights only from safetensors bundles"):
+    with pytest.raises(BundleError, match=rf"^{re.escape(str(checkpoint))} is a pickle file"):
         load_bundle(checkpoint)
     with pytest.raises(BundleError, match=r"it has no model\.json .* It holds model\.pt: SCDL loads weights only"):
         load_bundle(tmp_path)
@@ -194,7 +196,10 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, networks: list[VNet]) ->
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"format": "monai-bundle"}, r"is not an SCDL model description \(format 'monai-bundle', expected 'scdl-bundle'\)"),
+        (
+            {"format": "monai-bundle"},
+            r"is not an SCDL model description \(format 'monai-bundle', expected 'scdl-bundle'\)",
+        ),
         ({"format_version": 2}, r"has format_version 2; this SCDLCore reads format_version 1"),
         ({"ensemble": "vote"}, r"ensemble must be one of mean, first, got 'vote'"),
         ({"name": "a@b"}, r"name 'a@b' must be letters"),
@@ -202,15 +207,18 @@ def test_pickle_checkpoints_are_refused(tmp_path: Path, networks: list[VNet]) ->
 )
 def test_bad_model_json_is_refused_with_its_file(bundle_dir: Path, changes: dict, message: str) -> None:
     _edit_meta(bundle_dir, **changes)
-    with pytest.raises(BundleError, match=rf"^model\.json in {bundle_dir}.*{message}"):
+    with pytest.raises(BundleError, match=rf"^model\.json in {re.escape(str(bundle_dir))}.*{message}"):
         load_bundle(bundle_dir)
 
 
 def test_foreign_folder_and_file_are_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(BundleError, match=rf"^{tmp_path} is not an SCDL model bundle: it has no model\.json"):
+    problem = rf"^{re.escape(str(tmp_path))} is not an SCDL model bundle: it has no model\.json"
+    with pytest.raises(BundleError, match=problem):
         load_bundle(tmp_path)
-    with pytest.raises(BundleError, match=r"notes\.txt is not an SCDL model bundle: expected a folder or a \.scdlmodel"):
+    with pytest.raises(
+        BundleError, match=r"notes\.txt is not an SCDL model bundle: expected a folder or a \.scdlmodel"
+    ):
         load_bundle(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_bundle(tmp_path / "missing")
@@ -240,14 +248,17 @@ def test_registry_import_list_resolve_export_remove(tmp_path: Path, bundle_dir: 
         registry.remove("tiny")
 
 
-@pytest.mark.parametrize("entry", [
-    {"name": "evil", "version": 1, "folder": "../victim"},  # remove would delete a folder outside the registry
-    {"name": "evil", "version": 1, "folder": "/tmp/victim"},
-    {"name": "evil", "version": 1},
-    {"name": "ev/il", "version": 1, "folder": "ev/il/1"},
-    {"name": "evil", "version": "1", "folder": "evil/1"},
-    7,
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "evil", "version": 1, "folder": "../victim"},  # remove would delete a folder outside the registry
+        {"name": "evil", "version": 1, "folder": "/tmp/victim"},
+        {"name": "evil", "version": 1},
+        {"name": "ev/il", "version": 1, "folder": "ev/il/1"},
+        {"name": "evil", "version": "1", "folder": "evil/1"},
+        7,
+    ],
+)
 def test_a_tampered_registry_index_is_refused_and_nothing_outside_it_is_touched(
     tmp_path: Path, bundle_dir: Path, entry: object
 ) -> None:
@@ -274,7 +285,7 @@ def test_a_damaged_archive_is_named_not_a_traceback(tmp_path: Path, bundle_dir: 
     data = bytearray(archive.read_bytes())
     # Inside the stored weights, past the member's local header (30 bytes + name + extra): the CRC no longer matches.
     start = member.header_offset + 30 + len(member.filename) + len(member.extra) + 200
-    data[start:start + 64] = bytes(64)
+    data[start : start + 64] = bytes(64)
     archive.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"tiny\.scdlmodel is damaged \(Bad CRC-32"):
         load_bundle(archive)
@@ -290,6 +301,7 @@ def test_import_with_checksum_mismatch_stores_nothing(tmp_path: Path, bundle_dir
     assert stored == []
 
 
+@pytest.mark.slow
 def test_concurrent_imports_get_distinct_versions(tmp_path: Path, bundle_dir: Path) -> None:
     registry = ModelRegistry(tmp_path / "registry")
     threads = [threading.Thread(target=registry.import_, args=(bundle_dir,)) for _ in range(4)]
@@ -313,7 +325,7 @@ def test_shipped_starter_model_resolves_and_cannot_be_removed(
     tmp_path: Path, networks: list[VNet], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     starter = save_bundle(tmp_path / "starter_model", networks[:1], **{**META, "name": "starter"})
-    monkeypatch.setattr(bundle_module, "STARTER_MODEL_DIR", starter)
+    monkeypatch.setattr(registry_module, "STARTER_MODEL_DIR", starter)
     registry = ModelRegistry(tmp_path / "registry")
     assert registry.resolve("starter").path == starter
     assert [(entry.ref, entry.builtin) for entry in registry.list()] == [("starter@1", True)]

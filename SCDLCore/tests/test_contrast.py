@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from scdlcore.config import DataConfig
-from scdlcore.contrast import PHASE_HU, PHASES, ContrastPhase, class_hu_rows
-from scdlcore.data import prepare_case
-from scdlcore.dataset import DatasetStore
+from scdlcore.dataset.store import DatasetStore
 from scdlcore.labels import SYNAPSE13
+from scdlcore.training.cache import prepare_case
+from scdlcore.training.config import DataConfig
+from scdlcore.training.contrast import PHASE_HU, PHASES, ContrastPhase, class_hu_rows
 
 WINDOW = (-150.0, 450.0)
 AORTA, KIDNEY, LIVER = (SYNAPSE13.class_index(n) for n in ("aorta", "kidney_right", "liver"))
@@ -41,9 +41,12 @@ def test_every_organ_moves_into_its_range_of_the_drawn_phase():
         out = augment(images, labels, class_hu, torch.Generator().manual_seed(seed))
         hu = out[0, 0] * (WINDOW[1] - WINDOW[0]) + WINDOW[0]
         aorta, kidney = float(hu[6, 6, 6]), float(hu[18, 18, 18])  # cube centres: no blur reaches them
-        matches = [p for p in range(len(PHASES))
-                   if PHASE_HU["aorta"][p][0] - 1e-3 <= aorta <= PHASE_HU["aorta"][p][1] + 1e-3
-                   and PHASE_HU["kidney_right"][p][0] - 1e-3 <= kidney <= PHASE_HU["kidney_right"][p][1] + 1e-3]
+        matches = [
+            p
+            for p in range(len(PHASES))
+            if PHASE_HU["aorta"][p][0] - 1e-3 <= aorta <= PHASE_HU["aorta"][p][1] + 1e-3
+            and PHASE_HU["kidney_right"][p][0] - 1e-3 <= kidney <= PHASE_HU["kidney_right"][p][1] + 1e-3
+        ]
         assert matches, (aorta, kidney)  # one phase explains both organs
         seen_phases.update(matches)
         assert float(out[0, 0, 0, 23, 0]) == pytest.approx(to_window(-100.0))  # background far away: unchanged
@@ -53,7 +56,9 @@ def test_every_organ_moves_into_its_range_of_the_drawn_phase():
 def test_borders_blend_instead_of_stepping():
     images, labels, class_hu = patch()
     augment = ContrastPhase(SYNAPSE13, WINDOW, prob=1.0)
-    shifts = [(augment(images, labels, class_hu, torch.Generator().manual_seed(seed)) - images)[0, 0] for seed in range(12)]
+    shifts = [
+        (augment(images, labels, class_hu, torch.Generator().manual_seed(seed)) - images)[0, 0] for seed in range(12)
+    ]
     shift = max(shifts, key=lambda s: float(s[6, 6, 6]))  # an enhanced aorta: a large step to blend
     inside, edge, outside = float(shift[6, 6, 6]), float(shift[6, 6, 9]), float(shift[6, 6, 10])
     assert inside > 0.2  # over 120 HU
@@ -77,7 +82,7 @@ def test_the_draws_are_fixed_by_the_generator_seed():
 
 
 def test_prepared_training_cases_carry_their_organs_real_median_hu(samples, tmp_path):
-    """ct_abdomen is a non-contrast CT: its liver has a median of about 46 HU (ACCURACY.md)."""
+    """ct_abdomen is a non-contrast CT: its liver has a median of about 46 HU (SCDLCore/docs/ACCURACY.md)."""
     store = DatasetStore.init(tmp_path / "store")
     case = store.add(samples["ct_abdomen"].image, samples["ct_abdomen"].label, case_id="abdomen", source="test")
     prepared = prepare_case(store.dataset(), case, DataConfig(spacing=(3.0, 3.0, 3.0)), cache_dir=tmp_path / "cache")

@@ -26,21 +26,17 @@ import pytest
 import torch
 
 import scdlcore
-from scdlcore import dataset as dataset_module
 from scdlcore._atomic import TEMP_PREFIX
 from scdlcore._filelock import file_lock
-from scdlcore.bundle import save_bundle
+from scdlcore.bundle.format import save_bundle
 from scdlcore.cli import main
-from scdlcore.dataset import (
-    LOCK_NAME,
-    MANIFEST_NAME,
-    DatasetError,
-    DatasetStore,
-    _disagreement,
-    _entropy,
-    load_dataset,
-)
-from scdlcore.io import Volume, read_image, read_label, write_image, write_label
+from scdlcore.dataset import store as store_module
+from scdlcore.dataset.manifest import LOCK_NAME, MANIFEST_NAME, DatasetError, load_dataset
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.dataset.suggestions import _disagreement, _entropy
+from scdlcore.io.read import read_image, read_label
+from scdlcore.io.volume import Volume
+from scdlcore.io.write import write_image, write_label
 from scdlcore.labels import SYNAPSE13
 from scdlcore.nets import VNet
 from scdlcore.sample_data import Sample
@@ -77,8 +73,8 @@ def replace(src, dst):
     time.sleep(0.05)
     real_replace(src, dst)
 os.replace = replace
-from scdlcore.dataset import DatasetStore
-from scdlcore.io import read_image
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.io.read import read_image
 store = DatasetStore(sys.argv[1])
 ct = read_image(sys.argv[2])
 for n in range(3):
@@ -110,7 +106,10 @@ def one_thread() -> Iterator[None]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def _snapshot(root: Path) -> tuple[bytes, list[str]]:
@@ -138,16 +137,48 @@ def test_init_creates_an_empty_versioned_store_and_reopens_it(tmp_path: Path) ->
     assert DatasetStore(root).table is SYNAPSE13
 
 
+@pytest.mark.slow
 def test_add_list_remove_real_samples_in_nifti_dicom_and_nrrd(
     store: DatasetStore, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(store.root)
     abdomen, dicom, chest = samples["ct_abdomen"], samples["ct_abdomen_dicom"], samples["ct_chest_nrrd"]
     assert dicom.image.is_dir()
-    assert main(["dataset", "add", root, str(abdomen.image), "--label", str(abdomen.label), "--source", "sample nifti",
-                 "--model", "abdomen@3"]) == 0
-    assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label), "--reviewed", "spleen", "liver",
-                 "--source", "sample dicom"]) == 0
+    assert (
+        main(
+            [
+                "dataset",
+                "add",
+                root,
+                str(abdomen.image),
+                "--label",
+                str(abdomen.label),
+                "--source",
+                "sample nifti",
+                "--model",
+                "abdomen@3",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "dataset",
+                "add",
+                root,
+                str(dicom.image),
+                "--label",
+                str(dicom.label),
+                "--reviewed",
+                "spleen",
+                "liver",
+                "--source",
+                "sample dicom",
+            ]
+        )
+        == 0
+    )
     assert main(["dataset", "add", root, str(chest.image), "--id", "chest-1"]) == 0
     capsys.readouterr()
 
@@ -158,11 +189,22 @@ def test_add_list_remove_real_samples_in_nifti_dicom_and_nrrd(
     cases = {case["id"]: case for case in listing["cases"]}
     assert list(cases) == ["case0001", "case0002", "chest-1"]
     assert cases["case0001"] | {"added": None, "voxels_sha256": None} == {
-        "id": "case0001", "image": "images/case0001.nii.gz", "label": "labels/case0001.nii.gz", "reviewed": None,
-        "source": "sample nifti", "added": None, "model": "abdomen@3", "status": "labeled", "voxels_sha256": None,
+        "id": "case0001",
+        "image": "images/case0001.nii.gz",
+        "label": "labels/case0001.nii.gz",
+        "reviewed": None,
+        "source": "sample nifti",
+        "added": None,
+        "model": "abdomen@3",
+        "status": "labeled",
+        "voxels_sha256": None,
     }
     assert (cases["case0002"]["status"], cases["case0002"]["reviewed"]) == ("partial", ["spleen", "liver"])
-    assert (cases["chest-1"]["status"], cases["chest-1"]["label"], cases["chest-1"]["model"]) == ("unlabeled", None, None)
+    assert (cases["chest-1"]["status"], cases["chest-1"]["label"], cases["chest-1"]["model"]) == (
+        "unlabeled",
+        None,
+        None,
+    )
     assert all(ISO_UTC.match(case["added"]) for case in cases.values())
     manifest_text = (store.root / MANIFEST_NAME).read_text()
     assert str(abdomen.image.parent) not in manifest_text and "example_ct" not in manifest_text  # no input names
@@ -191,7 +233,7 @@ def test_add_list_remove_real_samples_in_nifti_dicom_and_nrrd(
 
 def test_stored_image_holds_only_geometry_and_voxels(store: DatasetStore, samples: dict[str, Sample]) -> None:
     case = store.add(samples["ct_abdomen_dicom"].image)
-    raw = gzip.open(store.root / case.image).read()
+    raw = gzip.decompress((store.root / case.image).read_bytes())
     header_size, vox_offset = struct.unpack("<i", raw[:4])[0], struct.unpack("<f", raw[108:112])[0]
     assert (header_size, vox_offset) == (348, 352.0)
     assert raw[148:228] == bytes(80)  # empty description
@@ -202,7 +244,9 @@ def test_stored_image_holds_only_geometry_and_voxels(store: DatasetStore, sample
 def test_partial_review_is_stored_in_table_order_and_all_organs_mean_null(
     store: DatasetStore, synthetic_ct: Volume, synthetic_labels: Volume
 ) -> None:
-    partial = store.add(synthetic_ct, synthetic_labels, reviewed=["liver", "spleen", "liver"], source="slicer", case_id="case0001")
+    partial = store.add(
+        synthetic_ct, synthetic_labels, reviewed=["liver", "spleen", "liver"], source="slicer", case_id="case0001"
+    )
     full = store.add(synthetic_ct, synthetic_labels, reviewed=list(reversed(SYNAPSE13.names)), case_id="full")
     unreviewed_default = store.add(synthetic_ct, synthetic_labels, case_id="default")
     unlabeled = store.add(synthetic_ct, case_id="unlabeled")
@@ -229,6 +273,7 @@ def test_the_same_ct_in_another_axis_order_is_the_same_case(store: DatasetStore,
         store.add(tmp_path / "ct-slicer.nrrd")
 
 
+@pytest.mark.slow
 def test_one_ct_is_one_case_a_later_label_updates_it_and_an_unlabeled_copy_changes_nothing(
     store: DatasetStore, samples: dict[str, Sample], tmp_path: Path
 ) -> None:
@@ -240,12 +285,10 @@ def test_one_ct_is_one_case_a_later_label_updates_it_and_an_unlabeled_copy_chang
     write_image(exported, read_image(store.root / first.image))
     manifest = (store.root / MANIFEST_NAME).read_bytes()
 
-    with pytest.raises(DatasetError) as err:  # the same CT unlabeled again: nothing to add
+    # the same CT unlabeled again: nothing to add
+    problem = f"Dataset {store.root} already holds {exported} as case {first.id} (unlabeled); nothing was added."
+    with pytest.raises(DatasetError, match=f"^{re.escape(problem)}"):
         store.add(exported)
-    assert str(err.value) == (
-        f"Dataset {store.root} already holds {exported} as case {first.id} (unlabeled); nothing was added. "
-        "A CT is one case: add it with its label map to update that case."
-    )
     assert (store.root / MANIFEST_NAME).read_bytes() == manifest
 
     corrected = store.add(exported, dicom.label, reviewed=["liver"], source="slicer")
@@ -260,23 +303,31 @@ def test_one_ct_is_one_case_a_later_label_updates_it_and_an_unlabeled_copy_chang
     assert len(store.cases()) == 3
 
 
+@pytest.mark.slow
 def test_dataset_add_says_when_it_updates_the_case_of_a_ct(
     store: DatasetStore, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, dicom = str(store.root), samples["ct_abdomen_dicom"]
     assert main(["dataset", "add", root, str(dicom.image)]) == 0
     assert main(["dataset", "add", root, str(dicom.image)]) == 2
-    assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label), "--reviewed", "liver", "--json"]) == 0
+    assert (
+        main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label), "--reviewed", "liver", "--json"])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.startswith(f"Added case0001 (unlabeled) to {root}\n")
-    assert err == f"scdl dataset: error: Dataset {root} already holds {dicom.image} as case case0001 (unlabeled); nothing was " \
-                  "added. A CT is one case: add it with its label map to update that case.\n"
+    assert err.startswith(f"scdl dataset: error: Dataset {root} already holds {dicom.image} as case case0001")
+    assert "nothing was added" in err
     assert {key: json.loads(out.split("\n", 1)[1])[key] for key in ("id", "status", "previous")} == {
-        "id": "case0001", "status": "partial", "previous": "unlabeled"}
+        "id": "case0001",
+        "status": "partial",
+        "previous": "unlabeled",
+    }
     assert main(["dataset", "add", root, str(dicom.image), "--label", str(dicom.label)]) == 0
     assert capsys.readouterr().out == f"Updated case0001 in {root}: was partial, now labeled\n"
 
 
+@pytest.mark.slow
 def test_import_adds_a_folder_of_cts_with_their_label_maps_and_can_run_again(
     tmp_path: Path, samples: dict[str, Sample], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -294,11 +345,15 @@ def test_import_adds_a_folder_of_cts_with_their_label_maps_and_can_run_again(
     assert main(["dataset", "import", str(root), str(images), "--labels", str(labels), "--source", "import test"]) == 1
     out, err = capsys.readouterr()
     assert f"[failed] {images / 'broken.nii.gz'}: the file is empty (0 bytes)" in err
-    assert out == (f"Imported 4 CT(s) into {root}: 3 added, 0 already there (updated when a label map came), 1 failed. "
-                   "The dataset: 2 labeled, 0 partial, 1 unlabeled\n")
+    assert out == (
+        f"Imported 4 CT(s) into {root}: 3 added, 0 already there (updated when a label map came), 1 failed. "
+        "The dataset: 2 labeled, 0 partial, 1 unlabeled\n"
+    )
     store = DatasetStore(root)
     cases = {case.id: case for case in store.cases()}
-    assert [(case.status, case.source) for case in cases.values()] == [("labeled", "import test")] * 2 + [("unlabeled", "import test")]
+    assert [(case.status, case.source) for case in cases.values()] == [("labeled", "import test")] * 2 + [
+        ("unlabeled", "import test")
+    ]
     stored = read_label(root / cases["case0002"].label, reference=read_image(root / cases["case0002"].image))
     assert np.array_equal(stored.array, read_label(dicom.label).array)  # b's label map went with b's DICOM series
 
@@ -307,8 +362,13 @@ def test_import_adds_a_folder_of_cts_with_their_label_maps_and_can_run_again(
     assert main(["dataset", "import", str(root), str(images), "--labels", str(labels), "--json"]) == 0  # run again
     report = json.loads(capsys.readouterr().out)
     assert [(case["name"], case["case_id"], case["previous"]) for case in report["cases"]] == [
-        ("a_0000", "case0001", "labeled"), ("b", "case0002", "labeled"), ("c", "case0003", "unlabeled")]
-    assert [case["id"] for case in json.loads((root / MANIFEST_NAME).read_text())["cases"]] == [c["id"] for c in manifest["cases"]]
+        ("a_0000", "case0001", "labeled"),
+        ("b", "case0002", "labeled"),
+        ("c", "case0003", "unlabeled"),
+    ]
+    assert [case["id"] for case in json.loads((root / MANIFEST_NAME).read_text())["cases"]] == [
+        c["id"] for c in manifest["cases"]
+    ]
     assert store.counts() == {"labeled": 2, "partial": 0, "unlabeled": 1}
 
     shutil.copy(abdomen.label, labels / "orphan.nii.gz")
@@ -330,7 +390,9 @@ def test_import_counts_a_ct_that_an_earlier_file_of_the_same_import_brought_as_u
     assert main(["dataset", "import", str(root), str(images), "--labels", str(labels), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(case["name"], case["case_id"], case["status"], case["previous"]) for case in report["cases"]] == [
-        ("a1", "case0001", "unlabeled", None), ("a2", "case0001", "labeled", "unlabeled")]
+        ("a1", "case0001", "unlabeled", None),
+        ("a2", "case0001", "labeled", "unlabeled"),
+    ]
     assert DatasetStore(root).counts() == {"labeled": 1, "partial": 0, "unlabeled": 0}
 
 
@@ -339,11 +401,7 @@ def test_case_ids_with_path_separators_or_odd_characters_are_refused(
     store: DatasetStore, ct_file: Path, case_id: str
 ) -> None:
     before = _snapshot(store.root)
-    message = (
-        f"Invalid case id {case_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
-        "(no path separators, no spaces)."
-    )
-    with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(DatasetError, match=f"^{re.escape(f'Invalid case id {case_id!r}: use 1-128 letters')}"):
         store.add(ct_file, case_id=case_id)
     assert _snapshot(store.root) == before
 
@@ -356,28 +414,21 @@ def test_label_map_with_unknown_values_is_refused_naming_values_and_file(
     label_file = tmp_path / "input" / "bad_labels.nii.gz"
     write_label(label_file, synthetic_labels.with_array(bad))
     before = _snapshot(store.root)
-    message = (
-        f"Label map {label_file} holds values [14, 200] that are not in label table 'synapse13' "
-        "(values [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]); convert them with scdlcore.labels.map_label_values. "
-        "Nothing was stored."
-    )
-    with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+    problem = f"Label map {label_file} holds values [14, 200] that are not in label table 'synapse13'"
+    with pytest.raises(DatasetError, match=f"^{re.escape(problem)}.*Nothing was stored"):
         store.add(ct_file, label_file, case_id="bad")
     assert _snapshot(store.root) == before
 
 
-def test_label_map_on_another_grid_is_refused_naming_both_files(store: DatasetStore, samples: dict[str, Sample]) -> None:
+def test_label_map_on_another_grid_is_refused_naming_both_files(
+    store: DatasetStore, samples: dict[str, Sample]
+) -> None:
     image, label = samples["ct_chest_nrrd"].image, samples["ct_abdomen"].label
     before = _snapshot(store.root)
-    message = (
-        f"Label map {label} is not on the grid of image {image}: the label map has size (122, 101, 112) voxels, "
-        "spacing (3, 3, 3) mm, origin (177.956, -11.319, 94.3018) mm (LPS), direction (-1, 0, 0, 0, -1, 0, 0, 0, 1), the "
-        "image size (128, 128, 34) voxels, spacing (3.04688, 3.04688, 10) mm, origin (193.096, 216.396, -340.25) mm (LPS), "
-        "direction (-1, 0, 0, 0, -1, 0, 0, 0, 1). Export the label map on the image's grid, or resample it onto the "
-        "image with scdlcore.io.resample_label_to. Nothing was stored."
-    )
-    with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+    problem = f"Label map {label} is not on the grid of image {image}: the label map has size (122, 101, 112) voxels"
+    with pytest.raises(DatasetError, match=f"^{re.escape(problem)}.*Nothing was stored") as err:
         store.add(image, label)
+    assert "the image size (128, 128, 34) voxels" in str(err.value)  # both grids are described
     assert _snapshot(store.root) == before
 
 
@@ -386,22 +437,19 @@ def test_bad_reviewed_organs_and_existing_ids_are_refused(
 ) -> None:
     store.add(synthetic_ct, synthetic_labels, case_id="c1")
     before = _snapshot(store.root)
-    refusals = {
-        "Unknown reviewed organ(s) 'livr'; organs of label table 'synapse13': " + ", ".join(SYNAPSE13.names) + ".":
-            dict(label=synthetic_labels, reviewed=["liver", "livr"]),
-        "Reviewed organs were given without a label map; add the label map the person reviewed.":
-            dict(reviewed=["liver"]),
-        "The list of reviewed organs is empty; name the organs a person checked, or add the case unlabeled.":
-            dict(label=synthetic_labels, reviewed=[]),
-        f"Dataset {store.root} already has a case 'c1'; give another id, or replace it (--replace, replace=True). "
-        "Nothing was stored.": dict(case_id="c1"),
+    refusals = {  # the problem, in a case-insensitive pattern
+        r"unknown reviewed organ\(s\) 'livr'.*'synapse13'": dict(label=synthetic_labels, reviewed=["liver", "livr"]),
+        "reviewed organs were given without a label map": dict(reviewed=["liver"]),
+        "the list of reviewed organs is empty": dict(label=synthetic_labels, reviewed=[]),
+        f"^Dataset {re.escape(str(store.root))} already has a case 'c1'": dict(case_id="c1"),
     }
-    for message, kwargs in refusals.items():
-        with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+    for problem, kwargs in refusals.items():
+        with pytest.raises(DatasetError, match=f"(?i){problem}"):
             store.add(synthetic_ct, **kwargs)
         assert _snapshot(store.root) == before
 
 
+@pytest.mark.slow
 def test_replace_overwrites_a_case_and_deletes_the_files_it_no_longer_needs(
     store: DatasetStore, synthetic_ct: Volume, synthetic_labels: Volume
 ) -> None:
@@ -420,28 +468,27 @@ def test_replace_overwrites_a_case_and_deletes_the_files_it_no_longer_needs(
 def test_folders_that_are_not_ours_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    empty_message = (
-        f"{empty} is not an SCDL dataset folder: it has no {MANIFEST_NAME}. Create one with `scdl dataset init {empty}` "
-        "and add cases with `scdl dataset add`, or write the manifest as the README's 'Dataset folders' section shows."
-    )
-    with pytest.raises(DatasetError, match=f"^{re.escape(empty_message)}$"):
+    empty_problem = f"{empty} is not an SCDL dataset folder: it has no {MANIFEST_NAME}."
+    with pytest.raises(DatasetError, match=f"^{re.escape(empty_problem)}") as err:
         DatasetStore(empty)
+    assert f"scdl dataset init {empty}" in str(err.value)  # says how to make one
 
     foreign = tmp_path / "nnunet"
     foreign.mkdir()
     nnunet_json = json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "numTraining": 3})
     (foreign / MANIFEST_NAME).write_text(nnunet_json)
-    message = (
-        f"{foreign / MANIFEST_NAME} is not an SCDL dataset manifest (expected \"format\": \"scdl-dataset\"); it belongs "
-        "to another program, so SCDL leaves this folder alone. Choose another folder for an SCDL dataset."
-    )
+    problem = f"{foreign / MANIFEST_NAME} is not an SCDL dataset manifest"
     for attempt in (DatasetStore, DatasetStore.init, load_dataset):
-        with pytest.raises(DatasetError, match=f"^{re.escape(message)}$"):
+        with pytest.raises(DatasetError, match=f"^{re.escape(problem)}"):
             attempt(foreign)
-    assert (foreign / MANIFEST_NAME).read_text() == nnunet_json and sorted(p.name for p in foreign.iterdir()) == [MANIFEST_NAME]
+    assert (foreign / MANIFEST_NAME).read_text() == nnunet_json and sorted(p.name for p in foreign.iterdir()) == [
+        MANIFEST_NAME
+    ]
 
     (foreign / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(DatasetError, match=f"^Cannot read dataset manifest {re.escape(str(foreign / MANIFEST_NAME))}: "):
+    with pytest.raises(
+        DatasetError, match=f"^Cannot read dataset manifest {re.escape(str(foreign / MANIFEST_NAME))}: "
+    ):
         DatasetStore(foreign)
 
     stray = tmp_path / "stray"
@@ -451,25 +498,30 @@ def test_folders_that_are_not_ours_give_clear_errors(tmp_path: Path, capsys: pyt
         DatasetStore.init(stray)
 
     assert main(["dataset", "list", str(empty)]) == 2
-    assert capsys.readouterr().err.strip() == f"scdl dataset: error: {empty_message}"
+    assert capsys.readouterr().err.startswith(f"scdl dataset: error: {empty_problem}")
     assert main(["dataset", "list", str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err.startswith(f"scdl dataset: error: Dataset folder {tmp_path / 'missing'} does not exist")
+    assert capsys.readouterr().err.startswith(
+        f"scdl dataset: error: Dataset folder {tmp_path / 'missing'} does not exist"
+    )
 
 
 def test_a_held_lock_makes_a_writer_wait_then_fail_clearly(
     store: DatasetStore, synthetic_ct: Volume, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dataset_module, "LOCK_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(store_module, "LOCK_TIMEOUT_S", 0.3)
     before = _snapshot(store.root)
     with file_lock(store.root / LOCK_NAME):  # another open file: excluded like another process
         start = time.monotonic()
-        with pytest.raises(DatasetError, match=f"^Dataset {re.escape(str(store.root))}: .*{LOCK_NAME} is locked by another program"):
+        with pytest.raises(
+            DatasetError, match=f"^Dataset {re.escape(str(store.root))}: .*{LOCK_NAME} is locked by another program"
+        ):
             store.add(synthetic_ct)
         assert time.monotonic() - start >= 0.3
     assert _snapshot(store.root) == before
     assert store.add(synthetic_ct).id == "case0001"  # released: writing works again
 
 
+@pytest.mark.slow  # spawns and kills processes
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
     store: DatasetStore, samples: dict[str, Sample], synthetic_ct: Volume
@@ -477,8 +529,20 @@ def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
     sample = samples["ct_abdomen"]
     keep = store.add(synthetic_ct, case_id="keep")
     expected_labels = read_label(sample.label).array
-    command = [sys.executable, "-c", _ANNOUNCING_CLI, "dataset", "add", str(store.root), str(sample.image),
-               "--label", str(sample.label), "--id", "victim", "--replace"]
+    command = [
+        sys.executable,
+        "-c",
+        _ANNOUNCING_CLI,
+        "dataset",
+        "add",
+        str(store.root),
+        str(sample.image),
+        "--label",
+        str(sample.label),
+        "--id",
+        "victim",
+        "--replace",
+    ]
     env = {**_env(), "SCDL_TEST_DELAY": "0.1"}
     kills = 0
     while True:  # kill the k-th run right after its k-th announcement, until a run finishes
@@ -501,6 +565,7 @@ def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
     assert not list(store.root.glob(f"{TEMP_PREFIX}*"))  # nor the manifest's temporary files
 
 
+@pytest.mark.slow  # spawns and kills processes
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 def test_sigkill_at_random_moments_leaves_a_valid_store(
     store: DatasetStore, samples: dict[str, Sample], synthetic_ct: Volume
@@ -508,8 +573,20 @@ def test_sigkill_at_random_moments_leaves_a_valid_store(
     sample = samples["ct_abdomen"]
     keep = store.add(synthetic_ct, case_id="keep")
     expected_labels = read_label(sample.label).array
-    command = [sys.executable, "-c", _ANNOUNCING_CLI, "dataset", "add", str(store.root), str(sample.image),
-               "--label", str(sample.label), "--id", "victim", "--replace"]  # no delay: a plain `scdl dataset add`
+    command = [
+        sys.executable,
+        "-c",
+        _ANNOUNCING_CLI,
+        "dataset",
+        "add",
+        str(store.root),
+        str(sample.image),
+        "--label",
+        str(sample.label),
+        "--id",
+        "victim",
+        "--replace",
+    ]  # no delay: a plain `scdl dataset add`
     start = time.monotonic()
     subprocess.run(command, check=True, env=_env(), capture_output=True)
     duration = time.monotonic() - start
@@ -524,10 +601,15 @@ def test_sigkill_at_random_moments_leaves_a_valid_store(
     assert _store_files(store.root) == {"images/keep.nii.gz"}
 
 
+@pytest.mark.slow  # spawns and kills processes
 def test_two_processes_adding_concurrently_lose_nothing(store: DatasetStore, ct_file: Path) -> None:
     writers = [
-        subprocess.Popen([sys.executable, "-c", _WRITER, str(store.root), str(ct_file), str(n)], env=_env(),
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(store.root), str(ct_file), str(n)],
+            env=_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for n in range(2)
     ]
     for writer in writers:
@@ -565,7 +647,11 @@ def test_disagreement_and_entropy_scores_by_hand() -> None:
 
 
 def test_suggest_ranks_unlabeled_cases_with_reasons(
-    store: DatasetStore, samples: dict[str, Sample], tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+    store: DatasetStore,
+    samples: dict[str, Sample],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
 ) -> None:
     store.add(samples["ct_abdomen"].image, case_id="abdomen")
     store.add(samples["ct_chest_nrrd"].image, case_id="chest")
@@ -588,14 +674,22 @@ def test_suggest_ranks_unlabeled_cases_with_reasons(
     for suggestion in ranked:
         assert suggestion["measure"] == "disagreement" and 0 <= suggestion["score"] <= 1
         assert set(suggestion["organs"]) <= set(SYNAPSE13.names)
-        assert re.fullmatch(r"networks disagree on \d+\.\d% of body voxels(, mostly [a-z ]+?((, [a-z ]+?)* and [a-z ]+)?)?"
-                            r"|networks agree on every body voxel", suggestion["reason"]), suggestion["reason"]
-        assert suggestion["reason"].startswith("networks agree") or f"{100 * suggestion['score']:.1f}%" in suggestion["reason"]
+        assert re.fullmatch(
+            r"networks disagree on \d+\.\d% of body voxels(, mostly [a-z ]+?((, [a-z ]+?)* and [a-z ]+)?)?"
+            r"|networks agree on every body voxel",
+            suggestion["reason"],
+        ), suggestion["reason"]
+        assert (
+            suggestion["reason"].startswith("networks agree")
+            or f"{100 * suggestion['score']:.1f}%" in suggestion["reason"]
+        )
 
     assert main(["dataset", "suggest", str(store.root), "--model", str(single), "--device", "cpu", "--top", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "Cases to correct next, by tiny1@1 (entropy):" and len(lines) == 2
-    assert re.fullmatch(r"  1\. (abdomen|chest): mean voxel uncertainty \d+\.\d% of the maximum(, highest in .+)?", lines[1])
+    assert re.fullmatch(
+        r"  1\. (abdomen|chest): mean voxel uncertainty \d+\.\d% of the maximum(, highest in .+)?", lines[1]
+    )
 
 
 def _check_valid(root: Path, keep_id: str, expected_labels: np.ndarray) -> None:

@@ -10,26 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicerio
-
-from scdlcore.io import (
-    ImageError,
-    NotCTWarning,
-    Volume,
-    case_name,
-    files_by_case,
-    read_image,
-    read_label,
-    read_segmentation_labels,
-    resample_label_to,
-    write_image,
-    write_label,
-)
-from scdlcore import io as io_module
-from scdlcore import labels as labels_module
-from scdlcore.labels import SYNAPSE13, value_counts
 from scdl_test_support import split_dicom_series, write_raw_nrrd
 
-# name: (array shape (D, H, W), spacing (x, y, z) mm), as listed in design/DATA.md
+from scdlcore import labels as labels_module
+from scdlcore.io import read as io_read
+from scdlcore.io.files import case_name, files_by_case
+from scdlcore.io.read import read_image, read_label
+from scdlcore.io.segnrrd import read_segmentation_labels
+from scdlcore.io.volume import ImageError, NotCTWarning, Volume, resample_label_to
+from scdlcore.io.write import write_image, write_label
+from scdlcore.labels import SYNAPSE13, value_counts
+
+# name: (array shape (D, H, W), spacing (x, y, z) mm), as listed in SCDLCore/docs/DATA.md
 REAL_GRIDS = {
     "ct_abdomen": ((112, 101, 122), (3.0, 3.0, 3.0)),
     "ct_abdomen_dicom": ((20, 512, 512), (0.9765625, 0.9765625, 2.0)),
@@ -71,6 +63,13 @@ def test_nrrd_direction_cosines_are_cleaned_of_reader_round_off(samples):
 # NIfTI stores geometry as float32: the NRRD sample's spacing 3.04687595367432 cannot survive it.
 ROUND_TRIPS = [(name, suffix) for name in REAL_GRIDS for suffix in (".nrrd", ".mha", ".nii.gz")]
 ROUND_TRIPS.remove(("ct_chest_nrrd", ".nii.gz"))
+# The two largest CTs (DICOM 512x512x20, CTA 233x167x191) take about a second per round trip: slow; the small stay fast.
+ROUND_TRIPS = [
+    pytest.param(name, suffix, marks=pytest.mark.slow, id=f"{name}-{suffix}")
+    if name in ("ct_abdomen_dicom", "ct_chest_cta")
+    else (name, suffix)
+    for name, suffix in ROUND_TRIPS
+]
 
 
 @pytest.mark.parametrize(("name", "suffix"), ROUND_TRIPS)
@@ -172,6 +171,7 @@ def test_slicer_segmentation_with_layers_is_matched_by_code_or_name(synthetic_la
     tumour = np.zeros_like(liver)
     tumour[8:10, 0:3, 0:3] = True
     segmentation = slicerio.create_segmentation(liver.shape[::-1], synthetic_labels.ijk_to_lps)
+
     def terminology(code: str, meaning: str, **extra) -> dict:
         anatomy = "Segmentation category and type - 3D Slicer General Anatomy list"
         category = ["SCT", "123037004", "Anatomical Structure"]
@@ -201,12 +201,9 @@ def test_segmentation_without_any_organ_of_the_table(synthetic_labels, tmp_path)
     for value, name in ((6, "ribs"), (12, "lungs")):
         slicerio.add_segment(segmentation, (synthetic_labels.array == value).transpose(2, 1, 0), {"name": name})
     slicerio.write_segmentation(str(tmp_path / "chest.seg.nrrd"), segmentation)
-    with pytest.raises(ImageError) as err:
+    problem = "none of its segments (ribs, lungs) matches an organ of label table 'synapse13'"
+    with pytest.raises(ImageError, match=names_file_and_problem(tmp_path / "chest.seg.nrrd", problem)):
         read_segmentation_labels(tmp_path / "chest.seg.nrrd", SYNAPSE13)
-    assert str(err.value) == (
-        f"{tmp_path / 'chest.seg.nrrd'}: none of its segments (ribs, lungs) matches an organ of label table "
-        f"'synapse13' ({', '.join(SYNAPSE13.names)}). Rename the segments or pick another table."
-    )
 
 
 def test_resample_label_to_aligns_a_flipped_label_map_by_physical_position(synthetic_labels):
@@ -264,34 +261,34 @@ def test_writers_are_atomic_and_leave_no_temporary_file(synthetic_ct, tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["ct.nii.gz"]
 
 
-# ---------------------------------------------------------------- bad inputs, exact messages
+# ---------------------------------------------------------------- bad inputs: messages name the file and the problem
+
+
+def names_file_and_problem(path: Path, problem: str) -> str:
+    """A ``match=`` pattern: the message starts with the file, then says the problem (the advice after it may be
+    reworded without breaking the test)."""
+    return f"^{re.escape(f'{path}: {problem}')}"
 
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nothing.nii.gz"
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "no such file or folder")):
         read_image(path)
-    assert str(err.value) == f"{path}: no such file or folder. Check the path."
 
 
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.nii.gz"
     path.touch()
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "the file is empty (0 bytes)")):
         read_image(path)
-    assert str(err.value) == f"{path}: the file is empty (0 bytes). Copy or export the image again."
 
 
 def test_truncated_compressed_nifti(samples, tmp_path):
     data = samples["ct_abdomen"].image.read_bytes()
     path = tmp_path / "cut.nii.gz"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "the file is truncated or damaged")):
         read_image(path)
-    assert str(err.value) == (
-        f"{path}: the file is truncated or damaged (Compressed file ended before the end-of-stream marker "
-        "was reached). Copy or export the image again."
-    )
 
 
 def test_truncated_uncompressed_nifti(synthetic_ct, tmp_path):
@@ -299,25 +296,20 @@ def test_truncated_uncompressed_nifti(synthetic_ct, tmp_path):
     data = (tmp_path / "ct.nii").read_bytes()
     path = tmp_path / "cut.nii"
     path.write_bytes(data[:1000])
-    with pytest.raises(ImageError) as err:
-        read_image(path)
     expected_bytes = 352 + 10 * 20 * 30 * 4  # header + float32 voxels
-    assert str(err.value) == (
-        f"{path}: the file is truncated (1000 of {expected_bytes} bytes). Copy or export the image again."
-    )
+    problem = f"the file is truncated (1000 of {expected_bytes} bytes)"
+    with pytest.raises(ImageError, match=names_file_and_problem(path, problem)):
+        read_image(path)
 
 
 def test_truncated_nrrd(samples, tmp_path):
     data = samples["ct_chest_nrrd"].image.read_bytes()
     path = tmp_path / "cut.nrrd"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "cannot be read as an image")) as err:
         read_image(path)
-    message = str(err.value)  # the part in brackets is ITK's own reason
-    assert message.startswith(f"{path}: cannot be read as an image, the file may be truncated or damaged (")
-    assert message.endswith(
-        "). Supported: NRRD (.nrrd), NIfTI (.nii, .nii.gz), MetaImage (.mha, .mhd) or a DICOM series folder."
-    )
+    assert "truncated or damaged" in str(err.value)
+    assert "NRRD (.nrrd), NIfTI (.nii, .nii.gz)" in str(err.value)  # says which formats are read
 
 
 def test_not_an_image(tmp_path):
@@ -329,12 +321,8 @@ def test_not_an_image(tmp_path):
 
 def test_2d_image(tmp_path):
     path = write_raw_nrrd(tmp_path / "slice.nrrd", np.zeros((20, 30)))
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "the image is 2D (size 30x20)")):
         read_image(path)
-    assert str(err.value) == (
-        f"{path}: the image is 2D (size 30x20); SCDL needs a 3D CT volume. "
-        "For DICOM, give the folder of the series, not one slice."
-    )
 
 
 def test_single_slice_volume_counts_as_2d(synthetic_ct, tmp_path):
@@ -345,22 +333,14 @@ def test_single_slice_volume_counts_as_2d(synthetic_ct, tmp_path):
 
 def test_4d_image(tmp_path):
     path = write_raw_nrrd(tmp_path / "series.nrrd", np.zeros((3, 6, 5, 4)))
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "the image is 4D (size 4x5x6x3)")):
         read_image(path)
-    assert str(err.value) == (
-        f"{path}: the image is 4D (size 4x5x6x3); SCDL needs one 3D CT volume. "
-        "Extract a single time point or channel first."
-    )
 
 
 def test_multi_component_image(tmp_path):
     path = write_raw_nrrd(tmp_path / "rgb.nrrd", np.zeros((6, 5, 4, 3)), kinds="vector domain domain domain")
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "the image has 3 components per voxel")):
         read_image(path)
-    assert str(err.value) == (
-        f"{path}: the image has 3 components per voxel (color or vector image); "
-        "SCDL needs a single-channel CT volume."
-    )
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii", ".nii.gz"])
@@ -373,12 +353,8 @@ def test_nan_voxels(synthetic_ct, tmp_path, suffix, dtype):
     array[-1, -1, -1] = -np.inf  # the last voxel: the scan reads to the end of the data
     path = tmp_path / f"nan{suffix}"
     write_image(path, synthetic_ct.with_array(array))
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(path, "5 voxels are NaN or infinite")):
         read_image(path)
-    assert str(err.value) == (
-        f"{path}: 5 voxels are NaN or infinite; an image must hold finite values (a CT: Hounsfield units). "
-        "Fix or re-export the image."
-    )
     with pytest.raises(ImageError, match="NaN or infinite"):
         read_label(path)
 
@@ -390,10 +366,10 @@ def test_non_ct_intensities_warn(synthetic_ct, tmp_path, low, high):
     write_image(path, synthetic_ct.with_array(array))
     with pytest.warns(NotCTWarning) as record:
         volume = read_image(path)
-    assert str(record[0].message) == (
-        f"{path}: intensities range from {low:g} to {high:g}, with no voxel below -500 HU; this does not look "
-        "like a CT in Hounsfield units (air is about -1000 HU). Segmentation of non-CT images is unreliable."
-    )
+    message = str(record[0].message)
+    problem = f"intensities range from {low:g} to {high:g}, with no voxel below -500 HU"
+    assert re.match(names_file_and_problem(path, problem), message), message
+    assert "does not look like a CT" in message
     assert np.array_equal(volume.array, array)
 
 
@@ -409,12 +385,8 @@ def test_dicom_folder_without_images(tmp_path, content):
     folder.mkdir()
     if content:
         (folder / content).write_text("not a DICOM file")
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ImageError, match=names_file_and_problem(folder, "no DICOM image series in this folder")):
         read_image(folder)
-    assert str(err.value) == (
-        f"{folder}: no DICOM image series in this folder (subfolders are not searched). "
-        "Give the folder that holds the DICOM slice files, or an image file."
-    )
 
 
 def test_dicom_folder_with_two_series_reads_the_largest_and_logs_it(samples, tmp_path, caplog):
@@ -440,8 +412,11 @@ def test_a_dicom_series_with_a_missing_or_damaged_slice_is_refused(samples, tmp_
     else:
         victim.write_bytes(b"\x00" * 128 + b"DICM" + b"\x01" * 4000)
     # GDCM leaves a damaged file out of the series, so every damage shows as the gap it leaves.
-    with pytest.raises(ImageError, match=rf"^{re.escape(str(folder))}: the slices are not evenly spaced \(2 mm apart, "
-                       r"but 4 mm between .+\): a slice is missing or repeated"):
+    with pytest.raises(
+        ImageError,
+        match=rf"^{re.escape(str(folder))}: the slices are not evenly spaced \(2 mm apart, "
+        r"but 4 mm between .+\): a slice is missing or repeated",
+    ):
         read_image(folder)
 
 
@@ -451,22 +426,25 @@ class _SliceTags:
     def __init__(self, z_positions):
         self.z = list(z_positions)
 
-    def GetMetaData(self, index, key):  # noqa: N802 (SimpleITK's name)
+    def GetMetaData(self, index, key):
         return {"0020|0032": f"-100\\-120\\{self.z[index]}", "0020|0037": "1\\0\\0\\0\\1\\0"}[key]
 
 
-@pytest.mark.parametrize(("z", "problem"), [
-    ([round(-100 - 0.625 * i, 2) for i in range(12)], None),  # 0.625 mm written with 2 decimals: 0.62 / 0.63 gaps
-    ([-100 - 0.625 * i for i in range(12) if i != 6], "0.625 mm apart, but 1.25 mm between s5.dcm and s6.dcm"),
-    ([-100.0] * 12, "its 12 slices lie at one position"),
-])
+@pytest.mark.parametrize(
+    ("z", "problem"),
+    [
+        ([round(-100 - 0.625 * i, 2) for i in range(12)], None),  # 0.625 mm written with 2 decimals: 0.62 / 0.63 gaps
+        ([-100 - 0.625 * i for i in range(12) if i != 6], "0.625 mm apart, but 1.25 mm between s5.dcm and s6.dcm"),
+        ([-100.0] * 12, "its 12 slices lie at one position"),
+    ],
+)
 def test_slice_positions_tolerate_rounding_and_catch_gaps(tmp_path, z, problem):
     files = [f"s{index}.dcm" for index in range(len(z))]
     if problem is None:
-        io_module._check_slice_positions(tmp_path, files, _SliceTags(z))
+        io_read._check_slice_positions(tmp_path, files, _SliceTags(z))
     else:
         with pytest.raises(ImageError, match=re.escape(problem)):
-            io_module._check_slice_positions(tmp_path, files, _SliceTags(z))
+            io_read._check_slice_positions(tmp_path, files, _SliceTags(z))
 
 
 def test_dicom_folder_prefers_a_ct_series_over_a_larger_other_one(samples, tmp_path):
@@ -477,24 +455,22 @@ def test_dicom_folder_prefers_a_ct_series_over_a_larger_other_one(samples, tmp_p
 def test_label_on_another_grid(samples):
     chest = read_image(samples["ct_chest_cta"].image)
     path = samples["ct_abdomen"].label
-    with pytest.raises(ImageError) as err:
+    problem = "the label map is not on the grid of its image"
+    with pytest.raises(ImageError, match=names_file_and_problem(path, problem)) as err:
         read_label(path, reference=chest)
-    assert str(err.value) == (
-        f"{path}: the label map is not on the grid of its image (size (122, 101, 112) vs (233, 167, 191) voxels; "
-        "spacing (3, 3, 3) vs (1.5, 1.5, 1.5) mm; origin (177.956, -11.319, 94.3018) vs (-179.658, -275.158, 540.2) "
-        "mm (LPS); direction (-1, 0, 0, 0, -1, 0, 0, 0, 1) vs (1, 0, 0, 0, 1, 0, 0, 0, 1)). Pair it with the image "
-        "it was drawn on, or resample it onto the image with scdlcore.io.resample_label_to."
-    )
+    for difference in (
+        "size (122, 101, 112) vs (233, 167, 191) voxels",
+        "spacing (3, 3, 3) vs (1.5, 1.5, 1.5) mm",
+        "direction (-1, 0, 0, 0, -1, 0, 0, 0, 1) vs (1, 0, 0, 0, 1, 0, 0, 0, 1)",
+    ):
+        assert difference in str(err.value)  # it says how the grids differ
 
 
 def test_label_with_fractional_values(synthetic_ct, tmp_path):
     write_image(tmp_path / "probs.nrrd", synthetic_ct.with_array(np.full(synthetic_ct.shape, 0.5, np.float32)))
-    with pytest.raises(ImageError) as err:
+    problem = "a label map must hold whole numbers, but it has fractional"
+    with pytest.raises(ImageError, match=names_file_and_problem(tmp_path / "probs.nrrd", problem)):
         read_label(tmp_path / "probs.nrrd")
-    assert str(err.value) == (
-        f"{tmp_path / 'probs.nrrd'}: a label map must hold whole numbers, but it has fractional, NaN or infinite "
-        "values. Is this an image rather than a label map?"
-    )
 
 
 def test_label_with_negative_values(synthetic_ct, tmp_path):
@@ -508,35 +484,34 @@ def test_write_label_refuses_values_outside_the_table(synthetic_labels, tmp_path
     array[array == 12] = 40
     labels = synthetic_labels.with_array(array)
     path = tmp_path / "labels.seg.nrrd"
-    with pytest.raises(ValueError) as err:
+    problem = "label values [40] are not in label table 'synapse13'"
+    with pytest.raises(ValueError, match=names_file_and_problem(path, problem)):
         write_label(path, labels, SYNAPSE13)
-    assert str(err.value) == (
-        f"{path}: label values [40] are not in label table 'synapse13' (values {list(range(1, 14))}); "
-        "convert them with scdlcore.labels.map_label_values first."
-    )
     assert not path.exists()
 
 
 def test_unsupported_output_type(synthetic_ct, tmp_path):
-    with pytest.raises(ValueError) as err:
+    problem = "cannot write this file type"
+    with pytest.raises(ValueError, match=names_file_and_problem(tmp_path / "ct.png", problem)) as err:
         write_image(tmp_path / "ct.png", synthetic_ct)
-    expected = f"{tmp_path / 'ct.png'}: cannot write this file type; use one of .nii.gz, .nii, .nrrd, .mha."
-    assert str(err.value) == expected
+    assert ".nii.gz" in str(err.value)  # says which types it writes
 
 
 def test_plain_label_map_is_not_a_slicer_segmentation(synthetic_labels, tmp_path):
     write_label(tmp_path / "labels.nrrd", synthetic_labels)
-    with pytest.raises(ImageError) as err:
+    problem = "not a 3D Slicer segmentation file"
+    with pytest.raises(ImageError, match=names_file_and_problem(tmp_path / "labels.nrrd", problem)):
         read_segmentation_labels(tmp_path / "labels.nrrd", SYNAPSE13)
-    assert str(err.value) == (
-        f"{tmp_path / 'labels.nrrd'}: not a 3D Slicer segmentation file (no Segment0_* header fields). "
-        "Read plain label maps with scdlcore.io.read_label."
-    )
-
 
 
 def test_case_names_drop_the_image_suffix_and_a_folder_lists_its_cases(tmp_path):
-    names = {"ct01.nii.gz": "ct01", "ct01.seg.nrrd": "ct01", "CT02.NRRD": "CT02", "a.b.mha": "a.b", ".nii.gz": ".nii.gz"}
+    names = {
+        "ct01.nii.gz": "ct01",
+        "ct01.seg.nrrd": "ct01",
+        "CT02.NRRD": "CT02",
+        "a.b.mha": "a.b",
+        ".nii.gz": ".nii.gz",
+    }
     assert {name: case_name(tmp_path / name) for name in names} == names
     for name in ("b.nii", "a.nrrd", ".hidden.nrrd", "notes.txt", "overview.png"):
         (tmp_path / name).write_bytes(b"x")

@@ -1,4 +1,7 @@
-"""Tests of scdlcore.losses: GADice and GACE against hand-computed values (SCDL_METHOD.md section 2)."""
+"""Tests of scdlcore.training.losses: GADice and GACE against hand-computed values.
+
+The losses are specified in SCDLCore/docs/METHOD.md section 2.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scdlcore.losses import GACELoss, GADiceLoss
+from scdlcore.training.losses import GACELoss, GADiceLoss
 
 LN2 = math.log(2.0)
 
@@ -24,6 +27,7 @@ def _labels(values: list[int]) -> torch.Tensor:
 
 
 # --- GADice ---------------------------------------------------------------------------------------------
+
 
 def test_gadice_matches_hand_computed_value_with_an_absent_class():
     # Voxels v0..v3, classes (0, 1, 2); labels 0, 1, 0, 1: class 2 is absent (N = 4 voxels).
@@ -152,10 +156,16 @@ def test_gace_with_no_valid_voxel_is_zero_and_differentiable():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [
-    ({"top_k": 0.0}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_k": -0.1}, "top_k"),
-    ({"gamma": -0.1}, "gamma"), ({"gamma": 1.01}, "gamma"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"top_k": 0.0}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"top_k": -0.1}, "top_k"),
+        ({"gamma": -0.1}, "gamma"),
+        ({"gamma": 1.01}, "gamma"),
+    ],
+)
 def test_gace_refuses_bad_top_k_or_gamma(kwargs, name):
     with pytest.raises(ValueError, match=rf"{name} must be in .*got {next(iter(kwargs.values()))}"):
         GACELoss(**kwargs)
@@ -163,7 +173,10 @@ def test_gace_refuses_bad_top_k_or_gamma(kwargs, name):
 
 # --- both -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss", [GADiceLoss(), GACELoss(top_k=0.1), GACELoss(top_k=1.0)], ids=["gadice", "gace10", "gace100"])
+
+@pytest.mark.parametrize(
+    "loss", [GADiceLoss(), GACELoss(top_k=0.1), GACELoss(top_k=1.0)], ids=["gadice", "gace10", "gace100"]
+)
 def test_losses_are_finite_float32_and_differentiable_under_bf16_autocast(loss):
     torch.manual_seed(4)
     conv = torch.nn.Conv3d(2, 4, kernel_size=1)
@@ -190,7 +203,12 @@ def _masked_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return logits, labels, valid
 
 
-def _valid_voxels_only(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, D, H, W), (B, D, H, W), mask -> the n valid voxels as one (1, C, n, 1, 1) volume and (1, n, 1, 1) labels."""
+def _valid_voxels_only(
+    logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, D, H, W), (B, D, H, W), mask -> the n valid voxels as one volume and its labels.
+
+    The volume is (1, C, n, 1, 1), the labels (1, n, 1, 1).
+    """
     flat = logits.permute(0, 2, 3, 4, 1)[valid]  # (n, C)
     return flat.t().reshape(1, -1, flat.shape[0], 1, 1), labels[valid].reshape(1, -1, 1, 1)

@@ -1,4 +1,4 @@
-"""Tests of scdlcore.metrics: Dice, HD95 and ASD against hand-computed values and MONAI."""
+"""Tests of scdlcore.evaluation.metrics: Dice, HD95 and ASD against hand-computed values and MONAI."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import torch
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from scipy import ndimage
 
-from scdlcore.io import ImageError, Volume, write_label
-from scdlcore.labels import Label, LabelTable
-from scdlcore.metrics import (
+from scdlcore.evaluation.metrics import (
     PAPER_GRID_SHAPE,
     PAPER_MISSED_PENALTY,
     EvaluationResult,
@@ -25,6 +23,9 @@ from scdlcore.metrics import (
     mean_case_results,
     surface_distances,
 )
+from scdlcore.io.volume import ImageError, Volume
+from scdlcore.io.write import write_label
+from scdlcore.labels import Label, LabelTable
 
 # Three organs with non-consecutive values, so value != class index is exercised.
 TABLE = LabelTable(
@@ -61,6 +62,7 @@ def _monai_scores(pred, ref, spacing_zyx):
 
 # --- dice ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("pred", "ref", "expected"),
     [
@@ -85,6 +87,7 @@ def test_dice_rejects_masks_of_different_shapes():
 
 
 # --- surface distances ---------------------------------------------------------------------------
+
 
 def test_shifted_cubes_have_the_analytic_surface_distances_in_mm():
     # Two 4^3 cubes, the prediction one voxel (3 mm) further along z. Per direction, of the 56
@@ -155,6 +158,7 @@ def test_scores_agree_with_monai_on_random_blobs(seed):
 
 
 # --- evaluate_labels -----------------------------------------------------------------------------
+
 
 def _three_organ_case():
     """Reference: liver (big cube), kidney (small cube), adrenal absent; prediction shifts the liver."""
@@ -277,6 +281,7 @@ def test_values_outside_the_table_are_ignored():
 
 # --- reporting -----------------------------------------------------------------------------------
 
+
 def test_reports_contain_every_organ_and_the_means():
     pred, ref = _three_organ_case()
     result = evaluate_labels(pred, ref, SPACING_ZYX, TABLE)
@@ -336,6 +341,7 @@ def test_mean_case_results_rejects_no_cases_and_mixed_modes():
 
 # --- evaluate_files ------------------------------------------------------------------------------
 
+
 def _write_label(path, labels, spacing, origin=(0.0, 0.0, 0.0)):
     write_label(path, Volume(labels, spacing, origin, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)))
 
@@ -370,7 +376,9 @@ def test_evaluate_files_refuses_values_of_another_label_table(tmp_path):
     foreign[0, 0, 0] = 99
     _write_label(tmp_path / "foreign.nii.gz", foreign, (1.0, 1.0, 1.0))
     for pred, reference in (("ref", "foreign"), ("foreign", "ref")):
-        with pytest.raises(ValueError, match=r"foreign\.nii\.gz holds label values \[99\] that are not in label table 'test3'"):
+        with pytest.raises(
+            ValueError, match=r"foreign\.nii\.gz holds label values \[99\] that are not in label table 'test3'"
+        ):
             evaluate_files(tmp_path / f"{pred}.nii.gz", tmp_path / f"{reference}.nii.gz", TABLE)
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scdlcore.io import Volume, read_image, read_label, resample_onto
+from scdlcore.io.read import read_image, read_label
+from scdlcore.io.volume import Volume, resample_onto
 from scdlcore.labels import SYNAPSE13
 from scdlcore.preprocess import BODY_SEARCH_MM, _all_above, body_bbox, hu_window, resample_to_spacing
 
@@ -144,7 +145,9 @@ def test_body_bbox_lies_within_the_voxelwise_box_plus_the_search_spacing(samples
     body = ndimage.label(ct.array > -500.0)[0]
     exact = ndimage.find_objects((body == np.argmax(np.bincount(body.ravel())[1:]) + 1).astype(np.uint8))[0]
     for found, true, spacing in zip(box, exact, ct.spacing_zyx):
-        assert (true.start - found.start) * spacing <= BODY_SEARCH_MM and (found.stop - true.stop) * spacing <= BODY_SEARCH_MM
+        assert (true.start - found.start) * spacing <= BODY_SEARCH_MM and (
+            found.stop - true.stop
+        ) * spacing <= BODY_SEARCH_MM
 
 
 def test_block_search_marks_exactly_the_blocks_above_the_threshold(samples):
@@ -154,7 +157,9 @@ def test_block_search_marks_exactly_the_blocks_above_the_threshold(samples):
     found = _all_above(array, steps, -500.0)
     expected = np.zeros([n // step for n, step in zip(array.shape, steps)], dtype=bool)
     for block in np.ndindex(*expected.shape):
-        expected[block] = (array[tuple(slice(i * step, (i + 1) * step) for i, step in zip(block, steps))] > -500.0).all()
+        expected[block] = (
+            array[tuple(slice(i * step, (i + 1) * step) for i, step in zip(block, steps))] > -500.0
+        ).all()
     np.testing.assert_array_equal(found, expected)
     assert 0.05 < expected.mean() < 0.95  # body and air both
 

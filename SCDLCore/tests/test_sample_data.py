@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scdlcore.dataset import CTAlreadyStored, DatasetStore, load_dataset
-from scdlcore.io import read_image, read_label
+from scdlcore.dataset.manifest import CTAlreadyStored, load_dataset
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.io.read import read_image, read_label
 from scdlcore.labels import SYNAPSE13
 from scdlcore.sample_data import (
     SampleDataError,
@@ -104,13 +106,10 @@ def test_archive_with_wrong_digest_raises_and_writes_nothing(tmp_path, monkeypat
     bogus = archives / "totalsegmentator-2.18.0.tar.gz"
     bogus.write_bytes(b"not the release")
     monkeypatch.setenv("SCDL_SAMPLE_ARCHIVES", str(archives))
-    with pytest.raises(SampleDataError) as err:
-        fetch_sample("ct_abdomen", tmp_path / "cache")
     got = hashlib.sha256(b"not the release").hexdigest()
-    assert str(err.value) == (
-        f"{bogus}: SHA-256 is {got}, expected {TOTALSEGMENTATOR_SHA256} for totalsegmentator==2.18.0. "
-        "The file is damaged or not the pinned release; delete it and fetch again."
-    )
+    problem = f"{bogus}: SHA-256 is {got}, expected {TOTALSEGMENTATOR_SHA256}"
+    with pytest.raises(SampleDataError, match=f"^{re.escape(problem)}"):
+        fetch_sample("ct_abdomen", tmp_path / "cache")
     assert files_under(tmp_path / "cache") == []
 
 
@@ -121,7 +120,14 @@ def test_downloaded_archive_with_wrong_digest_leaves_no_half_written_cache(tmp_p
     with pytest.raises(SampleDataError, match=r"SHA-256 is [0-9a-f]{64}, expected 5d4223ef"):
         fetch_sample("ct_chest_cta", tmp_path / "cache")
     assert calls[0][:8] == [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "totalsegmentator==2.18.0"
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "totalsegmentator==2.18.0",
     ]
     assert list((tmp_path / "cache" / "samples").iterdir()) == []  # download folder removed
 
@@ -129,13 +135,11 @@ def test_downloaded_archive_with_wrong_digest_leaves_no_half_written_cache(tmp_p
 def test_pip_failure_says_how_to_work_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("SCDL_SAMPLE_ARCHIVES", raising=False)
     monkeypatch.setattr(subprocess, "run", fake_pip(None, [], returncode=1, stderr="ERROR: No matching distribution"))
-    with pytest.raises(SampleDataError) as err:
+    problem = "Could not download totalsegmentator==2.18.0 with pip (exit code 1): ERROR: No matching distribution"
+    with pytest.raises(SampleDataError, match=f"^{re.escape(problem)}") as err:
         fetch_sample("ct_abdomen", tmp_path / "cache")
-    assert str(err.value) == (
-        "Could not download totalsegmentator==2.18.0 with pip (exit code 1): ERROR: No matching distribution. "
-        "Without network access, put totalsegmentator-2.18.0.tar.gz "
-        f"(sha256 {TOTALSEGMENTATOR_SHA256}) in a folder and set SCDL_SAMPLE_ARCHIVES to it."
-    )
+    # how to work offline: the archive to fetch by hand and the variable that points at it
+    assert "totalsegmentator-2.18.0.tar.gz" in str(err.value) and "SCDL_SAMPLE_ARCHIVES" in str(err.value)
     assert list((tmp_path / "cache" / "samples").iterdir()) == []
 
 
@@ -155,6 +159,7 @@ def test_damaged_cached_sample_is_fetched_again(samples, sample_cache_dir, tmp_p
     assert sorted(p.name for p in (cache / "samples").iterdir()) == ["ct_chest_nrrd"]  # no staging left
 
 
+@pytest.mark.slow
 def test_sample_dataset_has_two_labeled_cases_and_one_unlabeled(samples, tmp_path):
     dataset = load_dataset(make_sample_dataset(tmp_path / "dataset", samples))
     assert [case.id for case in dataset.labeled] == ["ct_abdomen", "ct_abdomen_dicom"]
@@ -169,10 +174,9 @@ def test_sample_dataset_has_two_labeled_cases_and_one_unlabeled(samples, tmp_pat
 
 
 def test_unknown_sample_lists_the_valid_names(tmp_path):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="Unknown sample 'ct_brain'") as err:
         fetch_sample("ct_brain", tmp_path)
-    names = "ct_abdomen, ct_abdomen_dicom, ct_chest_cta, ct_chest_nrrd"
-    assert str(err.value) == f"Unknown sample 'ct_brain'; samples: {names}."
+    assert all(name in str(err.value) for name in ("ct_abdomen", "ct_abdomen_dicom", "ct_chest_cta", "ct_chest_nrrd"))
 
 
 @pytest.mark.parametrize(

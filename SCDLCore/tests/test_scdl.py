@@ -1,4 +1,7 @@
-"""Tests of scdlcore.scdl: tokens, proxies, CDBA, proxy loss and semantic anchors (SCDL_METHOD.md sections 3, 4)."""
+"""Tests of scdlcore.nets.scdl: tokens, proxies, CDBA, proxy loss and semantic anchors.
+
+The module and the properties pinned here are SCDLCore/docs/METHOD.md sections 3 and 4.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scdlcore.scdl import SCDLLosses, SCDLModule, token_targets
+from scdlcore.nets.scdl import SCDLLosses, SCDLModule, token_targets
 
 WIDTH, NUM_CLASSES = 4, 3
 
@@ -22,10 +25,17 @@ def _module(**overrides) -> SCDLModule:
 
 def _octant_labels(classes: list[int]) -> torch.Tensor:
     """(1, 4, 4, 4) labels whose 2x2x2 octants (token order z, y, x) hold ``classes[token]``."""
-    return torch.tensor(classes).reshape(1, 2, 2, 2).repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    return (
+        torch.tensor(classes)
+        .reshape(1, 2, 2, 2)
+        .repeat_interleave(2, 1)
+        .repeat_interleave(2, 2)
+        .repeat_interleave(2, 3)
+    )
 
 
 # --- tokens and targets ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("feat_shape", "grid"),
@@ -90,6 +100,7 @@ def test_token_targets_rows_sum_to_one_on_a_non_divisible_grid():
 
 
 # --- proxies and assignment -----------------------------------------------------------------------------
+
 
 def test_proxy_samples_are_unit_vectors_per_class_and_sample():
     samples = _module(num_samples=6).proxy_samples()
@@ -168,6 +179,7 @@ def test_symmetric_kl_matches_hand_computed_value():
 
 # --- proxy loss -----------------------------------------------------------------------------------------
 
+
 def test_proxy_loss_matches_hand_computed_value_and_weights_tokens():
     module = _module(distance_weight=0.1)
     similarity = torch.tensor([[[0.5, -0.2, 0.1], [0.9, 0.9, 0.9]]])  # (B=1, L=2, C=3)
@@ -201,6 +213,7 @@ def test_proxy_loss_falls_toward_the_own_class_proxy_and_rises_toward_another(se
 
 
 # --- semantic anchors -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("anchor", ["batch", "ema"])
 def test_sac_gradient_reaches_only_the_proxy_means(anchor):
@@ -260,6 +273,7 @@ def test_ema_anchors_remember_classes_absent_from_the_batch():
 
 # --- the whole module -----------------------------------------------------------------------------------
 
+
 def test_forward_returns_the_weighted_total_and_trains_projection_and_proxies():
     module = _module(proxy_weight=0.3, sac_weight=0.1, kl_weight=0.02)
     feat = torch.randn(3, WIDTH, 4, 4, 4, requires_grad=True)  # 2 labeled + 1 unlabeled
@@ -269,7 +283,9 @@ def test_forward_returns_the_weighted_total_and_trains_projection_and_proxies():
     assert isinstance(losses, SCDLLosses)
     for part in (losses.total, losses.proxy, losses.sac, losses.kl):
         assert part.shape == () and torch.isfinite(part)
-    assert losses.total.item() == pytest.approx((0.3 * losses.proxy + 0.1 * losses.sac + 0.02 * losses.kl).item(), rel=1e-5)
+    assert losses.total.item() == pytest.approx(
+        (0.3 * losses.proxy + 0.1 * losses.sac + 0.02 * losses.kl).item(), rel=1e-5
+    )
     assert losses.proxy > 0 and losses.sac > 0
 
     losses.total.backward()

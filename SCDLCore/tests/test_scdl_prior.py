@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scdlcore.bundle import load_bundle, save_bundle
-from scdlcore.config import Config
+from scdlcore.bundle.format import load_bundle, save_bundle
 from scdlcore.labels import SYNAPSE13
 from scdlcore.nets import SCDLPriorVNet, build_network, network_description
-from scdlcore.scdl import SCDLModule
-from scdlcore.ssl import Batch, build_base
+from scdlcore.nets.scdl import SCDLModule
+from scdlcore.training.config import Config
+from scdlcore.training.ssl import Batch, build_base
 
 
 @pytest.mark.parametrize(("shape", "grid"), [((16, 32, 16), 2), ((32, 32, 48), 4)])
@@ -28,6 +28,7 @@ def test_prior_needs_the_module_built_with_it():
         SCDLModule(4, 5, grid=2).prior(torch.randn(1, 4, 16, 16, 16))
 
 
+@pytest.mark.slow
 def test_prior_network_returns_logits_and_the_pre_prior_embedding():
     torch.manual_seed(0)
     net = SCDLPriorVNet(num_classes=5, width=2, scdl={"grid": 2, "hidden": (8,), "embed_dim": 8, "num_samples": 2})
@@ -42,6 +43,7 @@ def test_prior_network_returns_logits_and_the_pre_prior_embedding():
     torch.testing.assert_close(rebuilt.eval()(image)[0], net.eval()(image)[0])
 
 
+@pytest.mark.slow  # trains
 def test_training_with_the_prior_trains_it_and_bundles_carry_it(tmp_path):
     torch.manual_seed(0)
     config = Config().with_overrides({"network.width": 2, "scdl.grid": 2, "scdl.prior": True})
@@ -51,8 +53,17 @@ def test_training_with_the_prior_trains_it_and_bundles_carry_it(tmp_path):
     base.training_losses(Batch(images, labels), 0.5)["total"].backward()
     assert base.networks[0].scdl.prior_projection.weight.grad.abs().sum() > 0
 
-    path = save_bundle(tmp_path / "prior", base.inference_networks(), name="prior", labels=SYNAPSE13, spacing=(3, 3, 3),
-                       hu_window=(-125, 275), patch_size=(32, 32, 32), base="cps", scdl=config.to_dict()["scdl"])
+    path = save_bundle(
+        tmp_path / "prior",
+        base.inference_networks(),
+        name="prior",
+        labels=SYNAPSE13,
+        spacing=(3, 3, 3),
+        hu_window=(-125, 275),
+        patch_size=(32, 32, 32),
+        base="cps",
+        scdl=config.to_dict()["scdl"],
+    )
     networks = load_bundle(path).build_networks("cpu")
     assert [type(n) for n in networks] == [SCDLPriorVNet, SCDLPriorVNet]
     with torch.no_grad():

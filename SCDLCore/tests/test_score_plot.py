@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from scdlcore.metrics import EvaluationResult, OrganScores, mean_case_results
-from scdlcore.score_plot import save_score_plot, score_figure
+from scdlcore.evaluation.metrics import EvaluationResult, OrganScores, mean_case_results
+from scdlcore.visualize.score_plot import save_score_plot, score_figure
 
 
 def _case(dice: dict[str, float], hd95: dict[str, float]) -> EvaluationResult:
@@ -19,8 +19,16 @@ def _case(dice: dict[str, float], hd95: dict[str, float]) -> EvaluationResult:
 def test_bars_are_the_means_and_dots_the_defined_scores_of_each_case(tmp_path) -> None:
     nan = math.nan
     cases = [
-        ("a", _case({"liver": 0.9, "pancreas": 0.2, "esophagus": nan}, {"liver": 4.0, "pancreas": 30.0, "esophagus": nan})),
-        ("b", _case({"liver": 0.7, "pancreas": nan, "esophagus": nan}, {"liver": 8.0, "pancreas": nan, "esophagus": nan})),
+        (
+            "a",
+            _case(
+                {"liver": 0.9, "pancreas": 0.2, "esophagus": nan}, {"liver": 4.0, "pancreas": 30.0, "esophagus": nan}
+            ),
+        ),
+        (
+            "b",
+            _case({"liver": 0.7, "pancreas": nan, "esophagus": nan}, {"liver": 8.0, "pancreas": nan, "esophagus": nan}),
+        ),
     ]
     summary = mean_case_results([result for _, result in cases])
     dice_axes, hd95_axes = score_figure(summary, cases).axes

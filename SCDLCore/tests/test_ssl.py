@@ -1,4 +1,7 @@
-"""Tests of scdlcore.ssl: CPS, Mean Teacher and Supervised bases, with and without SCDL (SCDL_METHOD.md section 2)."""
+"""Tests of scdlcore.training.ssl: CPS, Mean Teacher and Supervised bases, with and without SCDL.
+
+The bases are specified in SCDLCore/docs/METHOD.md section 2.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,20 @@ import pytest
 import torch
 from torch import nn
 
-from scdlcore.config import Config
-from scdlcore.losses import GACELoss, GADiceLoss
 from scdlcore.nets import VNet
-from scdlcore.scdl import SCDLModule
-from scdlcore.ssl import CPS, Batch, MeanTeacher, SSLBase, Supervised, build_base, sigmoid_rampup
+from scdlcore.nets.scdl import SCDLModule
+from scdlcore.training.config import Config
+from scdlcore.training.losses import GACELoss, GADiceLoss
+from scdlcore.training.ssl import CPS, Batch, MeanTeacher, SSLBase, Supervised, build_base, sigmoid_rampup
 
 NUM_CLASSES, WIDTH = 4, 2
 PATCH = (16, 32, 16)  # (D, H, W): non-cubic; the bottleneck keeps 2 voxels, enough for InstanceNorm
 SCDL_KEYS = {"scdl_proxy", "scdl_sac", "scdl_kl"}
-BASE_KEYS = {"cps": {"total", "supervised", "cps"}, "mean_teacher": {"total", "supervised", "consistency"},
-             "supervised": {"total", "supervised"}}
+BASE_KEYS = {
+    "cps": {"total", "supervised", "cps"},
+    "mean_teacher": {"total", "supervised", "consistency"},
+    "supervised": {"total", "supervised"},
+}
 
 
 def _batch(seed: int = 0, valid: bool = False) -> Batch:
@@ -36,10 +42,15 @@ def _scdl(count: int) -> list[SCDLModule]:
 def _base(kind: str, with_scdl: bool) -> SSLBase:
     torch.manual_seed(0)
     if kind == "cps":
-        return CPS(VNet(num_classes=NUM_CLASSES, width=WIDTH), VNet(num_classes=NUM_CLASSES, width=WIDTH),
-                   scdl=_scdl(2) if with_scdl else None)
+        return CPS(
+            VNet(num_classes=NUM_CLASSES, width=WIDTH),
+            VNet(num_classes=NUM_CLASSES, width=WIDTH),
+            scdl=_scdl(2) if with_scdl else None,
+        )
     if kind == "mean_teacher":
-        return MeanTeacher(VNet(num_classes=NUM_CLASSES, width=WIDTH, norm="instance"), scdl=_scdl(1) if with_scdl else None)
+        return MeanTeacher(
+            VNet(num_classes=NUM_CLASSES, width=WIDTH, norm="instance"), scdl=_scdl(1) if with_scdl else None
+        )
     return Supervised(VNet(num_classes=NUM_CLASSES, width=WIDTH), scdl=_scdl(1) if with_scdl else None)
 
 
@@ -59,22 +70,26 @@ def test_training_losses_are_finite_with_the_expected_keys_and_composition(kind,
     if with_scdl:
         # The logged parts are averaged over the SCDL modules; each adds lambda (0.1) * its weighted total.
         modules = len(base.scdl)
-        expected = expected + 0.1 * modules * (0.3 * losses["scdl_proxy"] + 0.1 * losses["scdl_sac"] + 0.02 * losses["scdl_kl"])
+        expected = expected + 0.1 * modules * (
+            0.3 * losses["scdl_proxy"] + 0.1 * losses["scdl_sac"] + 0.02 * losses["scdl_kl"]
+        )
     assert losses["total"].item() == pytest.approx(float(expected), rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["cps", "mean_teacher", "supervised"])
+@pytest.mark.parametrize("kind", [pytest.param("cps", marks=pytest.mark.slow), "mean_teacher", "supervised"])
 def test_training_losses_accept_a_valid_mask(kind):
     losses = _base(kind, with_scdl=True).training_losses(_batch(valid=True), progress=1.0)
     assert torch.isfinite(losses["total"])
 
 
+@pytest.mark.slow
 def test_forward_is_training_losses_for_distributed_wrappers():
     base = _base("supervised", with_scdl=False)
     batch = _batch()
     torch.testing.assert_close(base(batch, 0.3)["total"], base.training_losses(batch, 0.3)["total"])
 
 
+@pytest.mark.slow
 def test_cps_backward_reaches_both_networks_and_both_scdl_modules():
     base = _base("cps", with_scdl=True)
     base.training_losses(_batch(), progress=1.0)["total"].backward()
@@ -86,6 +101,7 @@ def test_cps_backward_reaches_both_networks_and_both_scdl_modules():
         assert module.projection[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_cps_supervises_each_network_with_the_other_ones_argmax():
     base = _base("cps", with_scdl=False)
     batch = _batch()
@@ -96,14 +112,18 @@ def test_cps_supervises_each_network_with_the_other_ones_argmax():
         logits_a, logits_b = (network(batch.images)[0] for network in base.networks)
     top_10, top_all, dice = GACELoss(top_k=0.1), GACELoss(top_k=1.0), GADiceLoss()
     labeled = batch.num_labeled
-    supervised = sum(top_10(lg[:labeled], batch.labels) + dice(lg[:labeled], batch.labels) for lg in (logits_a, logits_b))
+    supervised = sum(
+        top_10(lg[:labeled], batch.labels) + dice(lg[:labeled], batch.labels) for lg in (logits_a, logits_b)
+    )
     cross = top_all(logits_a, logits_b.argmax(dim=1)) + top_all(logits_b, logits_a.argmax(dim=1))
     assert early["supervised"].item() == pytest.approx(supervised.item(), rel=1e-5)
     assert early["cps"].item() == pytest.approx(cross.item(), rel=1e-5)
 
     # Only the ramp differs between the start (exp(-5)) and the end (1) of the run.
     torch.testing.assert_close(early["cps"], late["cps"])
-    assert early["total"].item() == pytest.approx((early["supervised"] + 0.1 * math.exp(-5) * early["cps"]).item(), rel=1e-5)
+    assert early["total"].item() == pytest.approx(
+        (early["supervised"] + 0.1 * math.exp(-5) * early["cps"]).item(), rel=1e-5
+    )
     assert late["total"].item() == pytest.approx((late["supervised"] + 0.1 * late["cps"]).item(), rel=1e-5)
 
 
@@ -114,6 +134,7 @@ def test_bases_refuse_the_wrong_number_of_scdl_modules():
         MeanTeacher(VNet(num_classes=3, width=2), scdl=_scdl(2))
 
 
+@pytest.mark.slow
 def test_mean_teacher_teacher_gets_no_gradient():
     base = _base("mean_teacher", with_scdl=True)
     base.training_losses(_batch(), progress=1.0)["total"].backward()
@@ -150,11 +171,15 @@ def test_inference_networks_are_what_a_bundle_exports():
     assert supervised.inference_networks() == [supervised.networks[0]]
 
 
+@pytest.mark.slow  # a training step
 def test_a_cps_ga_scdl_step_on_32_cubed_patches_updates_every_part():
-    # SCDL_METHOD.md section 4: a CPS+GA+SCDL step on CPU with w=4 and 32^3 patches, paper-size MLP.
+    # SCDLCore/docs/METHOD.md section 4: a CPS+GA+SCDL step on CPU with w=4 and 32^3 patches, paper-size MLP.
     torch.manual_seed(0)
-    base = CPS(VNet(num_classes=NUM_CLASSES, width=4), VNet(num_classes=NUM_CLASSES, width=4),
-               scdl=[SCDLModule(4, NUM_CLASSES, grid=4) for _ in range(2)])
+    base = CPS(
+        VNet(num_classes=NUM_CLASSES, width=4),
+        VNet(num_classes=NUM_CLASSES, width=4),
+        scdl=[SCDLModule(4, NUM_CLASSES, grid=4) for _ in range(2)],
+    )
     batch = Batch(images=torch.rand(4, 1, 32, 32, 32), labels=torch.randint(0, NUM_CLASSES, (2, 32, 32, 32)))
     optimizer = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     before = {name: p.detach().clone() for name, p in base.named_parameters()}
@@ -179,10 +204,19 @@ def test_a_cps_ga_scdl_step_on_32_cubed_patches_updates_every_part():
 )
 @pytest.mark.parametrize("scdl_enabled", [True, False])
 def test_build_base_follows_the_config(base_name, cls, norm, networks, scdl_enabled):
-    config = Config().with_overrides({
-        "ssl.base": base_name, "network.width": 2, "ssl.top_k": 0.2, "scdl.enabled": scdl_enabled,
-        "scdl.weight": 0.05, "scdl.grid": 3, "scdl.p2e": "classes", "scdl.anchor": "ema", "scdl.hidden": [8],
-    })
+    config = Config().with_overrides(
+        {
+            "ssl.base": base_name,
+            "network.width": 2,
+            "ssl.top_k": 0.2,
+            "scdl.enabled": scdl_enabled,
+            "scdl.weight": 0.05,
+            "scdl.grid": 3,
+            "scdl.p2e": "classes",
+            "scdl.anchor": "ema",
+            "scdl.hidden": [8],
+        }
+    )
     base = build_base(config, num_classes=5)
 
     assert type(base) is cls
@@ -201,12 +235,23 @@ def test_build_base_follows_the_config(base_name, cls, norm, networks, scdl_enab
 
 
 def test_build_base_passes_the_base_specific_weights_and_an_explicit_norm():
-    cps = build_base(Config().with_overrides({"ssl.cps_weight": 0.3, "network.width": 2, "network.norm": "instance"}), 3)
+    cps = build_base(
+        Config().with_overrides({"ssl.cps_weight": 0.3, "network.width": 2, "network.norm": "instance"}), 3
+    )
     assert cps.cps_weight == 0.3
     assert all(network.norm == "instance" for network in cps.networks)
     teacher = build_base(
-        Config().with_overrides({"ssl.base": "mean_teacher", "ssl.ema_decay": 0.9, "ssl.noise_std": 0.2,
-                                 "ssl.consistency_weight": 0.4, "network.width": 2}), 3)
+        Config().with_overrides(
+            {
+                "ssl.base": "mean_teacher",
+                "ssl.ema_decay": 0.9,
+                "ssl.noise_std": 0.2,
+                "ssl.consistency_weight": 0.4,
+                "network.width": 2,
+            }
+        ),
+        3,
+    )
     assert (teacher.ema_decay, teacher.noise_std, teacher.consistency_weight) == (0.9, 0.2, 0.4)
 
 

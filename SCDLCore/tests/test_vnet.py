@@ -1,4 +1,4 @@
-"""Tests of scdlcore.nets: the VNet backbone (SCDL_METHOD.md section 1) and its JSON description."""
+"""Tests of scdlcore.nets: the VNet backbone (SCDLCore/docs/METHOD.md section 1) and its JSON description."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from torch import nn
 from scdlcore.nets import VNet, build_network, network_description
 
 # (patch (D, H, W), num_classes, width, norm, batch): non-cubic grids; every axis a multiple of 16.
+# The width-4 instance-norm cases take a second or two on a CPU: slow.
 SHAPE_CASES = [
     ((32, 48, 64), 2, 2, "batch", 2),
-    ((16, 32, 16), 5, 4, "instance", 1),
+    pytest.param((16, 32, 16), 5, 4, "instance", 1, marks=pytest.mark.slow),
     ((16, 32, 16), 14, 2, "batch", 3),
-    ((32, 16, 48), 14, 4, "instance", 2),
+    pytest.param((32, 16, 48), 14, 4, "instance", 2, marks=pytest.mark.slow),
     ((16, 16, 32), 5, 2, "batch", 1),  # bottleneck (1, 1, 2): still two values per BatchNorm channel
 ]
 
@@ -125,7 +126,7 @@ def test_network_description_refuses_an_unregistered_module():
 
 
 def _expected_parameter_count(in_channels: int, num_classes: int, width: int) -> int:
-    """Weights of the layout in SCDL_METHOD.md section 1, counted by hand.
+    """Weights of the layout in SCDLCore/docs/METHOD.md section 1, counted by hand.
 
     3x3x3 conv: i*o*27 + o; 2x2x2 (transposed) conv: i*o*8 + o; norm (affine): 2*o; head: w*C + C.
     """

@@ -57,8 +57,16 @@ class EngineCommand:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"Fine-tuning steps must be a whole number >= 1, got {steps!r}.")
         return self._scdl(
-            "finetune", "--dataset", _folder(dataset), "--model", _required(model, "model"), "--steps", str(steps),
-            "--device", device.value, "--events",
+            "finetune",
+            "--dataset",
+            _folder(dataset),
+            "--model",
+            _required(model, "model"),
+            "--steps",
+            str(steps),
+            "--device",
+            device.value,
+            "--events",
         )
 
     def models_list(self) -> list[str]:
@@ -78,8 +86,18 @@ class EngineCommand:
     def dataset_suggest(self, dataset: str | os.PathLike, model: str, device: Device) -> list[str]:
         """``scdl dataset suggest DIR --model NAME --device D --top 1 --json``: the unlabeled case whose
         correction would help ``model`` most."""
-        return self._scdl("dataset", "suggest", _folder(dataset), "--model", _required(model, "model"),
-                          "--device", device.value, "--top", "1", "--json")
+        return self._scdl(
+            "dataset",
+            "suggest",
+            _folder(dataset),
+            "--model",
+            _required(model, "model"),
+            "--device",
+            device.value,
+            "--top",
+            "1",
+            "--json",
+        )
 
     def sample_data(self, name: str) -> list[str]:
         """``scdl sample-data NAME --json``: fetch a public sample CT into the engine's cache (once) and

@@ -73,8 +73,13 @@ class CommandJob(_ChildJob):
         on_log: receives the lines the command printed besides its JSON (its stderr, mostly).
     """
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], on_done: Callable[[Any, str | None], None],
-                 on_log: LogHandler) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        on_done: Callable[[Any, str | None], None],
+        on_log: LogHandler,
+    ) -> None:
         self.process = ChildProcess(args, env=env, output="document")
         self._on_done, self._on_log = on_done, on_log
         self._data: Any = None
@@ -120,8 +125,14 @@ class FinetuneJob(_ChildJob):
         on_log: receives the lines the run printed besides its events.
     """
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], on_event: Callable[[dict], None],
-                 on_done: Callable[[FinetuneOutcome], None], on_log: LogHandler) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        on_event: Callable[[dict], None],
+        on_done: Callable[[FinetuneOutcome], None],
+        on_log: LogHandler,
+    ) -> None:
         self.process = ChildProcess(args, env=env)
         self._on_event, self._on_done, self._on_log = on_event, on_done, on_log
         self._result: dict[str, Any] = {}
@@ -149,5 +160,10 @@ class FinetuneJob(_ChildJob):
             return FinetuneOutcome(error=error)
         result = self._result
         verdict = result.get("verdict") or {}
-        return FinetuneOutcome(str(result["model"]), dict(result.get("before") or {}), dict(result.get("after") or {}),
-                               bool(verdict.get("better")), str(verdict.get("summary") or ""))
+        return FinetuneOutcome(
+            str(result["model"]),
+            dict(result.get("before") or {}),
+            dict(result.get("after") or {}),
+            bool(verdict.get("better")),
+            str(verdict.get("summary") or ""),
+        )

@@ -82,7 +82,7 @@ def plan_result_segments(
     Raises:
         ValueError: an organ is not in the table (the message lists the known ones).
     """
-    wanted = set(_check_organs(table, organs)) if organs is not None else set(table.names)
+    wanted = set(table.check_organs(organs)) if organs is not None else set(table.names)
     tagged = {segment.organ: segment.segment_id for segment in existing if segment.organ}
     return [
         SegmentUpdate(label=label, segment_id=tagged.get(label.name), terminology=table.terminology_string(label))
@@ -104,16 +104,13 @@ def organs_to_segments(table: LabelTable, existing: Iterable[ExistingSegment]) -
     Raises:
         ValueError: two segments claim the same organ (the message names both and what to do).
     """
-    by_name = {}
-    for label in table.labels:
-        by_name[label.name.lower()] = label.name
-        by_name[label.display_name.lower()] = label.name
     found: dict[str, ExistingSegment] = {}
     segments = list(existing)
     for segment in sorted(segments, key=lambda s: s.organ is None):  # tagged segments win the name lookup
-        organ = segment.organ if segment.organ in table.names else by_name.get(segment.name.strip().lower())
-        if organ is None:
+        label = table[segment.organ] if segment.organ in table.names else table.find(segment.name)
+        if label is None:
             continue
+        organ = label.name
         if organ in found:
             raise ValueError(
                 f"Two segments are {table[organ].display_name!r}: {found[organ].name!r} and {segment.name!r}. "
@@ -147,7 +144,7 @@ def compose_label_map(
     labels = np.zeros(shape, dtype=dtype)
     claimed = np.zeros(shape, dtype=bool)
     overlap = 0
-    for organ in _check_organs(table, list(masks)):
+    for organ in table.check_organs(list(masks)):
         mask = np.asarray(masks[organ]) != 0
         if mask.shape != shape:
             raise ValueError(
@@ -176,7 +173,7 @@ def reviewed_organs(table: LabelTable, reviewed: Iterable[str]) -> list[str]:
     Raises:
         ValueError: a name is not in the table.
     """
-    chosen = set(_check_organs(table, list(reviewed)))
+    chosen = set(table.check_organs(list(reviewed)))
     return [name for name in table.names if name in chosen]
 
 
@@ -184,11 +181,3 @@ def unit_color(label: Label) -> tuple[float, float, float]:
     """The organ's color as RGB in 0..1, as Slicer's segment colors are."""
     red, green, blue = label.color
     return red / 255.0, green / 255.0, blue / 255.0
-
-
-def _check_organs(table: LabelTable, organs: Sequence[str]) -> list[str]:
-    unknown = [name for name in organs if name not in table.names]
-    if unknown:
-        raise ValueError(f"Unknown organ(s) {', '.join(map(repr, unknown))}; label table {table.name!r} has: "
-                         f"{', '.join(table.names)}.")
-    return [name for name in table.names if name in organs]

@@ -123,7 +123,9 @@ class ChildProcess:
             target=self._read_stderr, args=(self._process.stderr,), name="child-stderr", daemon=True
         )
         self._stderr_thread.start()
-        threading.Thread(target=self._read_stdout, args=(self._process.stdout,), name="child-stdout", daemon=True).start()
+        threading.Thread(
+            target=self._read_stdout, args=(self._process.stdout,), name="child-stdout", daemon=True
+        ).start()
 
     def send(self, message: Mapping[str, Any]) -> None:
         """Write one JSON object as one line to the child's stdin.
@@ -187,7 +189,12 @@ class ChildProcess:
         self._stderr_thread.join()  # type: ignore[union-attr]  # so the exit event comes after every log line
         if self._output == "document" and returncode == 0 and not self._cancelled:
             self._queue.put((False, self._document_event(text)))
-        exit_event = {"event": "exit", "returncode": returncode, "cancelled": self._cancelled, "stderr": self.stderr_tail()}
+        exit_event = {
+            "event": "exit",
+            "returncode": returncode,
+            "cancelled": self._cancelled,
+            "stderr": self.stderr_tail(),
+        }
         self._queue.put((True, exit_event))
 
     def _put_line(self, line: str) -> None:
@@ -205,7 +212,10 @@ class ChildProcess:
         try:
             return {"event": "result", "data": json.loads(text)}
         except json.JSONDecodeError as err:
-            return {"event": "error", "message": f"{self.args[0]} printed output that is not JSON ({err}): {text[:200]!r}"}
+            return {
+                "event": "error",
+                "message": f"{self.args[0]} printed output that is not JSON ({err}): {text[:200]!r}",
+            }
 
 
 def exit_message(event: Mapping[str, Any], program: str = "The SCDL engine") -> str | None:

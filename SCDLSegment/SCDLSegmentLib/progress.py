@@ -85,7 +85,9 @@ def format_validation(event: Mapping[str, Any], table: LabelTable) -> str:
     return f"{head} ({organs})" if organs else head
 
 
-def dice_rows(before: Mapping[str, float], after: Mapping[str, float], table: LabelTable) -> list[tuple[str, str, str, str]]:
+def dice_rows(
+    before: Mapping[str, float], after: Mapping[str, float], table: LabelTable
+) -> list[tuple[str, str, str, str]]:
     """Rows (organ, before, after, change) of the before/after Dice table, in label-table order;
     organs the engine did not evaluate are left out, a missing value shows as "–"."""
     rows = []

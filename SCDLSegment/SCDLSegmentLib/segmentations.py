@@ -156,7 +156,9 @@ def import_result(
     check_same_grid(labelNode, volumeNode, f"The engine's label map {labelNode.GetName()!r}")
     if segmentationNode is not None:
         check_editable(segmentationNode)
-    plan = labelmap.plan_result_segments(table, [] if segmentationNode is None else existing_segments(segmentationNode), organs)
+    plan = labelmap.plan_result_segments(
+        table, [] if segmentationNode is None else existing_segments(segmentationNode), organs
+    )
     if segmentationNode is None:  # made only once every check passed
         segmentationNode = _new_segmentation(volumeNode)
     if beforeModify is not None:
@@ -177,11 +179,16 @@ def import_result(
             segment.SetTag(labelmap.ORGAN_TAG, update.label.name)
             segmentIds.InsertNextValue(segmentId)
         # Label value k + 1 goes to segmentIds[k]: renumber the table's values into that order.
-        slicer.util.updateVolumeFromArray(labelNode, labelmap.renumber(_array(labelNode), [u.label.value for u in plan]))
+        slicer.util.updateVolumeFromArray(
+            labelNode, labelmap.renumber(_array(labelNode), [u.label.value for u in plan])
+        )
         # In the segmentation's frame: Slicer moves the image by whole voxels when the two transforms differ.
         image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(
-            labelNode, segmentationNode.GetParentTransformNode())
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segmentationNode, segmentIds):
+            labelNode, segmentationNode.GetParentTransformNode()
+        )
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            image, segmentationNode, segmentIds
+        ):
             raise RuntimeError(f"Slicer could not import the organs into {segmentationNode.GetName()!r}; see the log.")
     return segmentationNode
 
@@ -209,7 +216,9 @@ def export_labels(segmentationNode, volumeNode, table: LabelTable) -> tuple[np.n
         ValueError: two segments claim one organ.
     """
     organSegments = labelmap.organs_to_segments(table, existing_segments(segmentationNode))
-    masks = {organ: _segment_mask(segmentationNode, segmentId, volumeNode) for organ, segmentId in organSegments.items()}
+    masks = {
+        organ: _segment_mask(segmentationNode, segmentId, volumeNode) for organ, segmentId in organSegments.items()
+    }
     return labelmap.compose_label_map(table, masks, _array(volumeNode).shape)
 
 
@@ -221,7 +230,9 @@ def _segment_mask(segmentationNode, segmentId: str, volumeNode) -> np.ndarray:
     try:
         segmentIds = vtk.vtkStringArray()
         segmentIds.InsertNextValue(segmentId)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentationNode, segmentIds, node, volumeNode):
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, segmentIds, node, volumeNode
+        ):
             raise RuntimeError(f"Slicer could not export the segment {segmentId!r}; see the log.")
         return np.array(_array(node))
     finally:

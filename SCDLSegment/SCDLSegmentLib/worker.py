@@ -4,11 +4,12 @@ Protocol version 1, one JSON object per line. Requests (stdin) carry an ``id`` a
 (``segment``, ``add_case``, ``status``, ``cancel``, ``shutdown``); events (stdout) carry the ``id``
 of the request they answer (``progress``, then one of ``result``, ``error``, ``cancelled``), or
 ``"id": null`` for the worker's own events (``ready`` once the model is loaded, ``log``).
-See the README section "JSON-lines protocol" for every field.
+See the README section "Worker protocol (version 1)" for every field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -169,10 +170,8 @@ class WorkerClient:
             self._process.cancel()
 
     def _send(self, message: Mapping[str, Any]) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the worker has exited: its exit event fails the pending requests
             self._process.send(message)
-        except OSError:
-            pass  # the worker has exited: its exit event fails the pending requests
 
     def _schedule_kill(self) -> None:
         if self._kill_at is None:

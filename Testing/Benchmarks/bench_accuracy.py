@@ -2,7 +2,7 @@
 with and without SCDL, next to the naive floor.
 
 One command trains every configuration of one fold with the same network, budget and seeds, in-process and
-one after another (``scdlcore.train.Trainer``), and scores each run on the fold's held-out labeled CT, which
+one after another (``scdlcore.training.trainer.Trainer``), and scores each run on the fold's held-out labeled CT, which
 no run ever sees. There are two labeled abdominal CTs, of two patients, stored in two axis orders and
 two contrast phases, so there are two folds (``--fold``):
 
@@ -15,12 +15,12 @@ two contrast phases, so there are two folds (``--fold``):
 
 Each configuration is a dict of dotted config overrides applied to ONE base config (the trainer's defaults,
 CPS + GA + SCDL, with this benchmark's budget): see :func:`configurations`. It includes the naive floor of
-ACCURACY.md (plain supervised, uniform crops, no augmentation) and an ablation of SCDL's open choices.
+SCDLCore/docs/ACCURACY.md (plain supervised, uniform crops, no augmentation) and an ablation of SCDL's open choices.
 Each run exports its last weights as a bundle (``RUN/model``; no model selection: nothing of B takes part
-in training), :class:`scdlcore.infer.Predictor` segments B from that bundle, and :mod:`scdlcore.metrics`
-scores it on B's native grid: Dice and HD95 (mm) per organ, the mean over the organs present in B's
-reference, and the mean over its minority organs (under 1% of its foreground). SCDL's effect is reported as
-the paired difference (same seed) of mean Dice, mean +- std over seeds.
+in training), :class:`scdlcore.inference.predictor.Predictor` segments B from that bundle, and
+:mod:`scdlcore.evaluation.metrics` scores it on B's native grid: Dice and HD95 (mm) per organ, the mean over
+the organs present in B's reference, and the mean over its minority organs (under 1% of its foreground).
+SCDL's effect is reported as the paired difference (same seed) of mean Dice, mean +- std over seeds.
 
 Every CT reaches the networks in the canonical orientation (``scdlcore.preprocess``), in training and
 scoring alike; results measured before that (``results/accuracy_h100.*``, ``results/ablation_h200.*``) are
@@ -34,7 +34,8 @@ so build it here and carry it there (see ``gpu_check.sh``)::
 
 Usage::
 
-    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --smoke --out /tmp/acc   # CPU, 2 configurations, ~2 min
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --smoke --out /tmp/acc
+        # CPU, 2 configurations, ~2 min
     PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_accuracy.py --device cuda --data .bench-data
         # every configuration, 3 seeds, VNet-16, 3000 steps of 96^3 at 3 mm -> Testing/Benchmarks/results/accuracy.*
 
@@ -69,13 +70,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-
 from bench_common import machine_name
-from scdlcore.config import Config
-from scdlcore.dataset import MANIFEST_NAME, DatasetStore
-from scdlcore.infer import POSTPROCESSING
-from scdlcore.io import Volume
+
+from scdlcore.dataset.manifest import MANIFEST_NAME
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.inference.postprocess import POSTPROCESSING
+from scdlcore.io.volume import Volume
 from scdlcore.sample_data import fetch_sample
+from scdlcore.training.config import Config
 
 __all__ = [
     "DATA_MANIFEST",
@@ -110,7 +112,7 @@ UNLABELED_STORE_SPACING_MM = 3.0
 TEST_SAMPLE = "ct_abdomen_dicom"
 #: Leave-one-patient-out folds: fold -> (the labeled training CT, the held-out test CT).
 FOLDS = {1: ("ct_abdomen", TEST_SAMPLE), 2: (TEST_SAMPLE, "ct_abdomen")}
-#: Short names of the labeled samples in tables (ACCURACY.md's letters) with their contrast phase.
+#: Short names of the labeled samples in tables (SCDLCore/docs/ACCURACY.md's letters) with their contrast phase.
 SAMPLE_NAMES = {"ct_abdomen": "A, non-contrast", TEST_SAMPLE: "B, portal venous"}
 CARRIED_SAMPLES = ("ct_abdomen", TEST_SAMPLE, "ct_chest_nrrd")
 CTA_FILE = "ct_chest_cta.nii.gz"
@@ -123,7 +125,11 @@ COMPARISONS = (
     ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
     ("cps_ga", "supervised_no_phase", "CPS + GA over supervised: (b) - (a')"),
     ("cps_ga_scdl", "supervised_no_phase", "CPS + GA + SCDL over supervised: (c) - (a')"),
-    ("supervised_no_phase", "floor", "the recipe (augmentation, rare-class crops, window) over the naive floor: (a') - floor"),
+    (
+        "supervised_no_phase",
+        "floor",
+        "the recipe (augmentation, rare-class crops, window) over the naive floor: (a') - floor",
+    ),
     ("supervised", "supervised_no_phase", "contrast phase augmentation on supervised: (a) - (a')"),
     ("supervised_intensity", "supervised_no_phase", "strong global intensity augmentation on supervised: (a'') - (a')"),
     ("scdl_p2e_classes", "cps_ga_scdl", "ablation: p2e over classes (released) - over tokens"),
@@ -171,7 +177,9 @@ class BenchData:
             store = DatasetStore.init(folder)
             for name in labeled:
                 sample = fetch_sample(name, cache_dir=self.root)
-                store.add(sample.image, sample.label, case_id=name, source=f"scdlcore sample {name} (TotalSegmentator labels)")
+                store.add(
+                    sample.image, sample.label, case_id=name, source=f"scdlcore sample {name} (TotalSegmentator labels)"
+                )
             self.add_unlabeled(store)
         held = sorted(case.id for case in DatasetStore(folder).dataset().labeled)
         if held != sorted(labeled):
@@ -180,14 +188,23 @@ class BenchData:
 
     def add_unlabeled(self, store: DatasetStore) -> None:
         """Add C and F to a dataset store as unlabeled cases."""
-        store.add(self.root / CTA_FILE, case_id="ct_chest_cta",
-                  source=f"scdlcore sample ct_chest_cta at {UNLABELED_STORE_SPACING_MM:g} mm or coarser")
-        store.add(fetch_sample("ct_chest_nrrd", cache_dir=self.root).image, case_id="ct_chest_nrrd",
-                  source="scdlcore sample ct_chest_nrrd")
+        store.add(
+            self.root / CTA_FILE,
+            case_id="ct_chest_cta",
+            source=f"scdlcore sample ct_chest_cta at {UNLABELED_STORE_SPACING_MM:g} mm or coarser",
+        )
+        store.add(
+            fetch_sample("ct_chest_nrrd", cache_dir=self.root).image,
+            case_id="ct_chest_nrrd",
+            source="scdlcore sample ct_chest_nrrd",
+        )
 
     def test_case(self, name: str = TEST_SAMPLE) -> tuple[Volume, Volume]:
-        """A labeled sample (B by default): its CT (D, H, W) in HU and its Synapse-13 reference labels on the same grid."""
-        from scdlcore.io import read_image, read_label
+        """A labeled sample (B by default): its CT (D, H, W) in HU and its Synapse-13 reference labels.
+
+        The labels are on the CT's grid.
+        """
+        from scdlcore.io.read import read_image, read_label
 
         sample = fetch_sample(name, cache_dir=self.root)
         image = read_image(sample.image)
@@ -225,49 +242,87 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
     """
     no_unlabeled = {"train.unlabeled_batch": 0}
     return {
-        "floor": Configuration("naive floor: supervised, uniform crops, no augmentation, window [-125, 275]", {
-            "ssl.base": "supervised", "scdl.enabled": False, "augment.enabled": False, "train.rare_class_prob": 0.0,
-            "data.hu_window": [-125, 275], **no_unlabeled}),
-        "supervised": Configuration("(a) supervised, the recipe + contrast phase augmentation (p 0.5)", {
-            "ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.5, **no_unlabeled}),
-        "supervised_no_phase": Configuration("(a') supervised, the recipe (no phase augmentation): the starter's", {
-            "ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, **no_unlabeled}),
-        "supervised_intensity": Configuration("(a'') supervised, the recipe with strong global intensity augmentation", {
-            "ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, "augment.intensity_prob": 0.8,
-            "augment.intensity_scale": 0.2, "augment.intensity_shift": 0.15, **no_unlabeled}),
+        "floor": Configuration(
+            "naive floor: supervised, uniform crops, no augmentation, window [-125, 275]",
+            {
+                "ssl.base": "supervised",
+                "scdl.enabled": False,
+                "augment.enabled": False,
+                "train.rare_class_prob": 0.0,
+                "data.hu_window": [-125, 275],
+                **no_unlabeled,
+            },
+        ),
+        "supervised": Configuration(
+            "(a) supervised, the recipe + contrast phase augmentation (p 0.5)",
+            {"ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.5, **no_unlabeled},
+        ),
+        "supervised_no_phase": Configuration(
+            "(a') supervised, the recipe (no phase augmentation): the starter's",
+            {"ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, **no_unlabeled},
+        ),
+        "supervised_intensity": Configuration(
+            "(a'') supervised, the recipe with strong global intensity augmentation",
+            {
+                "ssl.base": "supervised",
+                "scdl.enabled": False,
+                "augment.phase_prob": 0.0,
+                "augment.intensity_prob": 0.8,
+                "augment.intensity_scale": 0.2,
+                "augment.intensity_shift": 0.15,
+                **no_unlabeled,
+            },
+        ),
         "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),
         "mt_ga": Configuration("(d) Mean Teacher + GA", {"ssl.base": "mean_teacher", "scdl.enabled": False}),
         "mt_ga_scdl": Configuration("(d) Mean Teacher + GA + SCDL", {"ssl.base": "mean_teacher"}),
         "scdl_p2e_classes": Configuration("(c) with scdl.p2e = classes", {"scdl.p2e": "classes"}),
         "scdl_labeled_only": Configuration("(c) with scdl.unlabeled = off", {"scdl.unlabeled": False}),
-        "scdl_grid_fine": Configuration(f"(c) with scdl.grid = {_token_grid(patch_edge, 32)}",
-                                        {"scdl.grid": _token_grid(patch_edge, 32)}),
+        "scdl_grid_fine": Configuration(
+            f"(c) with scdl.grid = {_token_grid(patch_edge, 32)}", {"scdl.grid": _token_grid(patch_edge, 32)}
+        ),
         "scdl_anchor_ema": Configuration("(c) with scdl.anchor = ema", {"scdl.anchor": "ema"}),
     }
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by the accuracy and annotation-loop benchmarks (defaults resolved by ``--smoke``)."""
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny CPU check that the pipeline runs: 6 steps, width 2, patch 32, spacing 6 mm (numbers meaningless)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny CPU check that the pipeline runs: 6 steps, width 2, patch 32, spacing 6 mm (numbers meaningless)",
+    )
     parser.add_argument("--steps", type=int, help="optimiser steps per run (default 3000; smoke 6)")
     parser.add_argument("--width", type=int, help="VNet width (default 16; smoke 2)")
     parser.add_argument("--patch", type=int, help="cubic patch edge in voxels, a multiple of 16 (default 96; smoke 32)")
-    parser.add_argument("--spacing", type=float, nargs="+", metavar="MM",
-                        help="model spacing: one value (isotropic) or x y z in mm (default 3; smoke 6)")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="model spacing: one value (isotropic) or x y z in mm (default 3; smoke 6)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (training and segmentation)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch.compile the networks on CUDA (the trainer's default); --no-compile for short runs")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile the networks on CUDA (the trainer's default); --no-compile for short runs",
+    )
     parser.add_argument("--work", type=Path, help="folder for the runs (default: a new temporary folder, kept)")
     parser.add_argument("--data", type=Path, help="benchmark data folder, built when missing (default: WORK/data)")
-    parser.add_argument("--out", type=Path,
-                        help="results folder (default: Testing/Benchmarks/results for a non-smoke CUDA run, else a new temporary folder)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: Testing/Benchmarks/results for a non-smoke CUDA run, "
+        "else a new temporary folder)",
+    )
 
 
 def resolve_budget(args: argparse.Namespace, prefix: str) -> None:
     """Fill the unset budget options (smoke or full defaults), the device and the work/data folders, in place."""
-    from scdlcore.train import resolve_device
+    from scdlcore.device import resolve_device
 
     smoke = args.smoke
     args.steps = args.steps or (6 if smoke else 3000)
@@ -291,22 +346,26 @@ def base_config(args: argparse.Namespace, train: Path) -> Config:
     Args:
         args: the resolved budget options (see :func:`add_budget_arguments`). train: the training dataset store.
     """
-    return Config().with_overrides({
-        "data.dataset": str(train),
-        "data.spacing": list(args.spacing),
-        "data.cache_dir": str(args.work / "cache"),
-        "network.width": args.width,
-        "scdl.grid": _token_grid(args.patch, 12),
-        "train.steps": args.steps,
-        "train.patch_size": [args.patch] * 3,
-        "train.device": str(args.device),
-        "train.val_every": 0,
-        "train.checkpoint_every": args.steps,
-        "train.compile": args.compile,
-    })
+    return Config().with_overrides(
+        {
+            "data.dataset": str(train),
+            "data.spacing": list(args.spacing),
+            "data.cache_dir": str(args.work / "cache"),
+            "network.width": args.width,
+            "scdl.grid": _token_grid(args.patch, 12),
+            "train.steps": args.steps,
+            "train.patch_size": [args.patch] * 3,
+            "train.device": str(args.device),
+            "train.val_every": 0,
+            "train.checkpoint_every": args.steps,
+            "train.compile": args.compile,
+        }
+    )
 
 
-def train_run(config: Config, output: Path, stop_at: float | None = None, resume: bool = False) -> tuple[Path, float, int]:
+def train_run(
+    config: Config, output: Path, stop_at: float | None = None, resume: bool = False
+) -> tuple[Path, float, int]:
     """Train one run in-process; returns its exported bundle folder, the training wall time (s) and the steps done.
 
     Args:
@@ -318,7 +377,8 @@ def train_run(config: Config, output: Path, stop_at: float | None = None, resume
         FileExistsError: ``output`` exists and ``resume`` is off (runs never mix; give a new --work).
         RunCancelled: the run was stopped (a signal, or ``stop_at`` before half its steps) before its last step.
     """
-    from scdlcore.train import Trainer, holds_run
+    from scdlcore.training.checkpoints import holds_run
+    from scdlcore.training.trainer import Trainer
 
     if output.exists() and not resume:
         raise FileExistsError(f"Run folder {output} already exists; give a new --work folder.")
@@ -343,19 +403,21 @@ def train_run(config: Config, output: Path, stop_at: float | None = None, resume
     return bundle, seconds, result.step
 
 
-def score_bundle(bundle_dir: Path, image: Volume, reference: Volume, device: torch.device, *,
-                 largest_component: bool = True) -> Any:
+def score_bundle(
+    bundle_dir: Path, image: Volume, reference: Volume, device: torch.device, *, largest_component: bool = True
+) -> Any:
     """Segment ``image`` with a bundle (``Predictor``) and score it against ``reference`` on its native grid.
 
     Args:
         largest_component: the predictor's postprocessing (one region per organ), on as shipped.
 
     Returns:
-        ``scdlcore.metrics.EvaluationResult`` (Dice, HD95 and ASD in mm per organ of the bundle's label table).
+        ``scdlcore.evaluation.metrics.EvaluationResult`` (Dice, HD95 and ASD in mm per organ of the bundle's
+        label table).
     """
-    from scdlcore.bundle import load_bundle
-    from scdlcore.infer import Predictor
-    from scdlcore.metrics import evaluate_labels
+    from scdlcore.bundle.format import load_bundle
+    from scdlcore.evaluation.metrics import evaluate_labels
+    from scdlcore.inference.predictor import Predictor
 
     bundle = load_bundle(bundle_dir)
     predicted = Predictor(bundle, device, largest_component=largest_component).predict_volume(image)
@@ -373,7 +435,9 @@ def summarise(result: Any) -> OrganSummary:
         dice={name: s.dice for name, s in present.items()},
         hd95={name: s.hd95_mm for name, s in present.items()},
         missed=[name for name, s in present.items() if s.predicted_voxels == 0],
-        false_positives=[name for name, s in result.organs.items() if s.reference_voxels == 0 and s.predicted_voxels > 0],
+        false_positives=[
+            name for name, s in result.organs.items() if s.reference_voxels == 0 and s.predicted_voxels > 0
+        ],
         minority=list(result.minority_organs),
     )
 
@@ -390,11 +454,15 @@ def prepare_data(folder: Path) -> BenchData:
     manifest = folder / DATA_MANIFEST
     if not manifest.is_file():
         if folder.exists() and any(folder.iterdir()):
-            raise FileExistsError(f"{folder} is not empty and holds no {DATA_MANIFEST} (an interrupted build?); "
-                                  "delete it or give another --data folder.")
+            raise FileExistsError(
+                f"{folder} is not empty and holds no {DATA_MANIFEST} (an interrupted build?); "
+                "delete it or give another --data folder."
+            )
         _build_data(folder)
     elif json.loads(manifest.read_text(encoding="utf-8")).get("format") != DATA_FORMAT:
-        raise ValueError(f"{manifest} is not a benchmark data manifest (format {DATA_FORMAT!r}); give another --data folder.")
+        raise ValueError(
+            f"{manifest} is not a benchmark data manifest (format {DATA_FORMAT!r}); give another --data folder."
+        )
     return BenchData(folder)
 
 
@@ -420,7 +488,7 @@ def portable_command(args: argparse.Namespace) -> str:
     def portable(argument: str) -> str:
         for folder, name in folders.items():
             if argument == folder or argument.startswith(folder + "/"):
-                return name + argument[len(folder):]
+                return name + argument[len(folder) :]
         return argument
 
     return "python " + " ".join([Path(sys.argv[0]).as_posix(), *map(portable, sys.argv[1:])])
@@ -449,12 +517,22 @@ def main() -> None:
     base = base_config(args, data.train_store(args.work / f"train-fold{args.fold}", [train]))
     image, reference = data.test_case(test)
     done = {(run["config"], run["seed"]) for run in earlier["runs"]}
-    # The comparisons (a)-(d) over every seed first, then the ablation; seed-major within each, so pairs finish together.
-    groups = ([n for n in args.configs if not n.startswith(ABLATION_PREFIX)], [n for n in args.configs if n.startswith(ABLATION_PREFIX)])
-    tasks = [(name, seed) for group in groups for seed in range(args.seeds) for name in group if (name, seed) not in done]
+    # The comparisons (a)-(d) over every seed first, then the ablation;
+    # seed-major within each, so pairs finish together.
+    groups = (
+        [n for n in args.configs if not n.startswith(ABLATION_PREFIX)],
+        [n for n in args.configs if n.startswith(ABLATION_PREFIX)],
+    )
+    tasks = [
+        (name, seed) for group in groups for seed in range(args.seeds) for name in group if (name, seed) not in done
+    ]
     kept = f", less {len(args.configs) * args.seeds - len(tasks)} already in {args.add_to}" if args.add_to else ""
-    print(f"Work folder {args.work}; results to {out}; {len(tasks)} runs ({len(args.configs)} configurations x {args.seeds} "
-          f"seeds{kept}) on {machine_name(args.device)}, {args.jobs} at a time", flush=True)
+    print(
+        f"Work folder {args.work}; results to {out}; "
+        f"{len(tasks)} runs ({len(args.configs)} configurations x {args.seeds} "
+        f"seeds{kept}) on {machine_name(args.device)}, {args.jobs} at a time",
+        flush=True,
+    )
     outcome = Outcome(runs=earlier["runs"], earlier=earlier["earlier"])
     order = {name: index for index, name in enumerate(dict.fromkeys([*args.configs, *configs]))}
 
@@ -469,8 +547,9 @@ def main() -> None:
 
     args.stop_at = None if args.time_limit is None else time.time() + args.time_limit
     runner = functools.partial(_run_in_pool, jobs=args.jobs) if args.jobs > 1 else _run_in_process
-    outcome.not_run = runner(tasks, lambda task: (task[0], configs[task[0]], task[1], base, args, image, reference),
-                             record, args.time_limit)
+    outcome.not_run = runner(
+        tasks, lambda task: (task[0], configs[task[0]], task[1], base, args, image, reference), record, args.time_limit
+    )
     _write_results(outcome, configs, args, out)
     if outcome.runs:
         print((out / "accuracy.md").read_text(encoding="utf-8"))
@@ -501,14 +580,19 @@ def _earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
         theirs = _shared_budget(earlier)
         if not all(isinstance(run, dict) and {"config", "seed", "summary"} <= run.keys() for run in earlier["runs"]):
             raise TypeError("a run without config, seed and summary")
-        runs = [{"machine": earlier["machine"], **run, "summary": _summary_from_json(run["summary"])} for run in earlier["runs"]]
+        runs = [
+            {"machine": earlier["machine"], **run, "summary": _summary_from_json(run["summary"])}
+            for run in earlier["runs"]
+        ]
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise SystemExit(f"{path}: not a results file of bench_accuracy.py ({type(err).__name__}: {err}).") from None
     ours = _shared_budget(_meta(args, Outcome()))
     for key, value in ours.items():
         if theirs[key] != value:
-            raise SystemExit(f"{path}: its runs had {key} = {json.dumps(theirs[key])}, this invocation has "
-                             f"{json.dumps(value)}; only runs with the same budget and data share a table.")
+            raise SystemExit(
+                f"{path}: its runs had {key} = {json.dumps(theirs[key])}, this invocation has "
+                f"{json.dumps(value)}; only runs with the same budget and data share a table."
+            )
     unknown = sorted({run["config"] for run in runs} - set(configurations(args.patch)))
     if unknown:
         raise SystemExit(f"{path}: unknown configurations {', '.join(unknown)}.")
@@ -520,6 +604,7 @@ def _earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _summary_from_json(summary: dict[str, Any]) -> dict[str, Any]:
     """A run's summary as read back from accuracy.json, which holds NaN (a missed organ's HD95) as null."""
+
     def number(value: float | None) -> float:
         return math.nan if value is None else value
 
@@ -530,16 +615,20 @@ def _summary_from_json(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _shared_budget(meta: dict[str, Any]) -> dict[str, Any]:
     """What must match for the runs of two invocations to share one table (``--add-to``)."""
-    return {"smoke": meta["smoke"], "data": meta["data"],
-            **{key: meta["budget"][key] for key in ("steps", "width", "patch", "spacing_mm", "compile")}}
+    return {
+        "smoke": meta["smoke"],
+        "data": meta["data"],
+        **{key: meta["budget"][key] for key in ("steps", "width", "patch", "spacing_mm", "compile")},
+    }
 
 
 Task = tuple[str, int]
 Record = Callable[[Task, "dict[str, Any] | None", "str | None"], None]
 
 
-def _run_in_process(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record,
-                    time_limit: float | None) -> list[str]:
+def _run_in_process(
+    tasks: list[Task], arguments: Callable[[Task], tuple], record: Record, time_limit: float | None
+) -> list[str]:
     """Run the tasks one after another in this process; returns those not started for the time limit."""
     start, longest = time.monotonic(), 0.0
     for index, task in enumerate(tasks):
@@ -555,8 +644,9 @@ def _run_in_process(tasks: list[Task], arguments: Callable[[Task], tuple], recor
     return []
 
 
-def _run_in_pool(tasks: list[Task], arguments: Callable[[Task], tuple], record: Record,
-                 time_limit: float | None, jobs: int) -> list[str]:
+def _run_in_pool(
+    tasks: list[Task], arguments: Callable[[Task], tuple], record: Record, time_limit: float | None, jobs: int
+) -> list[str]:
     """Run up to ``jobs`` tasks at once in spawned processes (small networks leave a big GPU mostly idle).
 
     A task starts only while the time limit leaves room for the longest run so far of its configuration
@@ -590,21 +680,43 @@ def _run_in_pool(tasks: list[Task], arguments: Callable[[Task], tuple], record: 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = list(configurations(96))
-    parser.add_argument("--configs", nargs="+", choices=names, metavar="NAME",
-                        help=f"configurations to run, in this order (default: all; smoke: {' '.join(SMOKE_CONFIGS)}). "
-                        f"Names: {', '.join(names)}")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=names,
+        metavar="NAME",
+        help=f"configurations to run, in this order (default: all; smoke: {' '.join(SMOKE_CONFIGS)}). "
+        f"Names: {', '.join(names)}",
+    )
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1 per configuration (default 3; smoke 1)")
-    parser.add_argument("--fold", type=int, choices=sorted(FOLDS), default=1,
-                        help="1: train on ct_abdomen (A), score ct_abdomen_dicom (B); 2: train on B, score A (default 1)")
+    parser.add_argument(
+        "--fold",
+        type=int,
+        choices=sorted(FOLDS),
+        default=1,
+        help="1: train on ct_abdomen (A), score ct_abdomen_dicom (B); 2: train on B, score A (default 1)",
+    )
     parser.add_argument("--prepare-only", action="store_true", help="build the --data folder and stop")
-    parser.add_argument("--add-to", type=Path, metavar="ACCURACY_JSON",
-                        help="extend an earlier invocation's results (same budget and data): its finished runs are kept in "
-                        "the tables and only the (configuration, seed) pairs it lacks are trained")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs trained at once, each in its own process (default 1: one after another, in this process)")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
-                        help="start no run that would likely end after this many seconds (listed as not run); runs still "
-                        "training then stop and are scored with the weights reached if past half their steps")
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        metavar="ACCURACY_JSON",
+        help="extend an earlier invocation's results (same budget and data): its finished runs are kept in "
+        "the tables and only the (configuration, seed) pairs it lacks are trained",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process (default 1: one after another, in this process)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no run that would likely end after this many seconds (listed as not run); runs still "
+        "training then stop and are scored with the weights reached if past half their steps",
+    )
     add_budget_arguments(parser)
     args = parser.parse_args()
     if args.prepare_only:
@@ -617,8 +729,15 @@ def _parse() -> argparse.Namespace:
     return args
 
 
-def _run_one(name: str, config: Configuration, seed: int, base: Config, args: argparse.Namespace, image: Volume,
-             reference: Volume) -> dict[str, Any]:
+def _run_one(
+    name: str,
+    config: Configuration,
+    seed: int,
+    base: Config,
+    args: argparse.Namespace,
+    image: Volume,
+    reference: Volume,
+) -> dict[str, Any]:
     """Train, segment the held-out CT and score one (configuration, seed)."""
     print(f"=== {name} seed {seed}: {config.label}", flush=True)
     run_config = base.with_overrides({**config.overrides, "train.seed": seed})
@@ -627,12 +746,24 @@ def _run_one(name: str, config: Configuration, seed: int, base: Config, args: ar
     result = score_bundle(bundle, image, reference, args.device)
     summary = summarise(result)
     unprocessed = summarise(score_bundle(bundle, image, reference, args.device, largest_component=False))
-    print(f"=== {name} seed {seed}: trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: mean Dice {summary.mean_dice:.3f}, "
-          f"minority {summary.minority_mean_dice:.3f}, mean HD95 {summary.mean_hd95:.1f} mm", flush=True)
-    return {"config": name, "seed": seed, "machine": machine_name(args.device), "overrides": config.overrides,
-            "train_seconds": seconds, "steps": steps,
-            "bundle": bundle.relative_to(args.work).as_posix(), "summary": summary._asdict(), "scores": result.to_dict(),
-            "summary_without_postprocessing": unprocessed._asdict()}
+    print(
+        f"=== {name} seed {seed}: trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: "
+        f"mean Dice {summary.mean_dice:.3f}, "
+        f"minority {summary.minority_mean_dice:.3f}, mean HD95 {summary.mean_hd95:.1f} mm",
+        flush=True,
+    )
+    return {
+        "config": name,
+        "seed": seed,
+        "machine": machine_name(args.device),
+        "overrides": config.overrides,
+        "train_seconds": seconds,
+        "steps": steps,
+        "bundle": bundle.relative_to(args.work).as_posix(),
+        "summary": summary._asdict(),
+        "scores": result.to_dict(),
+        "summary_without_postprocessing": unprocessed._asdict(),
+    }
 
 
 def _write_results(outcome: Outcome, configs: dict[str, Configuration], args: argparse.Namespace, out: Path) -> None:
@@ -660,13 +791,27 @@ def _meta(args: argparse.Namespace, outcome: Outcome) -> dict[str, Any]:
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "smoke": args.smoke,
-        "budget": {"steps": args.steps, "width": args.width, "patch": args.patch, "spacing_mm": list(args.spacing),
-                   "seeds": args.seeds, "compile": args.compile, "device": str(args.device), "jobs": args.jobs,
-                   "time_limit_s": args.time_limit},
-        "data": {"fold": args.fold, "labeled": _sample(FOLDS[args.fold][0]),
-                 "unlabeled": ["ct_chest_cta (C)", "ct_chest_nrrd (F)"], "test": _sample(FOLDS[args.fold][1]),
-                 "orientation": "RAS", "postprocessing": POSTPROCESSING, "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
-                 "unlabeled_store_spacing_mm": UNLABELED_STORE_SPACING_MM},
+        "budget": {
+            "steps": args.steps,
+            "width": args.width,
+            "patch": args.patch,
+            "spacing_mm": list(args.spacing),
+            "seeds": args.seeds,
+            "compile": args.compile,
+            "device": str(args.device),
+            "jobs": args.jobs,
+            "time_limit_s": args.time_limit,
+        },
+        "data": {
+            "fold": args.fold,
+            "labeled": _sample(FOLDS[args.fold][0]),
+            "unlabeled": ["ct_chest_cta (C)", "ct_chest_nrrd (F)"],
+            "test": _sample(FOLDS[args.fold][1]),
+            "orientation": "RAS",
+            "postprocessing": POSTPROCESSING,
+            "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
+            "unlabeled_store_spacing_mm": UNLABELED_STORE_SPACING_MM,
+        },
         "failed": outcome.failed,
         "not_run": outcome.not_run,
         "earlier": outcome.earlier,
@@ -693,17 +838,21 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         "",
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}",
-        *(f"- Extends (`--add-to`) a table of {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
-          f"torch {e['torch']}; {e['date']}" for e in meta["earlier"]),
+        *(
+            f"- Extends (`--add-to`) a table of {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
+            f"torch {e['torch']}; {e['date']}"
+            for e in meta["earlier"]
+        ),
         f"- Budget, the same for every configuration: VNet-{budget['width']}, {budget['steps']} steps, patches of "
         f"{budget['patch']}^3 (2 labeled + 2 unlabeled; supervised and floor: 2 labeled only), spacing {spacing} mm, "
-        f"{seeds}, torch.compile {'on' if budget['compile'] and 'cuda' in budget['device'] else 'off'}; each run's last "
-        "weights (no model selection).",
+        f"{seeds}, torch.compile {'on' if budget['compile'] and 'cuda' in budget['device'] else 'off'}; "
+        "each run's last weights (no model selection).",
         f"- Data: labeled {data['labeled']}; unlabeled ct_chest_cta (C, arterial, stored at "
         f"{UNLABELED_STORE_SPACING_MM:g} mm) and ct_chest_nrrd (F). Test: {data['test']}, another patient, scanner, "
         "axis order and phase, never used in training. Every CT in the canonical RAS orientation before the network.",
         f"- Scores: Dice and HD95 (mm) on the test CT's native grid, from each run's exported bundle "
-        f"(`scdlcore.infer.Predictor`). Means over the {len(organs)} organs present in its reference; minority organs "
+        "(`scdlcore.inference.predictor.Predictor`). "
+        f"Means over the {len(organs)} organs present in its reference; minority organs "
         f"(< 1% of its reference foreground): {', '.join(minority) or 'none'}. HD95 means skip missed organs "
         "(counted in 'missed').",
     ]
@@ -711,54 +860,95 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         lines.append(f"- **Failed or stopped runs** (not in the tables): {'; '.join(meta['failed'])}.")
     if meta["not_run"]:
         lines.append(f"- **Not run** (the time limit left no room): {', '.join(meta['not_run'])}.")
-    short = [f"{r['config']} seed {r['seed']} at {r['steps']}" for r in runs if r.get("steps", budget["steps"]) < budget["steps"]]
+    short = [
+        f"{r['config']} seed {r['seed']} at {r['steps']}"
+        for r in runs
+        if r.get("steps", budget["steps"]) < budget["steps"]
+    ]
     if short:
-        lines.append(f"- **Stopped by the time limit** and scored with the weights reached (steps of {budget['steps']}): "
-                     f"{', '.join(short)}.")
+        lines.append(
+            f"- **Stopped by the time limit** and scored with the weights reached (steps of {budget['steps']}): "
+            f"{', '.join(short)}."
+        )
     if min(budget["spacing_mm"]) < UNLABELED_STORE_SPACING_MM:
         lines.append(f"- Note: C was stored at {UNLABELED_STORE_SPACING_MM:g} mm, coarser than this run's spacing.")
-    lines += ["", "## Summary (mean ± std over seeds)", "",
-              "| configuration | overrides of the base (CPS + GA + SCDL) | seeds | mean Dice | minority Dice | mean HD95 (mm) "
-              "| missed organs (per run) | false-positive organs (per run) | mean Dice - floor (same seed) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Summary (mean ± std over seeds)",
+        "",
+        "| configuration | overrides of the base (CPS + GA + SCDL) | seeds | mean Dice | minority Dice "
+        "| mean HD95 (mm) | missed organs (per run) | false-positive organs (per run) "
+        "| mean Dice - floor (same seed) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, entries in by_config.items():
         summaries = [e["summary"] for e in entries]
         mean = [s["mean_dice"] for s in summaries]
         over_floor = [a["mean_dice"] - b["mean_dice"] for a, b in _paired(by_config, name, "floor")]
-        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in configs[name].overrides.items()) or "(none: the base)"
+        overrides = (
+            ", ".join(f"`{k}={json.dumps(v)}`" for k, v in configs[name].overrides.items()) or "(none: the base)"
+        )
         lines.append(
             f"| {configs[name].label} | {overrides} | {len(entries)} | {format_mean_std(mean)} | "
             f"{format_mean_std([s['minority_mean_dice'] for s in summaries])} | "
             f"{format_mean_std([s['mean_hd95'] for s in summaries], 1)} | "
-            f"{np.mean([len(s['missed']) for s in summaries]):.1f} | {np.mean([len(s['false_positives']) for s in summaries]):.1f} | "
-            f"{format_mean_std(over_floor, signed=True) if name != 'floor' else '-'} |")
-    lines += ["", "## Dice per organ (mean ± std over seeds; * minority organ)", "", *_organ_table(by_config, configs, organs, minority, "dice", 3)]
-    lines += ["", "## HD95 per organ, mm (mean over the seeds that found the organ; - never found)", "",
-              *_organ_table(by_config, configs, organs, minority, "hd95", 1)]
-    lines += ["", "## Paired differences (same seed), mean ± std over seeds", "",
-              "| comparison | seeds | mean Dice | minority Dice | reading |", "|---|---|---|---|---|"]
+            f"{np.mean([len(s['missed']) for s in summaries]):.1f} | "
+            f"{np.mean([len(s['false_positives']) for s in summaries]):.1f} | "
+            f"{format_mean_std(over_floor, signed=True) if name != 'floor' else '-'} |"
+        )
+    lines += [
+        "",
+        "## Dice per organ (mean ± std over seeds; * minority organ)",
+        "",
+        *_organ_table(by_config, configs, organs, minority, "dice", 3),
+    ]
+    lines += [
+        "",
+        "## HD95 per organ, mm (mean over the seeds that found the organ; - never found)",
+        "",
+        *_organ_table(by_config, configs, organs, minority, "hd95", 1),
+    ]
+    lines += [
+        "",
+        "## Paired differences (same seed), mean ± std over seeds",
+        "",
+        "| comparison | seeds | mean Dice | minority Dice | reading |",
+        "|---|---|---|---|---|",
+    ]
     for name, other, what in COMPARISONS:
         pairs = _paired(by_config, name, other)
         if not pairs:
             continue
         dice = [a["mean_dice"] - b["mean_dice"] for a, b in pairs]
         minor = [a["minority_mean_dice"] - b["minority_mean_dice"] for a, b in pairs]
-        lines.append(f"| {what} | {len(pairs)} | {format_mean_std(dice, signed=True)} | "
-                     f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |")
+        lines.append(
+            f"| {what} | {len(pairs)} | {format_mean_std(dice, signed=True)} | "
+            f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |"
+        )
     unprocessed = [r for r in runs if "summary_without_postprocessing" in r]
     if unprocessed:
         dice = [r["summary"]["mean_dice"] - r["summary_without_postprocessing"]["mean_dice"] for r in unprocessed]
-        minor = [r["summary"]["minority_mean_dice"] - r["summary_without_postprocessing"]["minority_mean_dice"]
-                 for r in unprocessed]
+        minor = [
+            r["summary"]["minority_mean_dice"] - r["summary_without_postprocessing"]["minority_mean_dice"]
+            for r in unprocessed
+        ]
         hd95 = [r["summary"]["mean_hd95"] - r["summary_without_postprocessing"]["mean_hd95"] for r in unprocessed]
-        lines.append(f"| the predictor's postprocessing ({POSTPROCESSING}) over none, same bundles (every run; mean "
-                     f"HD95 {format_mean_std(hd95, 1, signed=True)} mm) | {len(dice)} | {format_mean_std(dice, signed=True)} | "
-                     f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |")
+        lines.append(
+            f"| the predictor's postprocessing ({POSTPROCESSING}) over none, same bundles (every run; mean "
+            f"HD95 {format_mean_std(hd95, 1, signed=True)} mm) | {len(dice)} | {format_mean_std(dice, signed=True)} | "
+            f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |"
+        )
     return "\n".join(lines)
 
 
-def _organ_table(by_config: dict[str, list[dict[str, Any]]], configs: dict[str, Configuration], organs: list[str],
-                 minority: list[str], key: str, digits: int) -> list[str]:
+def _organ_table(
+    by_config: dict[str, list[dict[str, Any]]],
+    configs: dict[str, Configuration],
+    organs: list[str],
+    minority: list[str],
+    key: str,
+    digits: int,
+) -> list[str]:
     header = " | ".join(name + ("*" if name in minority else "") for name in organs)
     lines = [f"| configuration | {header} |", "|---|" + "---|" * len(organs)]
     for name, entries in by_config.items():
@@ -778,7 +968,10 @@ def _reading(differences: list[float]) -> str:
 
 
 def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any], path: Path) -> None:
-    """Grouped bars: Dice per organ present in the held-out CT (and the two means), one bar per configuration, std as error bars."""
+    """Grouped bars: Dice per organ present in the held-out CT (and the two means).
+
+    One bar per configuration, std as error bars.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -790,7 +983,9 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
 
     def values(entry: dict[str, Any], group: str) -> float:
         summary = entry["summary"]
-        return {"mean": summary["mean_dice"], "minority mean": summary["minority_mean_dice"]}.get(group, summary["dice"].get(group, math.nan))
+        return {"mean": summary["mean_dice"], "minority mean": summary["minority_mean_dice"]}.get(
+            group, summary["dice"].get(group, math.nan)
+        )
 
     figure, axes = plt.subplots(figsize=(max(9.0, 1.2 * len(groups)), 5))
     width = 0.8 / len(by_config)
@@ -799,11 +994,21 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
         per_group = [[v for entry in entries if not math.isnan(v := values(entry, group))] for group in groups]
         means = [np.mean(v) if v else 0.0 for v in per_group]
         stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_group] if len(entries) > 1 else None
-        axes.bar(x + (index - (len(by_config) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=configs[name].label)
+        axes.bar(
+            x + (index - (len(by_config) - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            label=configs[name].label,
+        )
     axes.set_xticks(x, [g.replace("_", " ") for g in groups], rotation=30, ha="right", fontsize=8)
     axes.set(ylim=(0, 1), ylabel="Dice on the held-out CT (native grid)")
-    axes.set_title(f"Fold {meta['data']['fold']}: trained on {meta['data']['labeled']}, Dice on {meta['data']['test']} "
-                   f"(TotalSegmentator reference labels) - {meta['machine']}", fontsize=9)
+    axes.set_title(
+        f"Fold {meta['data']['fold']}: trained on {meta['data']['labeled']}, Dice on {meta['data']['test']} "
+        f"(TotalSegmentator reference labels) - {meta['machine']}",
+        fontsize=9,
+    )
     axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -830,20 +1035,27 @@ def _token_grid(patch_edge: int, per_96: int) -> int:
 
 def _build_data(folder: Path) -> None:
     """Write the data folder (see :class:`BenchData`) from the fetched samples; the manifest goes last."""
-    from scdlcore.io import read_image, write_image
+    from scdlcore.io.read import read_image
+    from scdlcore.io.write import write_image
     from scdlcore.sample_data import fetch_all
 
     samples = fetch_all()
     print(f"Building the benchmark data folder {folder} from the sample CTs ...", flush=True)
     for name in CARRIED_SAMPLES:
-        shutil.copytree(samples[name].image.parent, folder / "samples" / name)  # the cache entry: files, manifest, licence
+        shutil.copytree(
+            samples[name].image.parent, folder / "samples" / name
+        )  # the cache entry: files, manifest, licence
     cta = samples["ct_chest_cta"]
     write_image(folder / CTA_FILE, _coarsened(read_image(cta.image)))
     shutil.copyfile(cta.image.parent / "LICENSE", folder / "LICENSE-ct_chest_cta")
-    manifest = {"format": DATA_FORMAT, "version": 1, "test_sample": TEST_SAMPLE,
-                "cases": {name: samples[name].description for name in (*CARRIED_SAMPLES, "ct_chest_cta")},
-                "ct_chest_cta": f"{CTA_FILE}: resampled to {UNLABELED_STORE_SPACING_MM:g} mm (linear), int16 HU",
-                "reference_labels": "TotalSegmentator model outputs, not manual ground truth"}
+    manifest = {
+        "format": DATA_FORMAT,
+        "version": 1,
+        "test_sample": TEST_SAMPLE,
+        "cases": {name: samples[name].description for name in (*CARRIED_SAMPLES, "ct_chest_cta")},
+        "ct_chest_cta": f"{CTA_FILE}: resampled to {UNLABELED_STORE_SPACING_MM:g} mm (linear), int16 HU",
+        "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
+    }
     (folder / DATA_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 

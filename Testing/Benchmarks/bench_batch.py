@@ -1,7 +1,7 @@
 """Segmenting N real CTs: N separate ``scdl segment`` commands vs one ``scdl segment`` command for all of them.
 
 Each separate command starts Python, imports torch, SimpleITK and MONAI, and loads the model before it
-segments its one CT; the batch command does that once (``scdlcore.batch``). Both are timed end to end as
+segments its one CT; the batch command does that once (``scdlcore.inference.batch``). Both are timed end to end as
 a user runs them, wall clock from the first process start to the last exit, on the same CTs, the same
 model and device, taking turns. The CTs are the real samples ``ct_abdomen`` (NIfTI), ``ct_abdomen_dicom``
 (a DICOM series folder) and ``ct_chest_nrrd`` (NRRD), each ``--copies`` times under its own name. The
@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import median_cell, table_head, write_table
-from scdlcore.io import files_by_case, read_label
+
+from scdlcore.io.files import files_by_case
+from scdlcore.io.read import read_label
 from scdlcore.sample_data import fetch_sample
 
 SAMPLES = ("ct_abdomen", "ct_abdomen_dicom", "ct_chest_nrrd")
@@ -40,8 +41,14 @@ def main() -> None:
         times: dict[str, list[float]] = {"one command per CT": [], "one command for all CTs": []}
         for run in range(args.repeat):  # the two ways take turns, so a slow spell of the machine hits both
             separate, batch = Path(tmp) / f"separate{run}", Path(tmp) / f"batch{run}"
-            times["one command per CT"].append(_time([_segment(ct, separate / f"{case}.seg.nrrd", args)
-                                                      for case, ct in files_by_case(scans, cts=True).items()]))
+            times["one command per CT"].append(
+                _time(
+                    [
+                        _segment(ct, separate / f"{case}.seg.nrrd", args)
+                        for case, ct in files_by_case(scans, cts=True).items()
+                    ]
+                )
+            )
             times["one command for all CTs"].append(_time([_segment(scans, batch, args)]))
         identical = _identical(separate, batch)
     table = _table(times, len(SAMPLES) * args.copies, identical, args)
@@ -71,8 +78,19 @@ def _make_scans(folder: Path, copies: int) -> Path:
 
 
 def _segment(source: Path, output: Path, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "scdlcore", "segment", str(source), "-o", str(output), "--model", args.model,
-            "--device", args.device]
+    return [
+        sys.executable,
+        "-m",
+        "scdlcore",
+        "segment",
+        str(source),
+        "-o",
+        str(output),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+    ]
 
 
 def _time(commands: list[list[str]]) -> float:
@@ -94,8 +112,10 @@ def _identical(separate: Path, batch: Path) -> bool:
 
 def _table(times: dict[str, list[float]], count: int, identical: bool, args: argparse.Namespace) -> str:
     baseline = statistics.median(times["one command per CT"])
-    title = (f"`scdl segment`, {count} real CTs ({', '.join(SAMPLES)}, {args.copies} copies each), model {args.model}, "
-             f"device {args.device}: one command per CT vs one command for all")
+    title = (
+        f"`scdl segment`, {count} real CTs ({', '.join(SAMPLES)}, {args.copies} copies each), model {args.model}, "
+        f"device {args.device}: one command per CT vs one command for all"
+    )
     lines = table_head(title, args.device, ["way", "wall time (s){runs}", "per CT (s)", "speed-up"], args.repeat)
     for name, runs in times.items():
         median = statistics.median(runs)

@@ -9,13 +9,14 @@ Protocol (real CTs; the labels of A and B are TotalSegmentator model outputs, no
    and M0 and M1 are scored on the second half, which neither model sees in any form: the second half is
    segmented on its own, without the first half as context. Both halves are one patient and one scan, so this
    measures the gain on unseen anatomy of a corrected patient, not on a new patient.
-3. Two corrections of the first half, each in its own dataset store (``scdlcore.dataset.DatasetStore``, with C
+3. Two corrections of the first half, each in its own dataset store (``scdlcore.dataset.store.DatasetStore``, with C
    and F as unlabeled cases): "all": every organ, B's reference labels; "partial": liver, spleen and stomach
    reviewed: M0's segmentation with those organs replaced by the reference and the other organs left as M0 drew
    them (unreviewed, so the trainer ignores them).
-4. Each is fine-tuned from M0 with ``scdlcore.finetune.finetune`` (A as rehearsal, a temporary model registry)
+4. Each is fine-tuned from M0 with ``scdlcore.training.finetune.finetune`` (A as rehearsal, a temporary model registry)
    into M1 (all) and M1 (partial).
-5. Dice per organ (``scdlcore.metrics``, B's native grid) of M0, M1 (all) and M1 (partial) on B's second half.
+5. Dice per organ (``scdlcore.evaluation.metrics``, B's native grid) of M0, M1 (all) and M1 (partial) on B's
+   second half.
 
 Usage::
 
@@ -34,19 +35,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_accuracy as bench
 import numpy as np
 import torch
-
-import bench_accuracy as bench
 from bench_common import machine_name
-from scdlcore.bundle import ModelRegistry
-from scdlcore.config import DEFAULT_FINETUNE_STEPS
-from scdlcore.dataset import DatasetStore
-from scdlcore.finetune import finetune
-from scdlcore.infer import Predictor
-from scdlcore.io import Volume
+
+from scdlcore.bundle.registry import ModelRegistry
+from scdlcore.dataset.store import DatasetStore
+from scdlcore.inference.predictor import Predictor
+from scdlcore.io.volume import Volume
 from scdlcore.labels import LabelTable
 from scdlcore.preprocess import crop
+from scdlcore.training.config import DEFAULT_FINETUNE_STEPS
+from scdlcore.training.finetune import finetune
 
 __all__ = ["CORRECTED_ORGANS", "partial_correction", "split_slices"]
 
@@ -66,7 +67,9 @@ def split_slices(volume: Volume) -> tuple[Volume, Volume]:
     return crop(volume, (slice(0, half), *whole)), crop(volume, (slice(half, volume.shape[0]), *whole))
 
 
-def partial_correction(predicted: np.ndarray, reference: np.ndarray, organs: tuple[str, ...], table: LabelTable) -> np.ndarray:
+def partial_correction(
+    predicted: np.ndarray, reference: np.ndarray, organs: tuple[str, ...], table: LabelTable
+) -> np.ndarray:
     """What a person who fixed only ``organs`` in a model's segmentation saves.
 
     Args:
@@ -107,26 +110,46 @@ def main() -> None:
 
     corrections = {
         "all": (first_ref.array, None),
-        "partial": (partial_correction(first_m0.array, first_ref.array, CORRECTED_ORGANS, m0.labels), list(CORRECTED_ORGANS)),
+        "partial": (
+            partial_correction(first_m0.array, first_ref.array, CORRECTED_ORGANS, m0.labels),
+            list(CORRECTED_ORGANS),
+        ),
     }
     models: dict[str, dict[str, Any]] = {"M0": {"model": m0.ref, "train_seconds": m0_seconds}}
     for name, (labels, reviewed) in corrections.items():
         print(f"=== M1 ({name}): fine-tune M0 on the corrected first half of B", flush=True)
         store = DatasetStore.init(args.work / "stores" / name)
-        store.add(first_image, first_ref.with_array(labels), case_id=CORRECTION_CASE, reviewed=reviewed,
-                  source=f"bench_loop: first half of {bench.TEST_SAMPLE}, corrected ({name})", model=m0.ref)
+        store.add(
+            first_image,
+            first_ref.with_array(labels),
+            case_id=CORRECTION_CASE,
+            reviewed=reviewed,
+            source=f"bench_loop: first half of {bench.TEST_SAMPLE}, corrected ({name})",
+            model=m0.ref,
+        )
         data.add_unlabeled(store)
         start = time.perf_counter()
         overrides = {"train.seed": args.seed, "train.compile": args.compile}
         if args.smoke:  # validate the parent and the end only: each validation costs ~20 s on a 2-core CPU
             overrides["train.val_every"] = args.finetune_steps
-        result = finetune(m0.ref, store.root, registry=registry, steps=args.finetune_steps,
-                          output=args.work / f"finetune-{name}", device=str(args.device), rehearsal=str(train),
-                          overrides=overrides)
+        result = finetune(
+            m0.ref,
+            store.root,
+            registry=registry,
+            steps=args.finetune_steps,
+            output=args.work / f"finetune-{name}",
+            device=str(args.device),
+            rehearsal=str(train),
+            overrides=overrides,
+        )
         if result.status != "completed":
             raise SystemExit(f"Fine-tune ({name}) stopped early ({result.status}); nothing to score.")
-        models[f"M1 ({name})"] = {"model": result.model, "train_seconds": time.perf_counter() - start,
-                                  "fit_before": result.before, "fit_after": result.after}
+        models[f"M1 ({name})"] = {
+            "model": result.model,
+            "train_seconds": time.perf_counter() - start,
+            "fit_before": result.before,
+            "fit_after": result.after,
+        }
 
     for name, entry in models.items():
         scores = bench.score_bundle(registry.resolve(entry["model"]).path, second_image, second_ref, args.device)
@@ -139,7 +162,11 @@ def main() -> None:
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--finetune-steps", type=int, help=f"steps of each fine-tune (default {DEFAULT_FINETUNE_STEPS}; smoke 3)")
+    parser.add_argument(
+        "--finetune-steps",
+        type=int,
+        help=f"steps of each fine-tune (default {DEFAULT_FINETUNE_STEPS}; smoke 3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of M0 and of both fine-tunes (default 0)")
     bench.add_budget_arguments(parser)
     args = parser.parse_args()
@@ -158,15 +185,28 @@ def _write_results(models: dict[str, dict[str, Any]], args: argparse.Namespace, 
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "smoke": args.smoke,
-        "budget": {"m0_steps": args.steps, "finetune_steps": args.finetune_steps, "width": args.width, "patch": args.patch,
-                   "spacing_mm": list(args.spacing), "seed": args.seed, "compile": args.compile, "device": str(args.device)},
-        "split": {"correction_slices": [0, half - 1], "scored_slices": [half, image.shape[0] - 1],
-                  "correction_z_mm": [_slice_z(image, 0), _slice_z(image, half - 1)],
-                  "scored_z_mm": [_slice_z(image, half), _slice_z(image, image.shape[0] - 1)]},
+        "budget": {
+            "m0_steps": args.steps,
+            "finetune_steps": args.finetune_steps,
+            "width": args.width,
+            "patch": args.patch,
+            "spacing_mm": list(args.spacing),
+            "seed": args.seed,
+            "compile": args.compile,
+            "device": str(args.device),
+        },
+        "split": {
+            "correction_slices": [0, half - 1],
+            "scored_slices": [half, image.shape[0] - 1],
+            "correction_z_mm": [_slice_z(image, 0), _slice_z(image, half - 1)],
+            "scored_z_mm": [_slice_z(image, half), _slice_z(image, image.shape[0] - 1)],
+        },
         "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loop.json").write_text(json.dumps(to_jsonable({**meta, "models": models}), indent=1) + "\n", encoding="utf-8")
+    (out / "loop.json").write_text(
+        json.dumps(to_jsonable({**meta, "models": models}), indent=1) + "\n", encoding="utf-8"
+    )
     (out / "loop.md").write_text(_markdown(models, meta) + "\n", encoding="utf-8")
 
 
@@ -182,17 +222,20 @@ def _markdown(models: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         + (" **Smoke run: tiny budget, the numbers are meaningless.**" if meta["smoke"] else ""),
         "",
         f"- Command: `{meta['command']}`",
-        f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; seed {budget['seed']} (one seed: no spread)",
+        f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; "
+        f"seed {budget['seed']} (one seed: no spread)",
         f"- M0: CPS + GA + SCDL, VNet-{budget['width']}, {budget['m0_steps']} steps of {budget['patch']}^3 patches at "
         f"{' x '.join(f'{s:g}' for s in budget['spacing_mm'])} mm on ct_abdomen (A, labeled) with ct_chest_cta (C) and "
         "ct_chest_nrrd (F) unlabeled.",
-        f"- The correction: {bench.TEST_SAMPLE} (B, another patient and scanner) slices {split['correction_slices'][0]}-"
-        f"{split['correction_slices'][1]} (z {split['correction_z_mm'][0]:.1f} to {split['correction_z_mm'][1]:.1f} mm), "
-        "stored with C and F (unlabeled) in a dataset store; M1 = `scdlcore.finetune.finetune` from M0, "
+        f"- The correction: {bench.TEST_SAMPLE} (B, another patient and scanner) "
+        f"slices {split['correction_slices'][0]}-{split['correction_slices'][1]} "
+        f"(z {split['correction_z_mm'][0]:.1f} to {split['correction_z_mm'][1]:.1f} mm), "
+        "stored with C and F (unlabeled) in a dataset store; M1 = `scdlcore.training.finetune.finetune` from M0, "
         f"{budget['finetune_steps']} steps, A as rehearsal. M1 (all): every organ corrected; M1 (partial): only "
         f"{', '.join(CORRECTED_ORGANS)} reviewed, the other organs left as M0 drew them.",
-        f"- Scored on B's slices {split['scored_slices'][0]}-{split['scored_slices'][1]} (z {split['scored_z_mm'][0]:.1f} to "
-        f"{split['scored_z_mm'][1]:.1f} mm), segmented on their own: no model saw them in any form. There is no third "
+        f"- Scored on B's slices {split['scored_slices'][0]}-{split['scored_slices'][1]} "
+        f"(z {split['scored_z_mm'][0]:.1f} to {split['scored_z_mm'][1]:.1f} mm), "
+        "segmented on their own: no model saw them in any form. There is no third "
         "labeled real CT, so this half stands in for 'a case neither saw': same patient and scan as the correction, "
         "unseen slices. Dice on the native grid (0.98 x 0.98 x 2 mm).",
         "",
@@ -203,21 +246,35 @@ def _markdown(models: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     for organ in organs:
         values = [models[name]["summary"]["dice"][organ] for name in names]
         marker = " (in partial)" if organ in CORRECTED_ORGANS else ""
-        lines.append(f"| {organ}{marker} | {reference_voxels[organ]['reference_voxels']} | " + " | ".join(_fmt(v) for v in values)
-                     + f" | {_change(values[1], values[0])} | {_change(values[2], values[0])} |")
-    for label, subset in (("mean, all organs present", organs),
-                          ("mean, liver/spleen/stomach", [o for o in organs if o in CORRECTED_ORGANS]),
-                          ("mean, other organs", [o for o in organs if o not in CORRECTED_ORGANS])):
+        lines.append(
+            f"| {organ}{marker} | {reference_voxels[organ]['reference_voxels']} | "
+            + " | ".join(_fmt(v) for v in values)
+            + f" | {_change(values[1], values[0])} | {_change(values[2], values[0])} |"
+        )
+    for label, subset in (
+        ("mean, all organs present", organs),
+        ("mean, liver/spleen/stomach", [o for o in organs if o in CORRECTED_ORGANS]),
+        ("mean, other organs", [o for o in organs if o not in CORRECTED_ORGANS]),
+    ):
         if subset:
             values = [float(np.mean([models[name]["summary"]["dice"][o] for o in subset])) for name in names]
-            lines.append(f"| **{label}** ({len(subset)}) | | " + " | ".join(_fmt(v) for v in values)
-                         + f" | {_change(values[1], values[0])} | {_change(values[2], values[0])} |")
+            lines.append(
+                f"| **{label}** ({len(subset)}) | | "
+                + " | ".join(_fmt(v) for v in values)
+                + f" | {_change(values[1], values[0])} | {_change(values[2], values[0])} |"
+            )
     hd95 = [models[name]["summary"]["mean_hd95"] for name in names]
     lines.append("| mean HD95 (mm, organs found) | | " + " | ".join(_fmt(v, 1) for v in hd95) + " | | |")
-    fits = [f"{name}: {_fmt(_mean(models[name]['fit_before']))} -> {_fmt(_mean(models[name]['fit_after']))}"
-            for name in names[1:]]
-    lines += ["", "Fine-tuning's own validation, on the corrected first half (fit, not generalisation; model grid): mean Dice "
-              + "; ".join(fits) + "."]
+    fits = [
+        f"{name}: {_fmt(_mean(models[name]['fit_before']))} -> {_fmt(_mean(models[name]['fit_after']))}"
+        for name in names[1:]
+    ]
+    lines += [
+        "",
+        "Fine-tuning's own validation, on the corrected first half (fit, not generalisation; model grid): mean Dice "
+        + "; ".join(fits)
+        + ".",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Time and peak memory of ``scdl segment`` vs a plain MONAI sliding-window pipeline on a 512x512x300 CT.
+r"""Time and peak memory of ``scdl segment`` vs a plain MONAI sliding-window pipeline on a 512x512x300 CT.
 
 The CT is the real ``ct_abdomen`` sample (3 mm) resampled to 512x512x300 voxels over the same body
 (about 0.71 x 0.59 x 1.12 mm). Both pipelines use the same bundle, the same volume and the same device.
@@ -20,8 +20,9 @@ with more classes present).
 Usage (with SCDLCore importable, e.g. ``PYTHONPATH=SCDLCore``)::
 
     python Testing/Benchmarks/bench_segment.py --out Testing/Benchmarks/results/segment_cpu.md   # CPU: width 4, 3 mm
-    python Testing/Benchmarks/bench_segment.py --device cuda                                      # VNet-16 CPS, 1.5x1.5x2 mm
-    python Testing/Benchmarks/bench_segment.py --model starter --repeat 3 --out Testing/Benchmarks/results/segment_starter_cpu.md
+    python Testing/Benchmarks/bench_segment.py --device cuda   # VNet-16 CPS, 1.5x1.5x2 mm
+    python Testing/Benchmarks/bench_segment.py --model starter --repeat 3 \
+        --out Testing/Benchmarks/results/segment_starter_cpu.md
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_common import median_cell, table_head, write_table
 
 SHAPE = (300, 512, 512)  # (D, H, W)
@@ -66,10 +66,15 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--width", type=int, help="VNet width (default: 4 on CPU, 16 on CUDA)")
-    parser.add_argument("--spacing", type=float, nargs=3, help="model spacing x y z mm (default: 3 3 3 on CPU, 1.5 1.5 2 on CUDA)")
+    parser.add_argument(
+        "--spacing", type=float, nargs=3, help="model spacing x y z mm (default: 3 3 3 on CPU, 1.5 1.5 2 on CUDA)"
+    )
     parser.add_argument("--patch", type=int, default=96, help="patch edge in voxels (default: 96)")
-    parser.add_argument("--model", help="a trained model (installed name or bundle path) instead of random weights; "
-                        "its spacing, patch and networks replace --width, --spacing and --patch")
+    parser.add_argument(
+        "--model",
+        help="a trained model (installed name or bundle path) instead of random weights; "
+        "its spacing, patch and networks replace --width, --spacing and --patch",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each pipeline; the table gives the median time")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     parser.add_argument("--child", choices=("scdl", "monai"), help=argparse.SUPPRESS)
@@ -85,7 +90,9 @@ def _parse() -> argparse.Namespace:
 
 def _make_ct(folder: Path) -> Path:
     """The ct_abdomen sample resampled to 512x512x300 over the same extent, as int16 HU in NRRD."""
-    from scdlcore.io import read_image, resample_volume, write_image
+    from scdlcore.io.read import read_image
+    from scdlcore.io.volume import resample_volume
+    from scdlcore.io.write import write_image
     from scdlcore.sample_data import fetch_sample
 
     source = read_image(fetch_sample("ct_abdomen").image)
@@ -101,7 +108,7 @@ def _make_ct(folder: Path) -> Path:
 def _make_bundle(folder: Path, args: argparse.Namespace) -> Path:
     import torch
 
-    from scdlcore.bundle import save_bundle
+    from scdlcore.bundle.format import save_bundle
     from scdlcore.labels import SYNAPSE13
     from scdlcore.nets import VNet
 
@@ -111,14 +118,22 @@ def _make_bundle(folder: Path, args: argparse.Namespace) -> Path:
     with torch.no_grad():
         for net in networks:
             net.head.weight.mul_(20.0)  # random features then pick many different classes
-    return save_bundle(folder / "bundle", networks, name="bench", labels=SYNAPSE13, spacing=args.spacing,
-                       hu_window=(-125, 275), patch_size=(args.patch,) * 3, base="cps",
-                       description="benchmark stand-in: random weights, not a model")
+    return save_bundle(
+        folder / "bundle",
+        networks,
+        name="bench",
+        labels=SYNAPSE13,
+        spacing=args.spacing,
+        hu_window=(-125, 275),
+        patch_size=(args.patch,) * 3,
+        base="cps",
+        description="benchmark stand-in: random weights, not a model",
+    )
 
 
 def _trained_bundle(args: argparse.Namespace) -> Path:
     """The folder of ``args.model``; its settings go into ``args`` for the table."""
-    from scdlcore.bundle import ModelRegistry
+    from scdlcore.bundle.registry import ModelRegistry
 
     bundle = ModelRegistry().resolve(args.model)
     args.spacing, args.patch = bundle.spacing, bundle.patch_size[0]
@@ -128,8 +143,22 @@ def _trained_bundle(args: argparse.Namespace) -> Path:
 
 
 def _run_child(name: str, ct: Path, bundle: Path, output: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--child", name.split()[0].lower(), "--ct", str(ct), "--bundle", str(bundle),
-               "--output", str(output), "--device", args.device, "--width", str(args.width)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name.split()[0].lower(),
+        "--ct",
+        str(ct),
+        "--bundle",
+        str(bundle),
+        "--output",
+        str(output),
+        "--device",
+        args.device,
+        "--width",
+        str(args.width),
+    ]
     print(f"running {name} ...", file=sys.stderr, flush=True)
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=os.environ.copy())
     if done.returncode != 0:
@@ -154,15 +183,17 @@ def _child(args: argparse.Namespace) -> dict:
     import torch
 
     if args.child == "scdl":
-        import scdlcore.cli.segment, scdlcore.infer, scdlcore.io  # noqa: E401, F401  (imports are not timed)
+        import scdlcore.cli.segment  # noqa: F401  (imports are not timed)
     else:
-        import monai.inferers, scdlcore.bundle, scdlcore.io  # noqa: E401, F401
+        import monai.inferers  # noqa: F401
     start_rss = _peak_rss_mib()
     start = time.perf_counter()
     if args.child == "scdl":
         from scdlcore.cli import main as scdl
 
-        code = scdl(["segment", str(args.ct), "-o", str(args.output), "--model", str(args.bundle), "--device", args.device])
+        code = scdl(
+            ["segment", str(args.ct), "-o", str(args.output), "--model", str(args.bundle), "--device", args.device]
+        )
         if code:
             raise SystemExit(code)
     else:
@@ -180,8 +211,9 @@ def _monai_pipeline(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
     from monai.inferers import sliding_window_inference
 
-    from scdlcore.bundle import load_bundle
-    from scdlcore.io import read_image, write_label
+    from scdlcore.bundle.format import load_bundle
+    from scdlcore.io.read import read_image
+    from scdlcore.io.write import write_label
     from scdlcore.preprocess import hu_window, resample_to_spacing
 
     device = torch.device(args.device)
@@ -195,8 +227,9 @@ def _monai_pipeline(args: argparse.Namespace) -> None:
         return sum(net(patches)[0] for net in networks) / len(networks)
 
     with torch.inference_mode():
-        logits = sliding_window_inference(image, bundle.patch_size, 4 if device.type == "cuda" else 1, mean_logits,
-                                          overlap=0.5, mode="gaussian")
+        logits = sliding_window_inference(
+            image, bundle.patch_size, 4 if device.type == "cuda" else 1, mean_logits, overlap=0.5, mode="gaussian"
+        )
         probs = torch.softmax(logits, dim=1)
         full = F.interpolate(probs, size=ct.shape, mode="trilinear", align_corners=False)  # (1, C, D, H, W)
         classes = full.argmax(1)[0].to(torch.uint8).cpu().numpy()
@@ -205,7 +238,7 @@ def _monai_pipeline(args: argparse.Namespace) -> None:
 
 def _agreement(ct: Path, ours: Path, baseline: Path) -> dict:
     """Voxels with equal labels inside the body box (outside it, ours is background by design)."""
-    from scdlcore.io import read_image, read_label
+    from scdlcore.io.read import read_image, read_label
     from scdlcore.preprocess import body_bbox
 
     box = body_bbox(read_image(ct))
@@ -227,18 +260,30 @@ def _peak_rss_mib() -> float:
 def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
     baseline = results["MONAI baseline"]["seconds"]
     spacing = " x ".join(f"{s:g}" for s in args.spacing)
-    title = (f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
-             f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}")
-    columns = ["pipeline", "time (s){runs}", "speed-up", "peak RSS (MiB)", "RSS after imports (MiB)", "peak GPU memory (MiB)"]
+    title = (
+        f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
+        f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}"
+    )
+    columns = [
+        "pipeline",
+        "time (s){runs}",
+        "speed-up",
+        "peak RSS (MiB)",
+        "RSS after imports (MiB)",
+        "peak GPU memory (MiB)",
+    ]
     lines = table_head(title, args.device, columns, args.repeat)
     for name, r in results.items():
         gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
-        lines.append(f"| {name} | {median_cell(r['every_seconds'])} | {baseline / r['seconds']:.2f}x | {r['peak_rss_mib']:.0f} | "
-                     f"{r['start_rss_mib']:.0f} | {gpu} |")
+        lines.append(
+            f"| {name} | {median_cell(r['every_seconds'])} | {baseline / r['seconds']:.2f}x | "
+            f"{r['peak_rss_mib']:.0f} | {r['start_rss_mib']:.0f} | {gpu} |"
+        )
     lines += [
         "",
         f"Inside the body box the two label maps agree on {100 * agreement['equal']:.2f}% of the voxels "
-        f"({agreement['organs']} organs present); they differ only at borders, where trilinear upsampling of probabilities "
+        f"({agreement['organs']} organs present); they differ only at borders, "
+        "where trilinear upsampling of probabilities "
         "and ours interpolate slightly differently. Peak RSS "
         "includes the Python, torch and MONAI imports (the 'after imports' column).",
     ]

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_common import table_head, write_table
-from scdlcore.config import Config
-from scdlcore.ssl import Batch, build_base
-from scdlcore.train import optimisation_step
 
+from scdlcore.training.config import Config
+from scdlcore.training.ssl import Batch, build_base
+from scdlcore.training.trainer import optimisation_step
 
 #: (row name, fast settings, torch.compile)
 VARIANTS = (
@@ -84,7 +83,11 @@ def measure(device: torch.device, fast: bool, compile: bool, args: argparse.Name
     if on_cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if on_cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
     return {"ms_per_step": seconds * 1000, "steps_per_s": 1 / seconds, "peak_gib": peak, "warmup_s": warmup_seconds}
 
 
@@ -101,24 +104,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
     args = parser.parse_args()
     device = torch.device(args.device)
-    lines = table_head(f"CPS + GA + SCDL training step: {args.labeled}+{args.unlabeled} patches of {args.patch}^3, {args.classes} "
-                       f"classes, width {args.width}; {args.steps} timed steps after {args.warmup} warm-up", device,
-                       ["configuration", "ms/step", "steps/s", "speed-up", "peak memory (GiB)", "warm-up (s)"])
+    lines = table_head(
+        f"CPS + GA + SCDL training step: {args.labeled}+{args.unlabeled} patches of {args.patch}^3, {args.classes} "
+        f"classes, width {args.width}; {args.steps} timed steps after {args.warmup} warm-up",
+        device,
+        ["configuration", "ms/step", "steps/s", "speed-up", "peak memory (GiB)", "warm-up (s)"],
+    )
     print("\n".join(lines), flush=True)
     results: dict[str, dict[str, float]] = {}
-    variants = VARIANTS if device.type == "cuda" else [("baseline (fp32, eager)", False, False),
-                                                       ("defaults on the CPU (fp32, channels_last_3d)", True, False)]
+    variants = (
+        VARIANTS
+        if device.type == "cuda"
+        else [("baseline (fp32, eager)", False, False), ("defaults on the CPU (fp32, channels_last_3d)", True, False)]
+    )
     for name, fast, compile in variants:
         r = results[name] = measure(device, fast, compile, args)
         ratio = f"{results[variants[0][0]]['ms_per_step'] / r['ms_per_step']:.2f}x"
-        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {ratio} | {r['peak_gib']:.2f} | {r['warmup_s']:.1f} |")
+        lines.append(
+            f"| {name} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | {ratio} | "
+            f"{r['peak_gib']:.2f} | {r['warmup_s']:.1f} |"
+        )
         print(lines[-1], flush=True)
     if device.type != "cuda":
-        lines.append("\nOn the CPU the memory column is the process's peak RSS (both rows in one process), not per row.")
+        lines.append(
+            "\nOn the CPU the memory column is the process's peak RSS (both rows in one process), not per row."
+        )
     table = "\n".join(lines)
     write_table(table, args.out)
     if args.out:
-        args.out.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": args.out.name}, "results": results}, indent=2))
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"args": vars(args) | {"out": args.out.name}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from scdlsegment_testing import FAKE_ENGINE
+
 from SCDLSegmentLib.engine import EngineCommand
 
 

@@ -1,7 +1,8 @@
-"""Extract the qualified 3D Slicer API names listed in SLICER_API.md into slicer_api_names.txt.
+"""Extract the qualified 3D Slicer API names listed in the full SLICER_API.md into slicer_api_names.txt.
 
-SLICER_API.md (the project's design notes, read from Slicer's v5.10.0 and v5.12.3 sources) lists
-the Python-visible names a scripted module calls. This script turns its code blocks into one
+The full SLICER_API.md (the team's design notes, kept outside this repository, read from Slicer's v5.10.0 and
+v5.12.3 sources; SCDLSegment/docs/SLICER_API.md is only a short digest of it) lists the Python-visible
+names a scripted module calls. This script turns its code blocks into one
 qualified name per line, which ``test_module_slicer_api.py`` checks SCDLSegment.py against:
 
 - ``slicer.util.<function or class>``, ``slicer.packaging.<function>`` (5.12 only),
@@ -29,8 +30,16 @@ _CALL = re.compile(r"(\w+)\(")
 _LOGIC = re.compile(r"slicer\.modules\.(\w+)\.logic\(\)")
 _SCENE_CLASS = "vtkMRMLScene"
 _EFFECT_CLASS = "qSlicerSegmentEditorAbstractEffect"  # 6.10's anonymous block is this class's Python API
-_MODULE_LOGICS = {"segmentations": "vtkSlicerSegmentationsModuleLogic", "terminologies": "vtkSlicerTerminologiesModuleLogic"}
-_NAMESPACES = {"1": "slicer.util", "2": "slicer.packaging", "3": "slicer.ScriptedLoadableModule", "4": "slicer.parameterNodeWrapper"}
+_MODULE_LOGICS = {
+    "segmentations": "vtkSlicerSegmentationsModuleLogic",
+    "terminologies": "vtkSlicerTerminologiesModuleLogic",
+}
+_NAMESPACES = {
+    "1": "slicer.util",
+    "2": "slicer.packaging",
+    "3": "slicer.ScriptedLoadableModule",
+    "4": "slicer.parameterNodeWrapper",
+}
 
 
 def extract(markdown: str) -> list[str]:
@@ -93,9 +102,11 @@ def _python_line(line: str, namespace: str, names: set[str]) -> str:
     namespace = namespace.rstrip(":")
     if text.startswith("Module constants:"):
         names.update(f"{namespace}.{value.strip(' .')}" for value in text.split(":", 1)[1].split(","))
-    elif match := _PY_CLASS.match(line):
-        names.add(f"{namespace}.{match.group(1)}")
-    elif (indented_functions or not line.startswith((" ", "\t", "[", "#"))) and (match := _CALL.match(text)):
+    elif (
+        (match := _PY_CLASS.match(line))
+        or (indented_functions or not line.startswith((" ", "\t", "[", "#")))
+        and (match := _CALL.match(text))
+    ):
         names.add(f"{namespace}.{match.group(1)}")
     elif re.match(r"^\w+ = ", text):
         names.add(f"{namespace}.{text.split()[0]}")

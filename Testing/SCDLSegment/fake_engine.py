@@ -62,8 +62,18 @@ def registry_file() -> Path:
 
 def read_registry() -> list[dict]:
     path = registry_file()
-    models = [{"name": "starter", "version": 1, "ref": "starter@1", "builtin": True, "description": "Starter model",
-               "spacing": [1.5, 1.5, 3.0], "lineage": {"parent": None}, "metrics": {"mean_dice": 0.5}}]
+    models = [
+        {
+            "name": "starter",
+            "version": 1,
+            "ref": "starter@1",
+            "builtin": True,
+            "description": "Starter model",
+            "spacing": [1.5, 1.5, 3.0],
+            "lineage": {"parent": None},
+            "metrics": {"mean_dice": 0.5},
+        }
+    ]
     if path.is_file():
         models += json.loads(path.read_text())
     return models
@@ -92,9 +102,19 @@ class Worker:
         self.running: str | None = None
 
     def run(self) -> None:
-        emit({"protocol": int(os.environ.get("FAKE_ENGINE_PROTOCOL", 1)), "id": None, "event": "ready",
-              "model": f"{self.model}@1", "device": "cpu" if self.device != "cuda" else "cuda", "torch": "2.13.0",
-              "cuda": False, "gpu": None, "gpu_memory_gb": None})
+        emit(
+            {
+                "protocol": int(os.environ.get("FAKE_ENGINE_PROTOCOL", 1)),
+                "id": None,
+                "event": "ready",
+                "model": f"{self.model}@1",
+                "device": "cpu" if self.device != "cuda" else "cuda",
+                "torch": "2.13.0",
+                "cuda": False,
+                "gpu": None,
+                "gpu_memory_gb": None,
+            }
+        )
         print("fake worker ready", file=sys.stderr, flush=True)
         threading.Thread(target=self.run_jobs, daemon=True).start()
         for line in sys.stdin:
@@ -129,8 +149,11 @@ class Worker:
     def segment(self, request: dict) -> None:
         request_id = request["id"]
         if self.model == "crash":
-            print("Traceback (most recent call last):\nRuntimeError: CUDA out of memory (simulated)", file=sys.stderr,
-                  flush=True)
+            print(
+                "Traceback (most recent call last):\nRuntimeError: CUDA out of memory (simulated)",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(3)
         steps = 50 if self.model in ("slow", "stuck") else 1
         for stage in ("load", "preprocess", "infer", "postprocess"):
@@ -142,8 +165,15 @@ class Worker:
                     if request_id in self.cancelled:
                         emit({"id": request_id, "event": "cancelled"})
                         return
-                emit({"id": request_id, "event": "progress", "stage": stage, "progress": (step + 1) / steps,
-                      "message": stage})
+                emit(
+                    {
+                        "id": request_id,
+                        "event": "progress",
+                        "stage": stage,
+                        "progress": (step + 1) / steps,
+                        "message": stage,
+                    }
+                )
                 if steps > 1:
                     time.sleep(0.02)
         image, header = nrrd.read(request["input"], index_order="C")
@@ -160,19 +190,33 @@ class Worker:
         voxel_ml = abs(np.linalg.det(np.asarray(header["space directions"], dtype=float))) / 1000.0
         volumes = {name: float(np.count_nonzero(labels == value) * voxel_ml) for value, name in ORGAN_NAMES.items()}
         emit({"id": request_id, "event": "progress", "stage": "write", "progress": 1.0, "message": "write"})
-        result = {"output": request["output"], "volumes_ml": volumes,
-                  "organs_found": sum(v > 0 for v in volumes.values()), "seconds": 0.1}
+        result = {
+            "output": request["output"],
+            "volumes_ml": volumes,
+            "organs_found": sum(v > 0 for v in volumes.values()),
+            "seconds": 0.1,
+        }
         if request.get("collect"):  # keep the CT as an unlabeled case, once
             same = same_ct(Path(request["collect"]), request["input"])
             case_id = same["id"] if same else store_case(Path(request["collect"]), {"image": request["input"]})[0]
-            result["collected"] = {"case_id": case_id, "new": same is None, "status": "labeled" if same and same["label"] else "unlabeled"}
+            result["collected"] = {
+                "case_id": case_id,
+                "new": same is None,
+                "status": "labeled" if same and same["label"] else "unlabeled",
+            }
         emit({"id": request_id, "event": "result", **result})
 
     def add_case(self, request: dict) -> None:
         """One CT is one case (as in the real store): the same voxels with a label update that case."""
         same = same_ct(Path(request["dataset"]), request["image"])
         if same is not None and not request.get("label"):
-            emit({"id": request["id"], "event": "error", "message": f"The dataset already holds this CT as {same['id']}."})
+            emit(
+                {
+                    "id": request["id"],
+                    "event": "error",
+                    "message": f"The dataset already holds this CT as {same['id']}.",
+                }
+            )
             return
         case_id, labeled = store_case(Path(request["dataset"]), request, same)
         previous = None if same is None else "labeled" if same["label"] else "unlabeled"
@@ -202,8 +246,13 @@ def store_case(dataset: Path, request: dict, same: dict | None = None) -> tuple[
     folder.mkdir(parents=True, exist_ok=True)
     image = shutil.copy(request["image"], folder / "image.nrrd")
     label = shutil.copy(request["label"], folder / "label.nrrd") if request.get("label") else None
-    entry = {"id": case_id, "image": str(image), "label": None if label is None else str(label),
-             "reviewed": request.get("reviewed", []), "sha256": _digest(request["image"])}
+    entry = {
+        "id": case_id,
+        "image": str(image),
+        "label": None if label is None else str(label),
+        "reviewed": request.get("reviewed", []),
+        "sha256": _digest(request["image"]),
+    }
     data["cases"] = [case for case in data["cases"] if case["id"] != case_id] + [entry]
     (dataset / "dataset.json").write_text(json.dumps(data))
     return case_id, label is not None
@@ -221,30 +270,65 @@ def finetune(args: argparse.Namespace) -> int:
         emit({"event": "error", "message": f"No reviewed case in {args.dataset}: submit at least one."})
         return 2
     for step in range(1, args.steps + 1):
-        emit({"event": "progress", "stage": "train", "step": step, "total": args.steps,
-              "losses": {"total": 1.0 / step, "dice": 0.5 / step}, "lr": 1e-4, "eta_s": 0.01 * (args.steps - step)})
+        emit(
+            {
+                "event": "progress",
+                "stage": "train",
+                "step": step,
+                "total": args.steps,
+                "losses": {"total": 1.0 / step, "dice": 0.5 / step},
+                "lr": 1e-4,
+                "eta_s": 0.01 * (args.steps - step),
+            }
+        )
         time.sleep(float(os.environ.get("FAKE_ENGINE_STEP_S", "0")))
     emit({"event": "validation", "step": args.steps, "dice": {"liver": 0.9, "spleen": 0.8}, "mean_dice": 0.85})
     entries = read_registry()
     name = args.model.split("@")[0]
     version = max(entry["version"] for entry in entries if entry["name"] == name) + 1
-    entries.append({"name": name, "version": version, "ref": f"{name}@{version}", "builtin": False,
-                    "lineage": {"parent": args.model, "steps": args.steps}, "metrics": {"mean_dice": 0.85}})
+    entries.append(
+        {
+            "name": name,
+            "version": version,
+            "ref": f"{name}@{version}",
+            "builtin": False,
+            "lineage": {"parent": args.model, "steps": args.steps},
+            "metrics": {"mean_dice": 0.85},
+        }
+    )
     write_registry(entries)
     worse = bool(os.environ.get("FAKE_ENGINE_FINETUNE_WORSE"))  # a run that did not beat its parent
-    verdict = {"better": not worse, "summary": "Not better than its parent (mean Dice 0.650 -> 0.650 on the training "
-               "cases): the new version keeps the parent's weights." if worse else
-               "Better than its parent: mean Dice 0.650 -> 0.850 on the training cases."}
-    emit({"event": "result", "model": f"{name}@{version}", "before": {"liver": 0.7, "spleen": 0.6},
-          "after": {"liver": 0.7, "spleen": 0.6} if worse else {"liver": 0.9, "spleen": 0.8}, "verdict": verdict})
+    verdict = {
+        "better": not worse,
+        "summary": "Not better than its parent (mean Dice 0.650 -> 0.650 on the training "
+        "cases): the new version keeps the parent's weights."
+        if worse
+        else "Better than its parent: mean Dice 0.650 -> 0.850 on the training cases.",
+    }
+    emit(
+        {
+            "event": "result",
+            "model": f"{name}@{version}",
+            "before": {"liver": 0.7, "spleen": 0.6},
+            "after": {"liver": 0.7, "spleen": 0.6} if worse else {"liver": 0.9, "spleen": 0.8},
+            "verdict": verdict,
+        }
+    )
     return 0
 
 
 def models(args: argparse.Namespace) -> int:
     entries = read_registry()
     if args.action == "list":
-        print(json.dumps([{key: entry[key] for key in ("name", "version", "ref", "builtin", "description")
-                           if key in entry} for entry in entries], indent=2))
+        print(
+            json.dumps(
+                [
+                    {key: entry[key] for key in ("name", "version", "ref", "builtin", "description") if key in entry}
+                    for entry in entries
+                ],
+                indent=2,
+            )
+        )
     elif args.action == "info":
         entry = next((e for e in entries if args.path in (e["ref"], e["name"])), None)
         if entry is None:
@@ -263,13 +347,31 @@ def dataset(args: argparse.Namespace) -> int:
     cases = manifest(Path(args.dir))["cases"]
     if args.action == "list":
         statuses = [status(case) for case in cases]
-        print(json.dumps({"counts": {name: statuses.count(name) for name in ("labeled", "partial", "unlabeled")},
-                          "cases": cases}))
+        print(
+            json.dumps(
+                {"counts": {name: statuses.count(name) for name in ("labeled", "partial", "unlabeled")}, "cases": cases}
+            )
+        )
     else:
         unlabeled = [case for case in cases if not case["label"]]
-        print(json.dumps({"model": f"{args.model}@1", "suggestions": [
-            {"case_id": case["id"], "image": case["image"], "score": 0.5, "measure": "entropy", "organs": {},
-             "reason": "most uncertain"} for case in unlabeled][:args.top]}))
+        print(
+            json.dumps(
+                {
+                    "model": f"{args.model}@1",
+                    "suggestions": [
+                        {
+                            "case_id": case["id"],
+                            "image": case["image"],
+                            "score": 0.5,
+                            "measure": "entropy",
+                            "organs": {},
+                            "reason": "most uncertain",
+                        }
+                        for case in unlabeled
+                    ][: args.top],
+                }
+            )
+        )
     return 0
 
 

@@ -20,6 +20,7 @@ sys.path[:0] = [str(HERE), str(REPO_ROOT / "SCDLSegment"), str(REPO_ROOT / "SCDL
 from PySide6.QtCore import Qt  # noqa: E402
 from PySide6.QtWidgets import QListWidgetItem, QTableWidgetItem, QWidget  # noqa: E402
 from qt_standins import load_ui, qt_app  # noqa: E402
+
 from scdlcore.labels import SYNAPSE13  # noqa: E402
 from SCDLSegmentLib import catalog, progress  # noqa: E402
 from SCDLSegmentLib.settings import Device  # noqa: E402
@@ -36,9 +37,18 @@ def fill_example(panel: QWidget) -> None:
 
     widget("inputVolumeSelector").addItem("ct_abdomen (example_ct)")
     widget("outputSegmentationSelector").addItem("Create new segmentation")
-    model = catalog.parse_models([{"name": "starter", "version": 2, "description": "Abdominal organs, fine-tuned",
-                                   "spacing": [1.5, 1.5, 2.0], "lineage": {"parent": "starter@1", "steps": 300},
-                                   "metrics": {"mean_dice": 0.81}}])[0]
+    model = catalog.parse_models(
+        [
+            {
+                "name": "starter",
+                "version": 2,
+                "description": "Abdominal organs, fine-tuned",
+                "spacing": [1.5, 1.5, 2.0],
+                "lineage": {"parent": "starter@1", "steps": 300},
+                "metrics": {"mean_dice": 0.81},
+            }
+        ]
+    )[0]
     widget("modelComboBox").addItems(["starter@2", "starter@1"])
     widget("modelDetailsLabel").setText(model.details())
     widget("deviceComboBox").addItems([device.label() for device in Device])
@@ -60,10 +70,14 @@ def fill_example(panel: QWidget) -> None:
     widget("datasetCountsLabel").setText(f"Dataset: {catalog.DatasetSummary(3, 1, 12).describe()}")
     widget("finetuneProgressBar").setValue(100)
     widget("finetuneStatusLabel").setText("New model starter@2 selected.")
-    widget("validationLabel").setText(progress.format_validation(
-        {"step": 300, "dice": {"liver": 0.93, "spleen": 0.88, "stomach": 0.71}, "mean_dice": 0.84}, SYNAPSE13))
-    rows = progress.dice_rows({"spleen": 0.79, "liver": 0.90, "stomach": 0.55},
-                              {"spleen": 0.88, "liver": 0.93, "stomach": 0.71}, SYNAPSE13)
+    widget("validationLabel").setText(
+        progress.format_validation(
+            {"step": 300, "dice": {"liver": 0.93, "spleen": 0.88, "stomach": 0.71}, "mean_dice": 0.84}, SYNAPSE13
+        )
+    )
+    rows = progress.dice_rows(
+        {"spleen": 0.79, "liver": 0.90, "stomach": 0.55}, {"spleen": 0.88, "liver": 0.93, "stomach": 0.71}, SYNAPSE13
+    )
     table = widget("diceTable")
     table.setRowCount(len(rows))
     for row, cells in enumerate(rows):

@@ -19,14 +19,14 @@ from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Property, Signal  # noqa: E402
-from PySide6.QtUiTools import QUiLoader  # noqa: E402
-from PySide6.QtWidgets import QApplication, QComboBox, QFrame, QGroupBox, QLabel, QVBoxLayout, QWidget  # noqa: E402
+from PySide6.QtCore import Property, QBuffer, QByteArray, QIODevice, Signal
+from PySide6.QtUiTools import QUiLoader
+from PySide6.QtWidgets import QApplication, QComboBox, QFrame, QGroupBox, QLabel, QVBoxLayout, QWidget
 
 __all__ = ["STAND_INS", "load_ui", "qt_app", "ui_connections"]
 
 
-class qMRMLWidget(QWidget):  # noqa: N801  (Slicer's class name)
+class qMRMLWidget(QWidget):
     """Stand-in: a plain QWidget with the scene signal and slot."""
 
     mrmlSceneChanged = Signal(object)
@@ -35,7 +35,7 @@ class qMRMLWidget(QWidget):  # noqa: N801  (Slicer's class name)
         self.mrmlSceneChanged.emit(scene)
 
 
-class ctkCollapsibleButton(QGroupBox):  # noqa: N801
+class ctkCollapsibleButton(QGroupBox):
     """Stand-in: a group box; ``text`` is its title, ``collapsed`` hides its contents."""
 
     def __init__(self, parent=None) -> None:
@@ -70,7 +70,7 @@ class ctkCollapsibleButton(QGroupBox):  # noqa: N801
     collapsed = Property(bool, _get_collapsed, _set_collapsed)
 
 
-class qMRMLNodeComboBox(QComboBox):  # noqa: N801
+class qMRMLNodeComboBox(QComboBox):
     """Stand-in: a combo box with the node-selector properties; shows its ``noneDisplay`` or node type."""
 
     def __init__(self, parent=None) -> None:
@@ -80,7 +80,7 @@ class qMRMLNodeComboBox(QComboBox):  # noqa: N801
     def setMRMLScene(self, scene) -> None:
         pass
 
-    def _make(name: str, kind, default):  # noqa: N805  (builds the class's properties)
+    def _make(name: str, kind, default):
         def getter(self):
             return self._values.get(name, default)
 
@@ -99,7 +99,7 @@ class qMRMLNodeComboBox(QComboBox):  # noqa: N801
     del _make
 
 
-class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
+class qMRMLSegmentEditorWidget(qMRMLWidget):
     """Stand-in: a framed placeholder where Slicer draws the Segment Editor (segments and effects)."""
 
     def __init__(self, parent=None) -> None:
@@ -113,7 +113,7 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
         QVBoxLayout(self).addWidget(frame)
         self.setMinimumHeight(90)
 
-    def _make(name: str, kind):  # noqa: N805
+    def _make(name: str, kind):
         return Property(kind, lambda self: self._state[name], lambda self, value: self._state.__setitem__(name, value))
 
     undoEnabled = _make("undoEnabled", bool)
@@ -123,7 +123,9 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):  # noqa: N801
 
 
 #: The stand-in classes, by the Slicer class name they replace.
-STAND_INS = {cls.__name__: cls for cls in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLSegmentEditorWidget)}
+STAND_INS = {
+    cls.__name__: cls for cls in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, qMRMLSegmentEditorWidget)
+}
 
 
 def qt_app() -> QApplication:

@@ -12,7 +12,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FAKE_ENGINE", "MODULE_DIR", "REPO_ROOT", "TESTS_DIR", "add_volume", "paint_segment", "real_scene", "wait_until"]
+__all__ = [
+    "FAKE_ENGINE",
+    "MODULE_DIR",
+    "REPO_ROOT",
+    "TESTS_DIR",
+    "add_volume",
+    "paint_segment",
+    "real_scene",
+    "wait_until",
+]
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parents[1]
@@ -64,8 +73,13 @@ def paint_segment(segmentation, segment_id: str, mask, volume) -> None:
 
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
-    label = add_volume(volume.GetScene(), np.asarray(mask, dtype=np.uint8), slicer.util.arrayFromVTKMatrix(matrix),
-                       "painted", "vtkMRMLLabelMapVolumeNode")
+    label = add_volume(
+        volume.GetScene(),
+        np.asarray(mask, dtype=np.uint8),
+        slicer.util.arrayFromVTKMatrix(matrix),
+        "painted",
+        "vtkMRMLLabelMapVolumeNode",
+    )
     label.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)

@@ -203,10 +203,13 @@ def _unannotated(hint):
 
 
 def _check_connector(widget: FakeWidget, datatype) -> None:
-    """The widget/type pairs Slicer's built-in GUI connectors accept (SLICER_API.md section 4)."""
+    """The widget/type pairs Slicer's built-in GUI connectors accept (SCDLSegment/docs/SLICER_API.md section 4)."""
     if widget.cls == "qMRMLNodeComboBox":
-        ok = (isinstance(datatype, type) and issubclass(datatype, real_slicer.vtkMRMLNode)
-              and datatype.__name__ in widget.properties.get("nodeTypes", []))
+        ok = (
+            isinstance(datatype, type)
+            and issubclass(datatype, real_slicer.vtkMRMLNode)
+            and datatype.__name__ in widget.properties.get("nodeTypes", [])
+        )
     elif widget.cls == "QComboBox":
         ok = isinstance(datatype, type) and issubclass(datatype, enum.Enum)
     else:
@@ -309,9 +312,21 @@ class FakeWidget:
                 child.calls.append(("setMRMLScene",))
 
     def __getattr__(self, name):
-        if name in ("setMRMLSegmentEditorNode", "setSegmentationNode", "setSourceVolumeNode", "saveStateForUndo",
-                    "setActiveEffect", "installKeyboardShortcuts", "uninstallKeyboardShortcuts",
-                    "removeViewObservations", "updateEffectList") and self.cls == "qMRMLSegmentEditorWidget":
+        if (
+            name
+            in (
+                "setMRMLSegmentEditorNode",
+                "setSegmentationNode",
+                "setSourceVolumeNode",
+                "saveStateForUndo",
+                "setActiveEffect",
+                "installKeyboardShortcuts",
+                "uninstallKeyboardShortcuts",
+                "removeViewObservations",
+                "updateEffectList",
+            )
+            and self.cls == "qMRMLSegmentEditorWidget"
+        ):
             return lambda *args: self.calls.append((name, *args))
         raise AttributeError(f"stand-in {self.cls} {self.name!r} has no {name!r}")
 
@@ -411,7 +426,12 @@ def make_qt(standin: SlicerStandIn) -> types.ModuleType:
         def getExistingDirectory(parent, caption, directory):
             return recorder.existing_directory
 
-    qt.QTimer, qt.QListWidgetItem, qt.QTableWidgetItem, qt.QFileDialog = QTimer, QListWidgetItem, QTableWidgetItem, QFileDialog
+    qt.QTimer, qt.QListWidgetItem, qt.QTableWidgetItem, qt.QFileDialog = (
+        QTimer,
+        QListWidgetItem,
+        QTableWidgetItem,
+        QFileDialog,
+    )
     qt.Qt = types.SimpleNamespace(ItemIsUserCheckable=16, Unchecked=0, Checked=2, UserRole=256)
     qt.QSettings = lambda: standin.settings
     return qt
@@ -527,16 +547,31 @@ class SlicerStandIn:
         scripted.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
         scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
         scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
-        slicer.util, slicer.i18n, slicer.parameterNodeWrapper, slicer.ScriptedLoadableModule = util, i18n, wrapper, scripted
+        slicer.util, slicer.i18n, slicer.parameterNodeWrapper, slicer.ScriptedLoadableModule = (
+            util,
+            i18n,
+            wrapper,
+            scripted,
+        )
         slicer.mrmlScene = scene
-        slicer.modules = types.SimpleNamespace(**{
-            name: types.SimpleNamespace(logic=functools.partial(lambda logic: logic, logic))
-            for name, logic in self.logics.items()})
-        slicer.app = types.SimpleNamespace(connect=lambda signal, slot: self.recorder.app_connections.append((signal, slot)))
+        slicer.modules = types.SimpleNamespace(
+            **{
+                name: types.SimpleNamespace(logic=functools.partial(lambda logic: logic, logic))
+                for name, logic in self.logics.items()
+            }
+        )
+        slicer.app = types.SimpleNamespace(
+            connect=lambda signal, slot: self.recorder.app_connections.append((signal, slot))
+        )
         slicer.qSlicerSegmentEditorEffectFactory = types.SimpleNamespace(instance=lambda: self.effect_factory)
         self.modules = {
-            "slicer": slicer, "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-            "slicer.ScriptedLoadableModule": scripted, "qt": make_qt(self), "ctk": types.ModuleType("ctk"),
+            "slicer": slicer,
+            "slicer.util": util,
+            "slicer.i18n": i18n,
+            "slicer.parameterNodeWrapper": wrapper,
+            "slicer.ScriptedLoadableModule": scripted,
+            "qt": make_qt(self),
+            "ctk": types.ModuleType("ctk"),
         }
 
     # ------------------------------------------------------------- helpers for the tests (real MRML)
@@ -570,7 +605,8 @@ class SlicerStandIn:
         """Make ``slicer.packaging`` importable, as in Slicer >= 5.12."""
         packaging = types.ModuleType("slicer.packaging")
         packaging.pip_ensure = lambda requirements, **kwargs: self.recorder.pip_ensure.append(
-            {"requirements": list(requirements), **kwargs})
+            {"requirements": list(requirements), **kwargs}
+        )
         self.modules["slicer"].packaging = packaging
         self.modules["slicer.packaging"] = packaging
         return packaging
@@ -580,9 +616,16 @@ class SlicerStandIn:
         recorder = self.recorder
 
         class PyTorchUtilsLogic:
-            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
-                             torchvisionVersionRequirement=None):
-                recorder.torch_installs.append({"askConfirmation": askConfirmation, "requirement": torchVersionRequirement})
+            def installTorch(
+                self,
+                askConfirmation=False,
+                forceComputationBackend=None,
+                torchVersionRequirement=None,
+                torchvisionVersionRequirement=None,
+            ):
+                recorder.torch_installs.append(
+                    {"askConfirmation": askConfirmation, "requirement": torchVersionRequirement}
+                )
                 return object() if installs else None
 
         self.modules["PyTorchUtils"] = types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic)

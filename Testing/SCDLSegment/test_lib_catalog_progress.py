@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from scdlcore.labels import SYNAPSE13, Label, LabelTable
 from SCDLSegmentLib.catalog import DatasetSummary, Suggestion, parse_dataset, parse_models, parse_suggestion, pick_model
 from SCDLSegmentLib.progress import (
@@ -15,7 +16,9 @@ from SCDLSegmentLib.progress import (
 
 STARTER = {"name": "starter", "version": 1, "ref": "starter@1", "builtin": True, "description": "Starter model"}
 TUNED = {
-    "name": "abdomen", "version": 2, "spacing": [1.5, 1.5, 3.0],
+    "name": "abdomen",
+    "version": 2,
+    "spacing": [1.5, 1.5, 3.0],
     "lineage": {"parent": "starter@1", "steps": 300, "data_fingerprint": None},
     "metrics": {"mean_dice": 0.8123, "per_organ": {"liver": 0.9}},
 }
@@ -33,8 +36,13 @@ def test_models_listing_is_read_with_refs_and_details():
 
 
 def test_models_listing_uses_the_model_label_table_when_given():
-    table = LabelTable("two", (Label(1, "liver", "Liver", (1, 2, 3), "10200004", "Liver"),
-                               Label(2, "spleen", "Spleen", (4, 5, 6), "78961009", "Spleen")))
+    table = LabelTable(
+        "two",
+        (
+            Label(1, "liver", "Liver", (1, 2, 3), "10200004", "Liver"),
+            Label(2, "spleen", "Spleen", (4, 5, 6), "78961009", "Spleen"),
+        ),
+    )
     (model,) = parse_models({"models": [{"name": "small", "labels": table.to_dict()}]})
     assert model.labels == table and model.ref == "small"
 
@@ -67,10 +75,18 @@ def test_dataset_counts_are_read_from_the_engines_listing():
 
 
 def test_the_best_suggestion_is_read_from_the_engines_ranking():
-    ranking = {"model": "starter@1", "suggestions": [
-        {"case_id": "case0007", "image": "/d/case0007/image.nii.gz", "score": 0.4, "reason": "networks disagree on 40.0%"},
-        {"case_id": "case0002", "image": "/d/case0002/image.nii.gz", "score": 0.1, "reason": "..."},
-    ]}
+    ranking = {
+        "model": "starter@1",
+        "suggestions": [
+            {
+                "case_id": "case0007",
+                "image": "/d/case0007/image.nii.gz",
+                "score": 0.4,
+                "reason": "networks disagree on 40.0%",
+            },
+            {"case_id": "case0002", "image": "/d/case0002/image.nii.gz", "score": 0.1, "reason": "..."},
+        ],
+    }
     assert parse_suggestion(ranking) == Suggestion("/d/case0007/image.nii.gz", "case0007", "networks disagree on 40.0%")
     assert parse_suggestion({"model": "starter@1", "suggestions": []}) is None
     with pytest.raises(ValueError, match="no 'suggestions' list"):
@@ -96,9 +112,19 @@ def test_segment_progress_maps_stages_onto_one_forward_moving_bar(stage, progres
 
 
 def test_train_progress_line():
-    event = {"event": "progress", "stage": "train", "step": 120, "total": 500,
-             "losses": {"total": 0.4321, "dice": 0.31, "ce": 0.1222}, "lr": 1e-4, "eta_s": 185}
-    assert format_train_progress(event) == (24, "Step 120/500 · loss 0.432 (dice 0.310, ce 0.122) · lr 1.0e-04 · 3 min left")
+    event = {
+        "event": "progress",
+        "stage": "train",
+        "step": 120,
+        "total": 500,
+        "losses": {"total": 0.4321, "dice": 0.31, "ce": 0.1222},
+        "lr": 1e-4,
+        "eta_s": 185,
+    }
+    assert format_train_progress(event) == (
+        24,
+        "Step 120/500 · loss 0.432 (dice 0.310, ce 0.122) · lr 1.0e-04 · 3 min left",
+    )
     assert format_train_progress({"stage": "prepare"}) == (None, "Prepare")
 
 
@@ -106,8 +132,11 @@ def test_validation_line_and_before_after_table():
     event = {"event": "validation", "step": 100, "dice": {"liver": 0.91, "spleen": 0.853}, "mean_dice": 0.8816}
     assert format_validation(event, SYNAPSE13) == "Validation at step 100: mean Dice 0.882 (Spleen 0.85, Liver 0.91)"
     rows = dice_rows({"liver": 0.7, "spleen": 0.6, "aorta": 0.5}, {"liver": 0.9, "spleen": 0.55}, SYNAPSE13)
-    assert rows == [("Spleen", "0.600", "0.550", "-0.050"), ("Liver", "0.700", "0.900", "+0.200"),
-                    ("Aorta", "0.500", "–", "–")]
+    assert rows == [
+        ("Spleen", "0.600", "0.550", "-0.050"),
+        ("Liver", "0.700", "0.900", "+0.200"),
+        ("Aorta", "0.500", "–", "–"),
+    ]
 
 
 def test_volumes_line_lists_found_organs_in_table_order():

@@ -7,6 +7,7 @@ import os
 import sys
 
 from scdlsegment_testing import wait_until
+
 from SCDLSegmentLib.jobs import CommandJob, FinetuneJob, FinetuneOutcome
 
 PY = sys.executable
@@ -18,7 +19,9 @@ def run(job) -> None:
 
 
 def test_command_job_returns_the_document_and_logs_stderr():
-    script = "import json, sys\nprint('reading registry', file=sys.stderr)\nprint(json.dumps({'models': []}, indent=1))\n"
+    script = (
+        "import json, sys\nprint('reading registry', file=sys.stderr)\nprint(json.dumps({'models': []}, indent=1))\n"
+    )
     done, logs = [], []
     run(CommandJob([PY, "-c", script], dict(os.environ), lambda data, error: done.append((data, error)), logs.append))
     assert done == [({"models": []}, None)]
@@ -28,7 +31,9 @@ def test_command_job_returns_the_document_and_logs_stderr():
 def test_command_job_failure_is_one_readable_message():
     script = "import sys\nprint('scdl models: error: registry.json is damaged', file=sys.stderr)\nsys.exit(2)\n"
     done = []
-    run(CommandJob([PY, "-c", script], dict(os.environ), lambda data, error: done.append((data, error)), lambda _: None))
+    run(
+        CommandJob([PY, "-c", script], dict(os.environ), lambda data, error: done.append((data, error)), lambda _: None)
+    )
     ((data, error),) = done
     assert data is None
     assert error.startswith("The SCDL engine stopped unexpectedly (exit code 2).")
@@ -54,17 +59,27 @@ def test_finetune_job_forwards_events_and_reports_the_new_model():
 
 def test_finetune_job_errors():
     done = []
-    run(FinetuneJob(finetune_script({"event": "error", "message": "No reviewed case."}, code=2), dict(os.environ),
-                    lambda _: None, done.append, lambda _: None))
+    run(
+        FinetuneJob(
+            finetune_script({"event": "error", "message": "No reviewed case."}, code=2),
+            dict(os.environ),
+            lambda _: None,
+            done.append,
+            lambda _: None,
+        )
+    )
     run(FinetuneJob(finetune_script(), dict(os.environ), lambda _: None, done.append, lambda _: None))
-    assert done == [FinetuneOutcome(error="No reviewed case."),
-                    FinetuneOutcome(error="Fine-tuning ended without reporting a new model.")]
+    assert done == [
+        FinetuneOutcome(error="No reviewed case."),
+        FinetuneOutcome(error="Fine-tuning ended without reporting a new model."),
+    ]
 
 
 def test_finetune_job_cancel():
     done = []
-    job = FinetuneJob([PY, "-c", "import time; time.sleep(60)"], dict(os.environ), lambda _: None, done.append,
-                      lambda _: None).start()
+    job = FinetuneJob(
+        [PY, "-c", "import time; time.sleep(60)"], dict(os.environ), lambda _: None, done.append, lambda _: None
+    ).start()
     job.cancel()
     wait_until(lambda: bool(done), job.poll)
     assert done == [FinetuneOutcome(cancelled=True)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from scdlcore.labels import SYNAPSE13
 from SCDLSegmentLib.labelmap import (
     ExistingSegment,

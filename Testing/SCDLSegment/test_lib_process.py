@@ -9,6 +9,7 @@ import time
 import psutil
 import pytest
 from scdlsegment_testing import FAKE_ENGINE, wait_until
+
 from SCDLSegmentLib.process import ChildProcess, exit_message
 
 PY = sys.executable
@@ -80,7 +81,10 @@ def test_interactive_child_answers_each_request_line():
     child.send({"id": "r2", "text": "second"})
     received: list[dict] = []
     wait_until(lambda: len(received) == 2, lambda: received.extend(child.events()))
-    assert received == [{"id": "r1", "event": "result", "echo": "héllo"}, {"id": "r2", "event": "result", "echo": "second"}]
+    assert received == [
+        {"id": "r1", "event": "result", "echo": "héllo"},
+        {"id": "r2", "event": "result", "echo": "second"},
+    ]
     child.cancel()
     run_to_end(child)
 
@@ -120,6 +124,7 @@ def test_stderr_tail_keeps_only_the_last_lines():
     assert run_to_end(child)[-1]["stderr"] == "line 97\nline 98\nline 99"
 
 
+@pytest.mark.slow
 def test_cancel_kills_the_child_and_its_grandchild():
     child = ChildProcess([PY, str(FAKE_ENGINE), "spawn-tree"])
     child.start()

@@ -9,7 +9,8 @@ import pytest
 import slicer
 import vtk
 from scdlsegment_testing import MODULE_DIR, add_volume, paint_segment, real_scene
-from scdlcore.io import read_label_map
+
+from scdlcore.io.segnrrd import read_label_map
 from scdlcore.labels import SYNAPSE13
 from SCDLSegmentLib import labelmap, segmentations
 
@@ -47,8 +48,11 @@ def write_result(scene, path, labels, ijk_to_ras=IJK_TO_RAS):
 
 def add_translation(scene, offset):
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
-    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(np.array(
-        [[1, 0, 0, offset[0]], [0, 1, 0, offset[1]], [0, 0, 1, offset[2]], [0, 0, 0, 1.0]])))
+    transform.SetMatrixTransformToParent(
+        slicer.util.vtkMatrixFromArray(
+            np.array([[1, 0, 0, offset[0]], [0, 1, 0, offset[1]], [0, 0, 1, offset[2]], [0, 0, 0, 1.0]])
+        )
+    )
     return transform
 
 
@@ -91,7 +95,10 @@ def test_each_organ_becomes_one_tagged_segment_with_name_color_and_terminology_i
     assert segmentation.GetSegmentation().GetNumberOfLayers() == 1  # not 13 full-size layers
     for name, value in (("Liver", LIVER), ("Spleen", SPLEEN), ("Aorta", AORTA), ("Stomach", 7)):
         np.testing.assert_array_equal(mask(segmentation, ct, name), (result_labels() == value).astype(np.uint8))
-    assert segmentation.GetNodeReferenceID(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()) == ct.GetID()
+    assert (
+        segmentation.GetNodeReferenceID(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        == ct.GetID()
+    )
 
 
 def test_the_temporary_label_map_leaves_no_node_behind(scene, tmp_path):
@@ -107,7 +114,10 @@ def test_an_unreadable_result_file_is_a_clear_error(scene, tmp_path):
     ct = add_ct(scene)
     broken = tmp_path / "labels.nrrd"
     broken.write_text("not a volume")
-    with pytest.raises(ValueError, match="labels.nrrd could not be read"), segmentations.result_labelmap(scene, broken, ct):
+    with (
+        pytest.raises(ValueError, match="labels.nrrd could not be read"),
+        segmentations.result_labelmap(scene, broken, ct),
+    ):
         pass
 
 
@@ -145,7 +155,10 @@ def test_a_new_segmentation_of_a_transformed_ct_gets_the_cts_grid_not_a_shifted_
 
 
 def test_a_users_segmentation_keeps_its_own_transform_and_the_organs_land_on_the_ct(scene, tmp_path):
-    """Offsets of whole voxels (70 x 0.7 mm, 40 x 0.8 mm): between two transforms Slicer moves an image by whole voxels."""
+    """Offsets of whole voxels (70 x 0.7 mm, 40 x 0.8 mm).
+
+    Between two transforms Slicer moves an image by whole voxels.
+    """
     ct = add_ct(scene)
     ct.SetAndObserveTransformNodeID(add_translation(scene, (49.0, 0.0, 0.0)).GetID())
     users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "review")
@@ -186,8 +199,10 @@ def test_a_result_on_another_grid_is_refused(scene, tmp_path):
     shifted = IJK_TO_RAS.copy()
     shifted[0, 3] += 1.0
     path = write_result(scene, tmp_path / "labels.nrrd", result_labels(), shifted)
-    with segmentations.result_labelmap(scene, path, ct) as labelNode, \
-            pytest.raises(ValueError, match="labels.nrrd' is not on the grid of the volume 'CT'"):
+    with (
+        segmentations.result_labelmap(scene, path, ct) as labelNode,
+        pytest.raises(ValueError, match="labels.nrrd' is not on the grid of the volume 'CT'"),
+    ):
         segmentations.import_result(labelNode, ct, None, SYNAPSE13)
     assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0  # no segmentation was made
 

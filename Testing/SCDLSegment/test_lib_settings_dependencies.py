@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from scdlsegment_testing import MODULE_DIR, REPO_ROOT
+
 from SCDLSegmentLib.dependencies import (
     TORCH_REQUIREMENT,
     RequirementStatus,
@@ -35,8 +36,9 @@ class DictSettings:
 
 def test_settings_round_trip():
     store = DictSettings()
-    Settings(dataset_dir="/data/ds", model_dir="/data/models", model="abdomen@3", device=Device.CPU,
-             finetune_steps=1200).save(store)
+    Settings(
+        dataset_dir="/data/ds", model_dir="/data/models", model="abdomen@3", device=Device.CPU, finetune_steps=1200
+    ).save(store)
     assert store.data["SCDLSegment/device"] == "cpu"
     assert Settings.load(store) == Settings("/data/ds", "/data/models", "abdomen@3", Device.CPU, 1200)
 
@@ -55,8 +57,14 @@ def test_settings_survive_a_restart_through_real_qsettings(tmp_path):
         written.sync()
         return QSettings(str(shutil.copy(written.fileName(), tmp_path / f"{name}-read.ini")), QSettings.IniFormat)
 
-    chosen = Settings(dataset_dir="/data/ds", model_dir="", model="abdomen@3", device=Device.GPU, finetune_steps=1200,
-                      collect_unlabeled=True)
+    chosen = Settings(
+        dataset_dir="/data/ds",
+        model_dir="",
+        model="abdomen@3",
+        device=Device.GPU,
+        finetune_steps=1200,
+        collect_unlabeled=True,
+    )
     store = restarted(chosen, "on")
     assert (store.value("SCDLSegment/collect_unlabeled"), store.value("SCDLSegment/finetune_steps")) == ("true", "1200")
     assert Settings.load(store) == chosen
@@ -65,8 +73,14 @@ def test_settings_survive_a_restart_through_real_qsettings(tmp_path):
 
 def test_settings_defaults_and_unreadable_values():
     assert Settings.load(DictSettings()) == Settings()
-    store = DictSettings({"SCDLSegment/device": "tpu", "SCDLSegment/finetune_steps": "many",
-                          "SCDLSegment/model": "starter", "SCDLSegment/dataset_dir": "/x"})
+    store = DictSettings(
+        {
+            "SCDLSegment/device": "tpu",
+            "SCDLSegment/finetune_steps": "many",
+            "SCDLSegment/model": "starter",
+            "SCDLSegment/dataset_dir": "/x",
+        }
+    )
     settings = Settings.load(store)
     assert settings.device is Device.AUTO and settings.finetune_steps == 300
     assert settings.model == "starter" and settings.dataset_dir == "/x"
@@ -104,8 +118,9 @@ def fake_versions(**installed):
 
 
 def test_requirements_are_checked_against_installed_versions():
-    statuses = check_requirements(["monai>=1.4", "safetensors>=0.4", "psutil>=5.9"],
-                                  fake_versions(monai="1.3.2", psutil="7.0.0"))
+    statuses = check_requirements(
+        ["monai>=1.4", "safetensors>=0.4", "psutil>=5.9"], fake_versions(monai="1.3.2", psutil="7.0.0")
+    )
     assert statuses == [
         RequirementStatus("monai>=1.4", "monai", "1.3.2", False),
         RequirementStatus("safetensors>=0.4", "safetensors", None, False),
@@ -113,7 +128,9 @@ def test_requirements_are_checked_against_installed_versions():
     ]
     assert unsatisfied(statuses) == ["monai>=1.4", "safetensors>=0.4"]
     assert [status.describe() for status in statuses] == [
-        "monai>=1.4: 1.3.2 (too old)", "safetensors>=0.4: missing", "psutil>=5.9: 7.0.0 (ok)"
+        "monai>=1.4: 1.3.2 (too old)",
+        "safetensors>=0.4: missing",
+        "psutil>=5.9: 7.0.0 (ok)",
     ]
 
 
@@ -139,7 +156,9 @@ def test_module_requirements_match_the_engine_dependencies(tmp_path):
     block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)  # (tomllib needs Python 3.11)
     engine = {dep.replace(" ", "") for dep in re.findall(r'"([^"]+)"', block)}
     module = set(read_requirements(MODULE_DIR / "Resources" / "requirements.txt"))
-    expected = {dep for dep in engine if dep.split(">")[0].split("=")[0].split("<")[0] not in ("torch", "numpy", "SimpleITK")}
+    expected = {
+        dep for dep in engine if dep.split(">")[0].split("=")[0].split("<")[0] not in ("torch", "numpy", "SimpleITK")
+    }
     assert module == expected
     torch_pin = next(dep for dep in engine if dep.startswith("torch"))
     assert torch_pin == TORCH_REQUIREMENT

@@ -11,6 +11,7 @@ import numpy as np
 import psutil
 import pytest
 from scdlsegment_testing import wait_until
+
 from SCDLSegmentLib.engine import EngineCommand
 from SCDLSegmentLib.settings import Device
 from SCDLSegmentLib.worker import WorkerClient, WorkerInfo
@@ -30,7 +31,9 @@ class Recorder:
         return self.events[-1]["event"] if self.events else None
 
 
-def start_worker(engine: EngineCommand, model: str = "starter", env: dict | None = None, **kwargs) -> tuple[WorkerClient, list]:
+def start_worker(
+    engine: EngineCommand, model: str = "starter", env: dict | None = None, **kwargs
+) -> tuple[WorkerClient, list]:
     statuses: list[dict] = []
     client = WorkerClient(
         engine.worker(model, Device.CPU), env=engine.environment(env or os.environ), on_status=statuses.append, **kwargs
@@ -44,8 +47,16 @@ def write_ct(path: Path) -> np.ndarray:
     image = np.full((4, 5, 6), -1000, dtype=np.int16)
     image[1:3, 1:4, 1:3] = 200
     image[1:3, 1:4, 4:6] = 100
-    nrrd.write(str(path), image, {"space": "left-posterior-superior", "space directions": np.diag([0.8, 0.8, 2.5]),
-                                  "space origin": np.array([10.0, 20.0, 30.0])}, index_order="C")
+    nrrd.write(
+        str(path),
+        image,
+        {
+            "space": "left-posterior-superior",
+            "space directions": np.diag([0.8, 0.8, 2.5]),
+            "space origin": np.array([10.0, 20.0, 30.0]),
+        },
+        index_order="C",
+    )
     return image
 
 
@@ -54,7 +65,9 @@ def test_ready_event_fills_worker_info(fake_engine):
     wait_until(lambda: client.info is not None, client.poll)
     assert client.info == WorkerInfo("starter@1", "cpu", "2.13.0", False, None, None)
     assert client.info.describe() == "CPU (no CUDA GPU found) · torch 2.13.0"
-    assert [status["event"] for status in statuses if status["event"] != "log"] == ["ready"]  # stderr lines may come first
+    assert [status["event"] for status in statuses if status["event"] != "log"] == [
+        "ready"
+    ]  # stderr lines may come first
     client.close()
 
 
@@ -156,8 +169,9 @@ def test_add_case_and_shutdown(fake_engine, tmp_path):
     write_ct(tmp_path / "ct.nrrd")
     client, statuses = start_worker(fake_engine)
     handler = Recorder()
-    client.request("add_case", handler, dataset=str(tmp_path / "ds"), image=str(tmp_path / "ct.nrrd"), label=None,
-                   reviewed=[])
+    client.request(
+        "add_case", handler, dataset=str(tmp_path / "ds"), image=str(tmp_path / "ct.nrrd"), label=None, reviewed=[]
+    )
     wait_until(lambda: handler.last == "result", client.poll)
     assert handler.events[-1]["case_id"] == "case001"
 
@@ -181,17 +195,47 @@ def test_worker_that_cannot_start_names_the_program():
 def test_engine_command_lines_and_environment(tmp_path):
     engine = EngineCommand(python="/opt/Slicer/bin/PythonSlicer", python_path=("/ext/lib",), model_dir="/data/models")
     assert engine.worker("starter@1", Device.GPU) == [
-        "/opt/Slicer/bin/PythonSlicer", "-m", "scdlcore", "worker", "--model", "starter@1", "--device", "cuda"
+        "/opt/Slicer/bin/PythonSlicer",
+        "-m",
+        "scdlcore",
+        "worker",
+        "--model",
+        "starter@1",
+        "--device",
+        "cuda",
     ]
     assert engine.finetune(tmp_path, "starter", 50, Device.GPU)[3:] == [
-        "finetune", "--dataset", str(tmp_path), "--model", "starter", "--steps", "50", "--device", "cuda", "--events"
+        "finetune",
+        "--dataset",
+        str(tmp_path),
+        "--model",
+        "starter",
+        "--steps",
+        "50",
+        "--device",
+        "cuda",
+        "--events",
     ]
     assert engine.models_list()[3:] == ["models", "list", "--json"]
     assert engine.models_info("starter@1")[3:] == ["models", "info", "starter@1", "--json"]
-    assert engine.models_import("/media/abdomen.scdlmodel")[3:] == ["models", "import", "/media/abdomen.scdlmodel", "--json"]
+    assert engine.models_import("/media/abdomen.scdlmodel")[3:] == [
+        "models",
+        "import",
+        "/media/abdomen.scdlmodel",
+        "--json",
+    ]
     assert engine.sample_data("ct_abdomen")[3:] == ["sample-data", "ct_abdomen", "--json"]
     assert engine.dataset_suggest(tmp_path, "starter@2", Device.CPU)[3:] == [
-        "dataset", "suggest", str(tmp_path), "--model", "starter@2", "--device", "cpu", "--top", "1", "--json"
+        "dataset",
+        "suggest",
+        str(tmp_path),
+        "--model",
+        "starter@2",
+        "--device",
+        "cpu",
+        "--top",
+        "1",
+        "--json",
     ]
     env = engine.environment({"PYTHONPATH": "/other", "HOME": "/home/u"})
     assert env["PYTHONPATH"] == os.pathsep.join(["/ext/lib", "/other"])

@@ -18,11 +18,12 @@ from pathlib import Path
 import nrrd
 import numpy as np
 import pytest
-from scdlsegment_testing import add_volume, paint_segment, wait_until
-from scdlcore.labels import SYNAPSE13
-from slicer_standin import SlicerStandIn
-from SCDLSegmentLib.dependencies import RequirementStatus
 import vtk
+from scdlsegment_testing import add_volume, paint_segment, wait_until
+from slicer_standin import SlicerStandIn
+
+from scdlcore.labels import SYNAPSE13
+from SCDLSegmentLib.dependencies import RequirementStatus
 from SCDLSegmentLib.labelmap import ORGAN_TAG
 from SCDLSegmentLib.segmentations import existing_segments
 from SCDLSegmentLib.settings import Device
@@ -86,8 +87,14 @@ def test_segment_writes_one_segment_per_organ_on_the_input_grid_and_keeps_user_s
     segments_at_undo = []
 
     outcome = logic.segment(
-        volume, "starter", Device.CPU, segmentationNode=segmentation_node, timeout_s=30,
-        beforeModify=lambda node, vol: segments_at_undo.append((node, vol, node.GetSegmentation().GetNumberOfSegments())),
+        volume,
+        "starter",
+        Device.CPU,
+        segmentationNode=segmentation_node,
+        timeout_s=30,
+        beforeModify=lambda node, vol: segments_at_undo.append(
+            (node, vol, node.GetSegmentation().GetNumberOfSegments())
+        ),
     )
 
     assert outcome.error is None and not outcome.cancelled and outcome.segmentationNode is segmentation_node
@@ -131,20 +138,25 @@ def test_a_new_segmentation_is_named_after_the_volume(logic, standin):
 def test_a_result_on_another_grid_is_refused(logic, standin, tmp_path):
     volume = add_ct(standin)
     path = tmp_path / "shifted.nrrd"
-    nrrd.write(str(path), np.zeros(standin.array(volume).shape, np.uint8),
-               {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.8, 2.5]),
-                "space origin": np.zeros(3)}, index_order="C")
+    nrrd.write(
+        str(path),
+        np.zeros(standin.array(volume).shape, np.uint8),
+        {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.8, 2.5]), "space origin": np.zeros(3)},
+        index_order="C",
+    )
     nodes_before = standin.scene.GetNumberOfNodes()
     with pytest.raises(ValueError, match="not on the grid of the volume 'CT'"):
         logic.importLabelmap(path, volume)
     assert standin.scene.GetNumberOfNodes() == nodes_before
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_segmentation(logic, standin):
     volume = add_ct(standin)
     stages, outcomes = [], []
-    logic.startSegmentation(volume, "slow", Device.CPU, onProgress=lambda stage, f: stages.append(stage),
-                            onDone=outcomes.append)
+    logic.startSegmentation(
+        volume, "slow", Device.CPU, onProgress=lambda stage, f: stages.append(stage), onDone=outcomes.append
+    )
     wait_until(lambda: "preprocess" in stages, logic.poll)
     logic.cancelSegmentation()
     wait_until(lambda: bool(outcomes), logic.poll)
@@ -190,6 +202,7 @@ def test_a_segmentation_removed_meanwhile_is_replaced_by_a_new_one(logic, standi
     assert outcomes[0].segmentationNode.GetName() == "CT segmentation"
 
 
+@pytest.mark.slow
 def test_a_busy_worker_is_not_replaced_and_a_case_submitted_meanwhile_waits_its_turn(logic, standin, tmp_path):
     volume = add_ct(standin)
     outcomes, added = [], []
@@ -198,7 +211,9 @@ def test_a_busy_worker_is_not_replaced_and_a_case_submitted_meanwhile_waits_its_
     with pytest.raises(RuntimeError, match="still busy with the previous model or device"):
         logic.ensureWorker("starter", Device.CPU)
     # Adding a case needs no model: it goes to the running worker, whatever model the panel shows now.
-    logic.startSubmitCase(volume, None, [], tmp_path / "ds", "starter", Device.GPU, lambda result, error: added.append((result, error)))
+    logic.startSubmitCase(
+        volume, None, [], tmp_path / "ds", "starter", Device.GPU, lambda result, error: added.append((result, error))
+    )
     assert logic.worker is worker
     wait_until(lambda: bool(outcomes) and bool(added), logic.poll)
     assert outcomes[0].error is None and added[0][1] is None and added[0][0]["case_id"] == "case001"
@@ -256,6 +271,7 @@ def test_submitting_without_reviewed_organs_is_refused(logic, standin, tmp_path)
         logic.startSubmitCase(volume, segmentation_node, ["Liver"], tmp_path, "starter", Device.CPU, lambda r, e: None)
 
 
+@pytest.mark.slow
 def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, tmp_path):
     volume = add_ct(standin)
     segmentation_node = logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode
@@ -274,6 +290,7 @@ def test_finetune_reports_progress_and_registers_a_new_version(logic, standin, t
     assert [model.ref for model in logic.listModels()] == ["starter@1", "starter@2"]
 
 
+@pytest.mark.slow
 def test_finetune_on_the_gpu_frees_it_from_the_idle_engine_first(logic, standin, tmp_path):
     volume = add_ct(standin)
     logic.submitCase(volume, None, [], tmp_path / "ds", "starter", Device.CPU)  # starts the engine
@@ -291,11 +308,18 @@ def test_finetune_error_from_the_engine_is_shown(logic, tmp_path):
     assert outcome.error.startswith("No reviewed case in")
 
 
+@pytest.mark.slow
 def test_finetune_cancel_kills_the_training_process(logic, standin, tmp_path):
     standin.environment["FAKE_ENGINE_STEP_S"] = "0.2"
     volume = add_ct(standin)
-    logic.submitCase(volume, logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode,
-                     ["liver"], tmp_path / "ds", "starter", Device.CPU)
+    logic.submitCase(
+        volume,
+        logic.segment(volume, "starter", Device.CPU, timeout_s=30).segmentationNode,
+        ["liver"],
+        tmp_path / "ds",
+        "starter",
+        Device.CPU,
+    )
     events, outcomes = [], []
     logic.startFinetune(tmp_path / "ds", "starter@1", 100, Device.CPU, onEvent=events.append, onDone=outcomes.append)
     wait_until(lambda: bool(events), logic.poll)
@@ -423,15 +447,19 @@ def test_panel_segment_button_turns_into_cancel_and_back(widget, standin):
     editor_calls = [call[0] for call in ui.segmentEditorWidget.calls]
     assert editor_calls.count("saveStateForUndo") == 1
     undo_at = editor_calls.index("saveStateForUndo")
-    assert editor_calls[undo_at - 2: undo_at] == ["setSegmentationNode", "setSourceVolumeNode"]
+    assert editor_calls[undo_at - 2 : undo_at] == ["setSegmentationNode", "setSourceVolumeNode"]
     assert standin.recorder.errors == []
 
 
+@pytest.mark.slow
 def test_panel_cancel_and_crash(widget, standin):
     ui = widget.ui
     widget._parameters().model = "slow"
     ui.applyButton.clicked.emit()
-    pump(widget, until=lambda: "Segmenting" in ui.segmentProgressBar.format or "Preparing" in ui.segmentProgressBar.format)
+    pump(
+        widget,
+        until=lambda: "Segmenting" in ui.segmentProgressBar.format or "Preparing" in ui.segmentProgressBar.format,
+    )
     ui.applyButton.clicked.emit()  # now it is the Cancel button
     assert ui.segmentProgressBar.format.startswith("Cancelling")
     pump(widget, until=lambda: ui.applyButton.text == "Segment")
@@ -445,6 +473,7 @@ def test_panel_cancel_and_crash(widget, standin):
     assert ui.applyButton.text == "Segment" and ui.segmentProgressBar.format == "Failed"
 
 
+@pytest.mark.slow
 def test_panel_submit_then_finetune_selects_the_new_model(widget, standin):
     ui = widget.ui
     ui.applyButton.clicked.emit()
@@ -463,8 +492,9 @@ def test_panel_submit_then_finetune_selects_the_new_model(widget, standin):
     assert ui.finetuneButton.text == "Cancel fine-tuning"
     pump(widget)
     assert ui.finetuneButton.text == "Start fine-tuning"
-    assert ui.finetuneStatusLabel.text == ("New model starter@2 selected. Better than its parent: mean Dice 0.650 -> "
-                                           "0.850 on the training cases.")
+    assert ui.finetuneStatusLabel.text == (
+        "New model starter@2 selected. Better than its parent: mean Dice 0.650 -> 0.850 on the training cases."
+    )
     assert standin.recorder.confirmations == []  # a better version is selected without asking
     assert ui.validationLabel.text.startswith("Validation at step 2: mean Dice 0.850")
     assert ui.diceTable.rowCount == 2
@@ -473,6 +503,7 @@ def test_panel_submit_then_finetune_selects_the_new_model(widget, standin):
     assert widget._parameters().model == "starter@2"
 
 
+@pytest.mark.slow
 def test_panel_suggest_loads_the_suggested_case(widget, standin):
     ui = widget.ui
     ui.addUnlabeledButton.clicked.emit()
@@ -492,6 +523,7 @@ def test_panel_suggest_loads_the_suggested_case(widget, standin):
     assert ui.datasetCountsLabel.text == "Dataset: 1 reviewed (1 with some organs), 0 unlabeled"
 
 
+@pytest.mark.slow
 def test_panel_imports_a_model_and_selects_it(widget, standin, tmp_path):
     bundle = tmp_path / "abdomen.json"  # the stand-in engine's "bundle" is a JSON description
     bundle.write_text('{"name": "abdomen", "version": 1, "description": "Imported", "spacing": [2, 2, 2]}')
@@ -500,7 +532,10 @@ def test_panel_imports_a_model_and_selects_it(widget, standin, tmp_path):
     pump(widget)
     assert widget.ui.modelComboBox.currentText == "abdomen@1"
     assert widget._parameters().model == "abdomen@1"
-    assert "Imported" in widget.ui.modelDetailsLabel.text and "Voxel size: 2 × 2 × 2 mm" in widget.ui.modelDetailsLabel.text
+    assert (
+        "Imported" in widget.ui.modelDetailsLabel.text
+        and "Voxel size: 2 × 2 × 2 mm" in widget.ui.modelDetailsLabel.text
+    )
     assert "Imported model abdomen@1." in widget.ui.logTextEdit.plainText
 
 
@@ -512,6 +547,7 @@ def test_panel_settings_persist(widget, standin):
     assert standin.settings.values["SCDLSegment/dataset_dir"] == "/data/corrections"
 
 
+@pytest.mark.slow
 def test_panel_keeps_each_segmented_ct_in_the_dataset_once_when_asked(widget, standin):
     ui = widget.ui
     ui.applyButton.clicked.emit()
@@ -547,8 +583,14 @@ def test_a_segmentation_of_closed_surfaces_gets_a_message_and_stays_as_it_was(lo
     surfaces.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "ball", [1.0, 0.0, 0.0])
     undo_states = []
 
-    outcome = logic.segment(volume, "starter", Device.CPU, segmentationNode=surfaces, timeout_s=30,
-                            beforeModify=lambda *nodes: undo_states.append(nodes))
+    outcome = logic.segment(
+        volume,
+        "starter",
+        Device.CPU,
+        segmentationNode=surfaces,
+        timeout_s=30,
+        beforeModify=lambda *nodes: undo_states.append(nodes),
+    )
 
     assert "keeps its segments as 'Closed surface'" in outcome.error
     assert undo_states == [] and [segment.name for segment in existing_segments(surfaces)] == ["ball"]
@@ -636,6 +678,7 @@ def test_the_self_test_skips_with_a_message_without_the_dependencies(module, mon
         test.test_SCDLSegment_loop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("answer", [False, True])
 def test_panel_asks_before_selecting_a_version_that_did_not_beat_its_parent(widget, standin, answer):
     ui = widget.ui

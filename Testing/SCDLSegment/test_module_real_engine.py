@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from scdlsegment_testing import REPO_ROOT, add_volume
 from slicer_standin import SlicerStandIn
+
+from scdlcore.bundle.registry import ModelRegistry
+from scdlcore.dataset.store import DatasetStore
 from SCDLSegmentLib.catalog import DatasetSummary
 from SCDLSegmentLib.engine import EngineCommand
 from SCDLSegmentLib.settings import Device
 
-from scdlcore.bundle import ModelRegistry
-from scdlcore.dataset import DatasetStore
+pytestmark = pytest.mark.slow  # the real engine as child processes: seconds to a minute per test
 
 
 @pytest.fixture
@@ -34,14 +36,19 @@ def logic(standin, monkeypatch, threshold_bundle, tmp_path):
     standin.install(monkeypatch)
     module = standin.import_module()
     ModelRegistry(tmp_path / "models").import_(threshold_bundle)
-    engine = EngineCommand(python=sys.executable, python_path=(str(REPO_ROOT / "SCDLCore"),), model_dir=str(tmp_path / "models"))
+    engine = EngineCommand(
+        python=sys.executable, python_path=(str(REPO_ROOT / "SCDLCore"),), model_dir=str(tmp_path / "models")
+    )
     logic = module.SCDLSegmentLogic(engine=engine, settingsStore=standin.settings)
     yield logic
     logic.shutdown()
 
 
 def abdomen_like_ct(standin):
-    """(D, H, W) = (24, 40, 48) CT at 6 mm: air, a body of fat (-100 HU), a 'spleen' block (60 HU) and dense bone (400 HU)."""
+    """(D, H, W) = (24, 40, 48) CT at 6 mm.
+
+    Air, a body of fat (-100 HU), a 'spleen' block (60 HU) and dense bone (400 HU).
+    """
     image = np.full((24, 40, 48), -1000, dtype=np.int16)
     image[2:22, 4:36, 4:44] = -100
     image[6:14, 10:20, 10:24] = 60
@@ -62,7 +69,9 @@ def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
     assert (added["labeled"], added["previous"]) == (False, None)
     result = logic.submitCase(volume, outcome.segmentationNode, ["spleen", "liver"], dataset, "threshold", Device.CPU)
     assert (result["case_id"], result["previous"]) == (added["case_id"], "unlabeled"), "one CT is one case"
-    with pytest.raises(RuntimeError, match=f"already holds .* as case {added['case_id']} \\(partial\\); nothing was added"):
+    with pytest.raises(
+        RuntimeError, match=f"already holds .* as case {added['case_id']} \\(partial\\); nothing was added"
+    ):
         logic.submitCase(volume, None, [], dataset, "threshold", Device.CPU)
     store = DatasetStore(dataset)
     case = store.case(result["case_id"])
@@ -73,7 +82,10 @@ def test_segment_submit_finetune_with_the_real_engine(logic, standin, tmp_path):
     tuned = logic.finetune(dataset, "threshold", steps=2, device=Device.CPU, timeout_s=600)
     assert tuned.error is None, tuned.error
     assert tuned.model == "threshold@2" and set(tuned.before) == {"spleen", "liver"}
-    assert [model.ref for model in logic.listModels() if model.ref.startswith("threshold")] == ["threshold@1", "threshold@2"]
+    assert [model.ref for model in logic.listModels() if model.ref.startswith("threshold")] == [
+        "threshold@1",
+        "threshold@2",
+    ]
 
 
 def test_a_submit_waits_for_the_running_segmentation_and_suggest_names_a_stored_case(logic, standin, tmp_path):
@@ -83,13 +95,17 @@ def test_a_submit_waits_for_the_running_segmentation_and_suggest_names_a_stored_
     dataset = tmp_path / "dataset"
     segmented, added = [], {}
     logic.startSegmentation(volume, "threshold", Device.CPU, onDone=segmented.append)
-    logic.startSubmitCase(other, None, [], dataset, "threshold", Device.CPU, lambda result, error: added.update(r=result, e=error))
+    logic.startSubmitCase(
+        other, None, [], dataset, "threshold", Device.CPU, lambda result, error: added.update(r=result, e=error)
+    )
     logic.waitFor(lambda: bool(segmented) and bool(added), 120)
     assert segmented[0].error is None and added["e"] is None, (segmented[0].error, added["e"])
     assert logic.datasetSummary(dataset) == DatasetSummary(labeled=0, partial=0, unlabeled=1)
 
     suggested = {}
-    logic.startSuggestCase(dataset, "threshold", Device.CPU, lambda suggestion, error: suggested.update(s=suggestion, e=error))
+    logic.startSuggestCase(
+        dataset, "threshold", Device.CPU, lambda suggestion, error: suggested.update(s=suggestion, e=error)
+    )
     logic.waitFor(lambda: bool(suggested), 120)
     assert suggested["e"] is None, suggested["e"]
     suggestion = suggested["s"]
@@ -104,5 +120,7 @@ def test_a_worker_that_cannot_start_says_why(logic, standin):
     outcome = logic.segment(abdomen_like_ct(standin), "no_such_model", Device.CPU, timeout_s=120)
     assert "No model 'no_such_model'" in outcome.error and "threshold@1" in outcome.error
     # The reason reaches the panel once, as why the worker stopped; the worker client keeps its fatal error event.
-    assert [event["event"] for event in statuses] == ["stopped"] and "No model 'no_such_model'" in statuses[0]["message"]
+    assert [event["event"] for event in statuses] == ["stopped"] and "No model 'no_such_model'" in statuses[0][
+        "message"
+    ]
     assert sum("No model 'no_such_model'" in line for line in logged) == 1

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from scdlsegment_testing import MODULE_DIR, REPO_ROOT
 from PIL import Image
+from scdlsegment_testing import MODULE_DIR, REPO_ROOT
+
 from scdlcore.labels import SYNAPSE13
 
 MODULE_CMAKE = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
@@ -28,8 +29,9 @@ def test_module_cmake_lists_every_python_file_and_resource():
     scripts = cmake_list("MODULE_PYTHON_SCRIPTS")
     resources = cmake_list("MODULE_PYTHON_RESOURCES")
     on_disk_scripts = sorted(str(path.relative_to(MODULE_DIR)) for path in MODULE_DIR.rglob("*.py"))
-    on_disk_resources = sorted(str(path.relative_to(MODULE_DIR)) for path in (MODULE_DIR / "Resources").rglob("*")
-                               if path.is_file())
+    on_disk_resources = sorted(
+        str(path.relative_to(MODULE_DIR)) for path in (MODULE_DIR / "Resources").rglob("*") if path.is_file()
+    )
     assert sorted(scripts) == on_disk_scripts
     assert sorted(resources) == on_disk_resources
 

@@ -1,8 +1,9 @@
 """Static check: every Slicer name SCDLSegment.py uses is one that Slicer 5.10/5.12 has.
 
-The reference is slicer_api_names.txt, extracted from the project's SLICER_API.md (read from
-Slicer's v5.10.0 and v5.12.3 sources) by extract_slicer_api_names.py and checked in, so this
-test does not need the design folder. Two checks:
+The reference is slicer_api_names.txt, extracted from the team's full Slicer API reference (design notes
+kept outside this repository, read from Slicer's v5.10.0 and v5.12.3 sources) by extract_slicer_api_names.py
+and checked in, so this test does not need that reference; SCDLSegment/docs/SLICER_API.md sums up the facts
+the module relies on. Two checks:
 
 1. every ``slicer.…`` attribute path (through ``import slicer.x as y`` and ``from slicer… import``
    too, and through calls such as ``slicer.modules.terminologies.logic().Load…``) is a listed name;
@@ -24,10 +25,10 @@ NAMES = {
 }
 MEMBERS = {name.rsplit(".", 1)[1] for name in NAMES if name.count(".") >= 2}
 #: CamelCase names on non-Slicer objects that are not Slicer API: the PyTorch extension's logic
-#: class (SLICER_NOTES 2.5) and this module's own classes.
+#: class (SCDLSegment/docs/SLICER_API.md, end of section 6) and this module's own classes.
 NOT_SLICER = {"PyTorchUtilsLogic"}
-#: Slicer names SLICER_API.md does not list, with where Slicer itself uses them: slicer.app's Qt connect of
-#: "startupCompleted()" (the scripted-module template, SLICER_API.md's template section) and the segment editor
+#: Slicer names slicer_api_names.txt lacks, with where Slicer itself uses them: slicer.app's Qt connect of
+#: "startupCompleted()" (the scripted-module template, SCDLSegment/docs/SLICER_API.md section 5) and the segment editor
 #: effect factory (Modules/Scripted/SegmentEditor/SegmentEditor.py connects its "effectRegistered(QString)").
 USED_BY_SLICER_ITSELF = {"slicer.app.connect", "slicer.qSlicerSegmentEditorEffectFactory.instance"}
 
@@ -71,14 +72,25 @@ def own_names(tree: ast.AST) -> set[str]:
     for path in (MODULE_DIR / "SCDLSegmentLib").glob("*.py"):
         lib = ast.parse(path.read_text(encoding="utf-8"))
         names |= {node.name for node in ast.walk(lib) if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
-        names |= {target.id for node in ast.walk(lib) if isinstance(node, ast.Assign)
-                  for target in node.targets if isinstance(target, ast.Name)}
+        names |= {
+            target.id
+            for node in ast.walk(lib)
+            if isinstance(node, ast.Assign)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
     return names
 
 
 def camel_case_calls(tree: ast.AST) -> set[str]:
     """CamelCase attributes called or read on objects that are neither slicer.*, qt.*, nor this project's."""
-    roots_skipped = {"slicer", "qt", "vtk", "slicerPackaging", "subprocess"}  # slicer: checked above; others: not Slicer
+    roots_skipped = {
+        "slicer",
+        "qt",
+        "vtk",
+        "slicerPackaging",
+        "subprocess",
+    }  # slicer: checked above; others: not Slicer
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr[:1].isupper():
@@ -125,10 +137,16 @@ def test_a_misspelt_vtk_method_is_caught():
 
 
 def test_the_name_list_is_the_extraction_of_slicer_api_md():
-    """slicer_api_names.txt holds names from every part of SLICER_API.md."""
-    for expected in ("slicer.util.arrayFromVolume", "slicer.packaging.pip_ensure", "slicer.mrmlScene.AddNewNodeByClass",
-                     "slicer.vtkSegmentation.AddEmptySegment", "slicer.parameterNodeWrapper.parameterNodeWrapper",
-                     "slicer.i18n.translate", "slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode",
-                     "slicer.vtkSlicerSegmentEditorLogic.SaveStateForUndo"):
+    """slicer_api_names.txt holds names from every part of the full API reference it was extracted from."""
+    for expected in (
+        "slicer.util.arrayFromVolume",
+        "slicer.packaging.pip_ensure",
+        "slicer.mrmlScene.AddNewNodeByClass",
+        "slicer.vtkSegmentation.AddEmptySegment",
+        "slicer.parameterNodeWrapper.parameterNodeWrapper",
+        "slicer.i18n.translate",
+        "slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode",
+        "slicer.vtkSlicerSegmentEditorLogic.SaveStateForUndo",
+    ):
         assert expected in NAMES
     assert "slicer.util.pip_ensure" not in NAMES and "slicer.util.updateSegmentFromArray" not in NAMES

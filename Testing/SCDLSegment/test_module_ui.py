@@ -11,9 +11,9 @@ import ast
 import xml.etree.ElementTree as ElementTree
 
 import pytest
-from scdlsegment_testing import MODULE_DIR
 from PySide6.QtWidgets import QComboBox, QLineEdit, QSpinBox, QWidget
 from qt_standins import STAND_INS, load_ui, ui_connections
+from scdlsegment_testing import MODULE_DIR
 
 UI_PATH = MODULE_DIR / "Resources" / "UI" / "SCDLSegment.ui"
 MODULE_SOURCE = (MODULE_DIR / "SCDLSegment.py").read_text(encoding="utf-8")
@@ -41,12 +41,16 @@ def widgets_the_module_uses() -> set[str]:
 def parameter_fields() -> dict[str, str]:
     """The annotated fields of SCDLSegmentParameterNode, as source text."""
     tree = ast.parse(MODULE_SOURCE)
-    cls = next(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "SCDLSegmentParameterNode")
+    cls = next(
+        node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "SCDLSegmentParameterNode"
+    )
     return {item.target.id: ast.unparse(item.annotation) for item in cls.body if isinstance(item, ast.AnnAssign)}
 
 
 def bound_widgets(panel: QWidget) -> dict[str, QWidget]:
-    return {w.property("SlicerParameterName"): w for w in panel.findChildren(QWidget) if w.property("SlicerParameterName")}
+    return {
+        w.property("SlicerParameterName"): w for w in panel.findChildren(QWidget) if w.property("SlicerParameterName")
+    }
 
 
 def test_the_ui_loads_in_real_qt(panel):
@@ -75,8 +79,11 @@ def test_a_misspelt_property_is_caught(tmp_path):
 
 def unknown_properties(panel: QWidget) -> dict[str, list[str]]:
     unknown = {
-        widget.objectName(): [name for name in map(_text, widget.dynamicPropertyNames())
-                              if name != "SlicerParameterName" and not name.startswith("_")]  # "_": Qt/PySide internals
+        widget.objectName(): [
+            name
+            for name in map(_text, widget.dynamicPropertyNames())
+            if name != "SlicerParameterName" and not name.startswith("_")
+        ]  # "_": Qt/PySide internals
         for widget in panel.findChildren(QWidget)
     }
     return {name: props for name, props in unknown.items() if props}
@@ -87,7 +94,7 @@ def test_parameter_bindings_match_the_parameter_node(panel):
     bound = bound_widgets(panel)
     assert set(bound) <= set(fields)
     assert set(fields) - set(bound) == {"model"}  # filled from the registry, not bound
-    expected = {  # the GUI connectors Slicer has for these pairs (SLICER_API.md section 4)
+    expected = {  # the GUI connectors Slicer has for these pairs (SCDLSegment/docs/SLICER_API.md section 4)
         "inputVolume": ("qMRMLNodeComboBox", "vtkMRMLScalarVolumeNode"),
         "outputSegmentation": ("qMRMLNodeComboBox", "vtkMRMLSegmentationNode"),
         "device": (QComboBox, "Device"),
@@ -112,13 +119,19 @@ def test_connections_give_the_scene_to_every_mrml_widget(panel):
     assert receivers == mrml_widgets
     for connection in connections:
         assert connection["sender"] == "SCDLSegment"
-        assert (connection["signal"], connection["slot"]) == ("mrmlSceneChanged(vtkMRMLScene*)", "setMRMLScene(vtkMRMLScene*)")
+        assert (connection["signal"], connection["slot"]) == (
+            "mrmlSceneChanged(vtkMRMLScene*)",
+            "setMRMLScene(vtkMRMLScene*)",
+        )
 
 
 def test_sections_and_initial_state(panel):
     sections = [w for w in panel.findChildren(QWidget) if type(w).__name__ == "ctkCollapsibleButton"]
     assert [w.objectName() for w in sections] == [
-        "segmentCollapsibleButton", "reviewCollapsibleButton", "finetuneCollapsibleButton", "setupCollapsibleButton"
+        "segmentCollapsibleButton",
+        "reviewCollapsibleButton",
+        "finetuneCollapsibleButton",
+        "setupCollapsibleButton",
     ]
     assert [w.property("collapsed") for w in sections] == [False, False, False, True]
     assert not panel.findChild(QWidget, "applyButton").isEnabled()  # until an input volume is selected

@@ -11,17 +11,14 @@ import argparse
 import functools
 import importlib
 import logging
-import re
 import sys
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__
+from scdlcore import __version__
 
-__all__ = ["DEVICES", "add_device_option", "build_parser", "device_name", "main"]
+__all__ = ["UserError", "build_parser", "main"]
 
-#: What ``--device`` takes, besides ``cuda:N`` for one GPU of several: auto = the GPU when PyTorch sees one, else the CPU.
-DEVICES = ("auto", "cpu", "cuda")
 
 #: Sub-command modules of this package, in the order ``scdl --help`` lists them.
 _COMMAND_MODULES = ("segment", "train", "finetune", "evaluate", "models", "dataset", "sample_data", "worker")
@@ -31,23 +28,11 @@ class UserError(Exception):
     """A problem the user can fix (bad file, bad option); printed without a traceback, exit code 2."""
 
 
-def add_device_option(parser: argparse.ArgumentParser, what: str = "") -> None:
-    """``--device auto|cpu|cuda|cuda:N`` (default auto); ``what`` ends the help, e.g. " (with --model)"."""
-    parser.add_argument("--device", type=device_name, default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                        help=f"auto = the GPU when PyTorch sees one, else CPU; cuda:N = GPU number N (default: auto){what}")
-
-
-def device_name(value: str) -> str:
-    """``value`` when it names a device ``--device`` takes (:data:`DEVICES` or ``cuda:N``); for argparse."""
-    if value in DEVICES or re.fullmatch(r"cuda:\d+", value):
-        return value
-    raise argparse.ArgumentTypeError(f"{value!r} is not a device: choose auto, cpu, cuda or cuda:N")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scdl",
-        description="SCDL Segment: semi-supervised CT organ segmentation (train, segment, fine-tune, evaluate, manage models).",
+        description="SCDL Segment: semi-supervised CT organ segmentation "
+        "(train, segment, fine-tune, evaluate, manage models).",
     )
     parser.add_argument("--version", action="version", version=f"scdl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
@@ -98,6 +83,6 @@ def _report_error(args: argparse.Namespace, err: Exception) -> None:
 
 def _emit_error_event(args: argparse.Namespace, err: Exception) -> None:
     if getattr(args, "events", False):
-        from ..events import Progress
+        from scdlcore.events import Progress
 
         Progress(0, args.command, json_lines=True).emit("error", message=str(err), error=type(err).__name__)

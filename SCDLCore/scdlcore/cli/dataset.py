@@ -6,10 +6,11 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from . import add_device_option
+from scdlcore.cli.options import add_device_option, add_json_option, add_models_dir_option
 
 if TYPE_CHECKING:
-    from ..dataset import Case, DatasetStore
+    from scdlcore.dataset.manifest import Case
+    from scdlcore.dataset.store import DatasetStore
 
 __all__ = ["register", "run"]
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "command can add cases at the same time.",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print JSON instead of text (for programs)")
+    add_json_option(common)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     init = actions.add_parser("init", parents=[common], help="create an empty dataset folder (or open the one there)")
@@ -31,25 +32,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--labels", default="synapse13", help="label table of the label maps (default: synapse13)")
 
     add = actions.add_parser(
-        "add", parents=[common], help="add a case: a CT and, optionally, its label map",
+        "add",
+        parents=[common],
+        help="add a case: a CT and, optionally, its label map",
         description="Add a case. One CT is one case: without --id, a CT the folder already holds (the same voxels) "
         "updates that case when a label map comes with it, and is refused without one.",
     )
     add.add_argument("dir", help="dataset folder")
     add.add_argument("image", help="CT image (.nrrd, .nii, .nii.gz, .mha) or a folder holding one DICOM series")
-    add.add_argument("--label", help="label map on the image's grid (.nii.gz, .nrrd, .mha, or a Slicer .seg.nrrd); "
-                     "without it the case is unlabeled")
-    add.add_argument("--id", dest="case_id", metavar="ID", help="opaque case id, never a patient name (default: the next caseNNNN)")
-    add.add_argument("--reviewed", nargs="+", metavar="ORGAN",
-                     help="only these organs were checked (e.g. liver spleen); default: every organ")
+    add.add_argument(
+        "--label",
+        help="label map on the image's grid (.nii.gz, .nrrd, .mha, or a Slicer .seg.nrrd); "
+        "without it the case is unlabeled",
+    )
+    add.add_argument(
+        "--id", dest="case_id", metavar="ID", help="opaque case id, never a patient name (default: the next caseNNNN)"
+    )
+    add.add_argument(
+        "--reviewed",
+        nargs="+",
+        metavar="ORGAN",
+        help="only these organs were checked (e.g. liver spleen); default: every organ",
+    )
     add.add_argument("--source", default="", help="where the case comes from, free text (no patient names)")
     add.add_argument("--model", help="model version that first segmented the case (NAME@VERSION)")
     add.add_argument("--replace", action="store_true", help="overwrite the case with this id if it exists")
-    add.add_argument("--force", action="store_true",
-                     help="store an image that does not look like a CT in HU (no voxel below -500), refused otherwise")
+    add.add_argument(
+        "--force",
+        action="store_true",
+        help="store an image that does not look like a CT in HU (no voxel below -500), refused otherwise",
+    )
 
     bulk = actions.add_parser(
-        "import", parents=[common], help="add every CT of a folder, with the label maps of another folder",
+        "import",
+        parents=[common],
+        help="add every CT of a folder, with the label maps of another folder",
         description="Add every CT of IMAGES (image files, and subfolders as DICOM series) as a case, with the label "
         "map of the same name from --labels (case01.nii.gz for case01.nrrd, or for nnU-Net's case01_0000.nii.gz); "
         "CTs without one are unlabeled. Ids are new (caseNNNN): file names can hold patient names. A CT the folder "
@@ -58,7 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     bulk.add_argument("dir", help="dataset folder (created if missing)")
     bulk.add_argument("images", help="folder of CT images (.nrrd, .nii, .nii.gz, .mha) or DICOM series subfolders")
-    bulk.add_argument("--labels", help="folder of label maps named after their images (Synapse-13 values, or .seg.nrrd)")
+    bulk.add_argument(
+        "--labels", help="folder of label maps named after their images (Synapse-13 values, or .seg.nrrd)"
+    )
     bulk.add_argument("--source", default="", help="where the cases come from, free text (no patient names)")
     bulk.add_argument("--force", action="store_true", help="store images that do not look like CT in HU too")
 
@@ -70,34 +89,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     remove.add_argument("case_id", metavar="ID", help="case id")
 
     suggest = actions.add_parser(
-        "suggest", parents=[common], help="rank unlabeled cases by how much correcting them would help",
+        "suggest",
+        parents=[common],
+        help="rank unlabeled cases by how much correcting them would help",
         description="Score every unlabeled case with a model: CPS bundles by the disagreement of their two networks, "
         "one-network bundles by the entropy of the softmax; the cases where the model is least sure come first.",
     )
     suggest.add_argument("dir", help="dataset folder")
-    suggest.add_argument("--model", required=True,
-                         help="installed model NAME or NAME@VERSION, or a bundle folder/.scdlmodel path")
+    suggest.add_argument(
+        "--model", required=True, help="installed model NAME or NAME@VERSION, or a bundle folder/.scdlmodel path"
+    )
     suggest.add_argument("--top", type=int, help="show only the N best cases (default: all)")
     add_device_option(suggest)
-    suggest.add_argument("--models-dir", metavar="DIR", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
+    add_models_dir_option(suggest)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..dataset import DatasetStore
+    from scdlcore.dataset.store import DatasetStore
 
     if args.action == "init":
         store = DatasetStore.init(args.dir, labels=args.labels)
-        _report(args.json, {"root": str(store.root), "labels": store.table.name, "counts": store.counts()},
-                f"Dataset {store.root} (label table {store.table.name}): {_summary(store.counts())}")
+        _report(
+            args.json,
+            {"root": str(store.root), "labels": store.table.name, "counts": store.counts()},
+            f"Dataset {store.root} (label table {store.table.name}): {_summary(store.counts())}",
+        )
         return 0
     if args.action == "import":
         return _import(args)
     store = DatasetStore(args.dir)
     if args.action == "add":
         before = {case.id: case.status for case in store.cases()}
-        case = store.add(args.image, args.label, case_id=args.case_id, reviewed=args.reviewed, source=args.source,
-                         model=args.model, replace=args.replace, force=args.force)
+        case = store.add(
+            args.image,
+            args.label,
+            case_id=args.case_id,
+            reviewed=args.reviewed,
+            source=args.source,
+            model=args.model,
+            replace=args.replace,
+            force=args.force,
+        )
         previous = before.get(case.id)
         if previous is None:
             text = f"Added {case.id} ({case.status}{_reviewed_note(case)}) to {store.root}"
@@ -117,8 +150,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     """Add every CT of a folder; one that fails is reported and the others go on (exit code 1)."""
-    from ..dataset import CTAlreadyStored, DatasetStore, pair_cases
-    from ..events import Progress
+    from scdlcore.dataset.manifest import CTAlreadyStored
+    from scdlcore.dataset.store import DatasetStore, pair_cases
+    from scdlcore.events import Progress
 
     pairs = pair_cases(args.images, args.labels)
     store = DatasetStore.init(args.dir)
@@ -141,8 +175,10 @@ def _import(args: argparse.Namespace) -> int:
     progress.close()
     failed = sum(outcome["status"] == "failed" for outcome in outcomes)
     added = sum(outcome["previous"] is None and outcome["status"] != "failed" for outcome in outcomes)
-    text = (f"Imported {len(pairs)} CT(s) into {store.root}: {added} added, {len(pairs) - added - failed} already there "
-            f"(updated when a label map came), {failed} failed. The dataset: {_summary(store.counts())}")
+    text = (
+        f"Imported {len(pairs)} CT(s) into {store.root}: {added} added, {len(pairs) - added - failed} already there "
+        f"(updated when a label map came), {failed} failed. The dataset: {_summary(store.counts())}"
+    )
     _report(args.json, {"root": str(store.root), "cases": outcomes, "counts": store.counts()}, text)
     return 1 if failed else 0
 
@@ -150,8 +186,15 @@ def _import(args: argparse.Namespace) -> int:
 def _list(store: DatasetStore, as_json: bool) -> None:
     dataset = store.dataset()
     if as_json:
-        _print_json({"root": str(store.root), "labels": dataset.table.name, "counts": dataset.counts(),
-                     "fingerprint": store.fingerprint(), "cases": [_case_dict(case) for case in dataset.cases]})
+        _print_json(
+            {
+                "root": str(store.root),
+                "labels": dataset.table.name,
+                "counts": dataset.counts(),
+                "fingerprint": store.fingerprint(),
+                "cases": [_case_dict(case) for case in dataset.cases],
+            }
+        )
         return
     rows = [("id", "status", "reviewed", "added", "source")]
     for case in dataset.cases:
@@ -164,8 +207,8 @@ def _list(store: DatasetStore, as_json: bool) -> None:
 
 
 def _suggest(store: DatasetStore, args: argparse.Namespace) -> int:
-    from ..bundle import ModelRegistry
-    from ..train import resolve_device
+    from scdlcore.bundle.registry import ModelRegistry
+    from scdlcore.device import resolve_device
 
     if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}.")

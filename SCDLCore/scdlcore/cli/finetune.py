@@ -4,44 +4,69 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_device_option
+from scdlcore.cli.options import add_device_option, add_events_option, add_models_dir_option
 
 __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..config import DEFAULT_FINETUNE_STEPS as DEFAULT_STEPS
+    from scdlcore.training.config import DEFAULT_FINETUNE_STEPS as DEFAULT_STEPS
 
     parser = subparsers.add_parser(
         "finetune",
         help="fine-tune a model on a dataset store and register the result as a new version",
         description="Fine-tune a model semi-supervised on a dataset store: reviewed (corrected) cases are labeled, "
         "the other cases unlabeled. Ends by registering a new version of the model whose lineage names its parent "
-        "and the before/after Dice per organ. Ctrl-C stops cleanly (nothing registered, checkpoint kept; --resume continues).",
+        "and the before/after Dice per organ. Ctrl-C stops cleanly "
+        "(nothing registered, checkpoint kept; --resume continues).",
     )
     parser.add_argument("--dataset", required=True, help="dataset store folder (scdl dataset init)")
-    parser.add_argument("--model", default="starter", help="parent model: name, name@version or bundle path (default: starter)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS}; more adapts further but takes longer)")
-    parser.add_argument("--rehearsal", default="", help="another dataset folder whose labeled cases also train (keeps old knowledge)")
-    parser.add_argument("--output", help="run folder (default DATASET/runs/finetune-NAME-vVERSION, or -2, -3...: "
-                        "a folder that holds a run is never reused; --resume continues the last unfinished one)")
+    parser.add_argument(
+        "--model", default="starter", help="parent model: name, name@version or bundle path (default: starter)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"optimiser steps (default {DEFAULT_STEPS}; more adapts further but takes longer)",
+    )
+    parser.add_argument(
+        "--rehearsal", default="", help="another dataset folder whose labeled cases also train (keeps old knowledge)"
+    )
+    parser.add_argument(
+        "--output",
+        help="run folder (default DATASET/runs/finetune-NAME-vVERSION, or -2, -3...: "
+        "a folder that holds a run is never reused; --resume continues the last unfinished one)",
+    )
     add_device_option(parser)
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune from its last checkpoint")
-    parser.add_argument("--events", action="store_true", help="JSON lines on stdout instead of a progress bar")
-    parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted fine-tune from its last checkpoint"
+    )
+    add_events_option(parser)
+    add_models_dir_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import ModelRegistry
-    from ..finetune import finetune
+    from scdlcore.bundle.registry import ModelRegistry
+    from scdlcore.training.finetune import finetune
 
-    result = finetune(args.model, args.dataset, registry=ModelRegistry(args.models_dir), steps=args.steps,
-                      output=args.output, device=args.device, rehearsal=args.rehearsal, resume=args.resume,
-                      json_events=args.events)
+    result = finetune(
+        args.model,
+        args.dataset,
+        registry=ModelRegistry(args.models_dir),
+        steps=args.steps,
+        output=args.output,
+        device=args.device,
+        rehearsal=args.rehearsal,
+        resume=args.resume,
+        json_events=args.events,
+    )
     if result.status != "completed":
         if not args.events:
-            print(f"Cancelled; nothing registered. Continue with: scdl finetune ... --resume (run folder {result.output})")
+            print(
+                f"Cancelled; nothing registered. Continue with: scdl finetune ... --resume (run folder {result.output})"
+            )
         return 130
     if not args.events:
         print(f"Registered {result.model}. {result.verdict.summary}")

@@ -6,8 +6,10 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
+from scdlcore.cli.options import add_json_option, add_models_dir_option
+
 if TYPE_CHECKING:
-    from ..bundle import ModelBundle
+    from scdlcore.bundle.format import ModelBundle
 
 __all__ = ["register", "run"]
 
@@ -20,8 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "e.g. ~/.local/share/scdl/models). Address a model as NAME (its latest version) or NAME@VERSION.",
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--models-dir", metavar="DIR", help="registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
-    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_models_dir_option(common)
+    add_json_option(common)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", parents=[common], help="installed models and versions")
     info = actions.add_parser("info", parents=[common], help="a model's description (verifies its weights)")
@@ -37,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import ModelRegistry
+    from scdlcore.bundle.registry import ModelRegistry
 
     registry = ModelRegistry(args.models_dir)
     if args.action == "list":
@@ -49,8 +51,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             for entry in entries:
                 builtin = " (built-in)" if entry.builtin else ""
-                print(f"{entry.ref:<24} {entry.num_classes - 1:>2} organs  {entry.base:<12} {entry.created:<25} "
-                      f"{entry.description}{builtin}")
+                print(
+                    f"{entry.ref:<24} {entry.num_classes - 1:>2} organs  {entry.base:<12} {entry.created:<25} "
+                    f"{entry.description}{builtin}"
+                )
         return 0
     if args.action == "info":
         bundle = registry.resolve(args.name)
@@ -81,13 +85,19 @@ def _print_info(bundle: ModelBundle) -> None:
         ("created", bundle.created),
         ("base", f"{bundle.base}, {len(bundle.networks)} network(s), ensemble {bundle.ensemble}"),
         ("networks", "; ".join(json.dumps(net) for net in bundle.networks)),
-        ("labels", f"{bundle.labels.name}: " + ", ".join(f"{label.value} {label.name}" for label in bundle.labels.labels)),
+        (
+            "labels",
+            f"{bundle.labels.name}: " + ", ".join(f"{label.value} {label.name}" for label in bundle.labels.labels),
+        ),
         ("spacing (mm)", " x ".join(f"{s:g}" for s in bundle.spacing)),
         ("HU window", f"[{bundle.hu_window[0]:g}, {bundle.hu_window[1]:g}]"),
         ("orientation", bundle.orientation or "none recorded: trained on file axes, cannot segment (retrain it)"),
         ("patch size", " x ".join(str(p) for p in bundle.patch_size)),
         ("SCDL", "on" if bundle.scdl else "off"),
-        ("lineage", f"parent {lineage.get('parent')}, {lineage.get('steps')} steps, trained on {lineage.get('trained_on')!r}"),
+        (
+            "lineage",
+            f"parent {lineage.get('parent')}, {lineage.get('steps')} steps, trained on {lineage.get('trained_on')!r}",
+        ),
         ("metrics", json.dumps(bundle.metrics)),
         ("sha256", bundle.sha256.get("weights.safetensors", "")),
     ]

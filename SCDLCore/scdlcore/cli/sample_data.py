@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from scdlcore.cli.options import add_json_option
+
 __all__ = ["register", "run"]
 
 
@@ -19,22 +21,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("name", nargs="?", help="one sample (see --list); default: all")
     parser.add_argument("--list", action="store_true", help="describe the samples without fetching them")
     parser.add_argument("--image-path", action="store_true", help="with NAME: print only the image path (for scripts)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--dataset", metavar="DIR",
-                        help="also write a training dataset folder of the samples (labeled: ct_abdomen, ct_abdomen_dicom; "
-                        "unlabeled: ct_chest_cta) for trying `scdl train`")
+    add_json_option(parser)
+    parser.add_argument(
+        "--dataset",
+        metavar="DIR",
+        help="also write a training dataset folder of the samples (labeled: ct_abdomen, ct_abdomen_dicom; "
+        "unlabeled: ct_chest_cta) for trying `scdl train`",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sample_data import SampleDataError, fetch_all, fetch_sample, list_samples, make_sample_dataset
-    from . import UserError
+    from scdlcore.cli import UserError
+    from scdlcore.sample_data import SampleDataError, fetch_all, fetch_sample, list_samples, make_sample_dataset
 
     if args.list:
         infos = list_samples()
         if args.json:
-            print(json.dumps([{"name": i.name, "labeled": i.labeled, "licence": i.licence,
-                               "description": i.description} for i in infos], indent=2))
+            print(
+                json.dumps(
+                    [
+                        {"name": i.name, "labeled": i.labeled, "licence": i.licence, "description": i.description}
+                        for i in infos
+                    ],
+                    indent=2,
+                )
+            )
         else:
             for info in infos:
                 print(f"{info.name:<18} {'labeled  ' if info.labeled else 'unlabeled'}  {info.description}")
@@ -48,8 +60,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         print(f"dataset folder: {make_sample_dataset(args.dataset, fetch_all())}")
     if args.json:
-        print(json.dumps([{"name": s.name, "image": str(s.image), "label": s.label and str(s.label),
-                           "licence": s.licence} for s in samples], indent=2))
+        print(
+            json.dumps(
+                [
+                    {"name": s.name, "image": str(s.image), "label": s.label and str(s.label), "licence": s.licence}
+                    for s in samples
+                ],
+                indent=2,
+            )
+        )
     elif args.name:
         print(samples[0].image)
         if samples[0].label and not args.image_path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_device_option
+from scdlcore.cli.options import add_device_option, add_models_dir_option
 
 __all__ = ["register", "run"]
 
@@ -19,11 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", default="starter", help="model name, name@version or bundle path (default: starter)")
     add_device_option(parser)
-    parser.add_argument("--models-dir", help="model registry folder (default: $SCDL_MODELS_DIR or the user data folder)")
+    add_models_dir_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..worker import main
+    from scdlcore.worker import main
 
     return main(args.model, args.device, args.models_dir)

@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from .scdl_prior import SCDLPriorVNet
-from .vnet import VNet
+from scdlcore.nets.scdl_prior import SCDLPriorVNet
+from scdlcore.nets.vnet import VNet
 
 __all__ = ["NETWORKS", "SCDLPriorVNet", "VNet", "build_network", "network_description"]
 

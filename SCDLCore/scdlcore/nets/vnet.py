@@ -1,9 +1,11 @@
-"""VNet backbone of SCDL (SCDL_METHOD.md section 1), returning ``(logits, feat)``."""
+"""VNet backbone of SCDL (SCDLCore/docs/METHOD.md section 1), returning ``(logits, feat)``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from scdlcore.choices import NORMS
 
 __all__ = ["VNet"]
 
@@ -30,8 +32,8 @@ class VNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 14, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
-        if norm not in ("batch", "instance"):
-            raise ValueError(f"norm must be 'batch' or 'instance', got {norm!r}.")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}.")
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}.")
         if num_classes < 2:
@@ -59,7 +61,12 @@ class VNet(nn.Module):
 
     def description(self) -> dict:
         """Constructor arguments, for :func:`scdlcore.nets.network_description`."""
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "width": self.width, "norm": self.norm}
+        return {
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "norm": self.norm,
+        }
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         """Embedding ``feat (B, width, D, H, W)`` of ``image (B, in_channels, D, H, W)``."""
@@ -96,4 +103,6 @@ def _conv_stack(in_channels: int, out_channels: int, blocks: int, norm: str) -> 
 
 def _sampling(in_channels: int, out_channels: int, norm: str, *, up: bool) -> nn.Sequential:
     conv = nn.ConvTranspose3d if up else nn.Conv3d
-    return nn.Sequential(conv(in_channels, out_channels, kernel_size=2, stride=2), _norm(out_channels, norm), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        conv(in_channels, out_channels, kernel_size=2, stride=2), _norm(out_channels, norm), nn.ReLU(inplace=True)
+    )

@@ -1,0 +1,1 @@
+"""Model bundles (the file format) and the registry of installed model versions."""

@@ -1,0 +1,1 @@
+"""Dataset folders: the manifest, the locked store the annotation loop writes to, and case suggestions."""

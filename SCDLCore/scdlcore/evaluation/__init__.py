@@ -1,0 +1,1 @@
+"""Evaluation: Dice, HD95 and ASD per organ on the native grid."""

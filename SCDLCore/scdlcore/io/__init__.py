@@ -1,0 +1,1 @@
+"""Reading and writing CTs and label maps with exact geometry (SimpleITK): the only place file formats live."""

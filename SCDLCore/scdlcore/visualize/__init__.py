@@ -1,0 +1,1 @@
+"""PNG figures: segmentation overviews, score plots and training curves."""
