@@ -121,7 +121,7 @@ class SCDLSegmentParameterNode:
     inputVolume: the CT to segment.
     outputSegmentation: where the result goes; None = a new segmentation named after the volume.
     device: where the engine runs.
-    finetuneSteps: training steps of one fine-tuning run.
+    finetuneSteps: training steps of one fine-tuning run; 0 = the engine's default for the device.
     datasetDir: the corrections dataset folder ("" = ~/SCDLSegment/dataset).
     modelDir: the model registry folder ("" = the engine's default registry).
     model: the selected model (``name@version``), set from the model combo box.
@@ -131,7 +131,7 @@ class SCDLSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     device: Device = Device.AUTO
-    finetuneSteps: Annotated[int, WithinRange(1, 1000000)] = 300
+    finetuneSteps: Annotated[int, WithinRange(0, 1000000)] = 0
     datasetDir: str = ""
     modelDir: str = ""
     model: str = ""
@@ -279,6 +279,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.submitButton.setEnabled(node.inputVolume is not None and node.outputSegmentation is not None)
         self.ui.addUnlabeledButton.setEnabled(node.inputVolume is not None)
+        self.ui.finetuneEstimateLabel.setText(progress.finetune_estimate(node.finetuneSteps or None, node.device.value))
         if node.outputSegmentation is not None and node.inputVolume is not None:
             self.ui.segmentEditorWidget.setSegmentationNode(node.outputSegmentation)
             self.ui.segmentEditorWidget.setSourceVolumeNode(node.inputVolume)
@@ -540,7 +541,7 @@ class SCDLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.startFinetune(
                 self.logic.datasetDir(node),
                 self._selectedModel(),
-                node.finetuneSteps,
+                node.finetuneSteps or None,
                 node.device,
                 onEvent=self._onFinetuneEvent,
                 onDone=self._onFinetuneDone,
@@ -1306,7 +1307,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         self,
         datasetDir: Path,
         model: str,
-        steps: int,
+        steps: int | None,
         device: Device,
         onEvent: Callable[[dict], None] | None = None,
         onDone: Callable[[FinetuneOutcome], None] | None = None,
@@ -1339,7 +1340,7 @@ class SCDLSegmentLogic(ScriptedLoadableModuleLogic):
         self.onLog(f"Fine-tuning {model} for {steps} steps on {datasetDir} (device {device.value}).")
 
     def finetune(
-        self, datasetDir: Path, model: str, steps: int, device: Device, timeout_s: float = 3600.0
+        self, datasetDir: Path, model: str, steps: int | None, device: Device, timeout_s: float = 3600.0
     ) -> FinetuneOutcome:
         """Blocking :meth:`startFinetune`; returns the outcome (check its ``error``)."""
         (outcome,) = self.runBlocking(

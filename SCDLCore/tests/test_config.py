@@ -240,3 +240,13 @@ def test_config_reference_lists_every_key_and_parses_to_the_defaults():
     parsed = yaml.safe_load(reference)
     assert {name: list(keys) for name, keys in parsed.items()} == sections
     assert Config.from_dict(parsed) == Config()
+
+
+def test_the_fine_tune_default_steps_depend_on_the_device() -> None:
+    """A CPU gets the short schedule (minutes on a laptop), a GPU the long one; other device types count as CPUs."""
+    from scdlcore.training.config import default_finetune_steps, expected_cpu_finetune_seconds
+
+    assert (default_finetune_steps("cpu"), default_finetune_steps("cuda")) == (120, 300)
+    assert default_finetune_steps("mps") == default_finetune_steps("cpu")
+    assert expected_cpu_finetune_seconds() == expected_cpu_finetune_seconds(120) < 300  # within 5 minutes
+    assert expected_cpu_finetune_seconds(300) > expected_cpu_finetune_seconds()

@@ -52,18 +52,21 @@ class EngineCommand:
         """``scdl worker --model NAME --device auto|cuda|cpu``: the long-lived inference process."""
         return self._scdl("worker", "--model", _required(model, "model"), "--device", device.value)
 
-    def finetune(self, dataset: str | os.PathLike, model: str, steps: int, device: Device) -> list[str]:
-        """``scdl finetune --dataset DIR --model NAME --steps N --device D --events``: JSON-lines progress on stdout."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    def finetune(self, dataset: str | os.PathLike, model: str, steps: int | None, device: Device) -> list[str]:
+        """``scdl finetune --dataset DIR --model NAME [--steps N] --device D --events``: JSON-lines progress on stdout.
+
+        ``steps`` None leaves the step count to the engine, which picks the default of the device it runs on.
+        """
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"Fine-tuning steps must be a whole number >= 1, got {steps!r}.")
+        step_args = [] if steps is None else ["--steps", str(steps)]
         return self._scdl(
             "finetune",
             "--dataset",
             _folder(dataset),
             "--model",
             _required(model, "model"),
-            "--steps",
-            str(steps),
+            *step_args,
             "--device",
             device.value,
             "--events",

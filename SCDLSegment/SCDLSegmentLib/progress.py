@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from scdlcore.labels import LabelTable
 
 __all__ = [
+    "finetune_estimate",
     "SEGMENT_STAGES",
     "dice_rows",
     "format_train_progress",
@@ -123,3 +124,27 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def finetune_estimate(steps: int | None, device: str) -> str:
+    """What the panel says before a fine-tune starts: the steps and, on the CPU, about how long it takes.
+
+    Args:
+        steps: the steps asked for; None = the engine's default of the device.
+        device: "auto", "cpu" or "cuda" (``Device.value``).
+    """
+    from scdlcore.training.config import default_finetune_steps, expected_cpu_finetune_seconds
+
+    def cpu() -> str:
+        minutes = expected_cpu_finetune_seconds(steps) / 60
+        count = default_finetune_steps("cpu") if steps is None else steps
+        return f"{count} steps, about {max(1, round(minutes))} min on a 2-core laptop CPU (less on a faster one)"
+
+    def gpu() -> str:
+        return f"{default_finetune_steps('cuda') if steps is None else steps} steps on the GPU"
+
+    if device == "cpu":
+        return f"Expected: {cpu()}."
+    if device == "cuda":
+        return f"Expected: {gpu()}."
+    return f"Expected: {gpu()}, or without a GPU {cpu()}."

@@ -46,7 +46,7 @@ class Settings:
             engine's own default (the same registry the ``scdl`` command uses).
         model: the model last used (``name`` or ``name@version``); empty = the registry's default.
         device: where the engine runs.
-        finetune_steps: training steps of one fine-tuning run.
+        finetune_steps: training steps of one fine-tuning run; 0 = the engine's default for the device.
         collect_unlabeled: keep each segmented CT in the dataset as an unlabeled case (opt-in: it copies
             the CT's voxels into the dataset folder).
     """
@@ -55,7 +55,7 @@ class Settings:
     model_dir: str = ""
     model: str = ""
     device: Device = Device.AUTO
-    finetune_steps: int = 300
+    finetune_steps: int = 0
     collect_unlabeled: bool = False
 
     @classmethod

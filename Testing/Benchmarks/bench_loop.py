@@ -46,7 +46,7 @@ from scdlcore.inference.predictor import Predictor
 from scdlcore.io.volume import Volume
 from scdlcore.labels import LabelTable
 from scdlcore.preprocess import crop
-from scdlcore.training.config import DEFAULT_FINETUNE_STEPS
+from scdlcore.training.config import default_finetune_steps
 from scdlcore.training.finetune import finetune
 
 __all__ = ["CORRECTED_ORGANS", "partial_correction", "split_slices"]
@@ -165,13 +165,15 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--finetune-steps",
         type=int,
-        help=f"steps of each fine-tune (default {DEFAULT_FINETUNE_STEPS}; smoke 3)",
+        help="steps of each fine-tune (default: scdl finetune's default on --device; smoke 3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of M0 and of both fine-tunes (default 0)")
     bench.add_budget_arguments(parser)
     args = parser.parse_args()
     bench.resolve_budget(args, "loop")
-    args.finetune_steps = args.finetune_steps or (3 if args.smoke else DEFAULT_FINETUNE_STEPS)
+    args.finetune_steps = args.finetune_steps or (
+        3 if args.smoke else default_finetune_steps(torch.device(args.device).type)
+    )
     return args
 
 

@@ -8,6 +8,7 @@ from scdlcore.labels import SYNAPSE13, Label, LabelTable
 from SCDLSegmentLib.catalog import DatasetSummary, Suggestion, parse_dataset, parse_models, parse_suggestion, pick_model
 from SCDLSegmentLib.progress import (
     dice_rows,
+    finetune_estimate,
     format_train_progress,
     format_validation,
     format_volumes,
@@ -141,3 +142,20 @@ def test_validation_line_and_before_after_table():
 
 def test_volumes_line_lists_found_organs_in_table_order():
     assert format_volumes({"liver": 1520.4, "spleen": 210.0, "aorta": 0.0}, SYNAPSE13) == "Spleen 210 mL, Liver 1520 mL"
+
+
+def test_finetune_estimate_names_the_steps_and_the_measured_cpu_time():
+    from scdlcore.training.config import CPU_FINETUNE_SECONDS_PER_STEP, default_finetune_steps
+
+    cpu_steps = default_finetune_steps("cpu")
+    minutes = round(CPU_FINETUNE_SECONDS_PER_STEP * cpu_steps / 60)
+    assert finetune_estimate(None, "cpu") == (
+        f"Expected: {cpu_steps} steps, about {minutes} min on a 2-core laptop CPU (less on a faster one)."
+    )
+    assert finetune_estimate(None, "cuda") == f"Expected: {default_finetune_steps('cuda')} steps on the GPU."
+    auto = finetune_estimate(None, "auto")
+    assert auto.startswith(f"Expected: {default_finetune_steps('cuda')} steps on the GPU, or without a GPU ")
+    assert f"{cpu_steps} steps, about {minutes} min" in auto
+    # Steps asked for are the steps shown, and more steps take longer.
+    assert "1000 steps" in finetune_estimate(1000, "cpu")
+    assert round(CPU_FINETUNE_SECONDS_PER_STEP * 1000 / 60) > minutes

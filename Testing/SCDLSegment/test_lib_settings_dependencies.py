@@ -82,7 +82,7 @@ def test_settings_defaults_and_unreadable_values():
         }
     )
     settings = Settings.load(store)
-    assert settings.device is Device.AUTO and settings.finetune_steps == 300
+    assert settings.device is Device.AUTO and settings.finetune_steps == 0  # 0: the engine's default
     assert settings.model == "starter" and settings.dataset_dir == "/x"
     assert Settings.load(DictSettings({"SCDLSegment/finetune_steps": "50"})).finetune_steps == 50
     assert Settings.load(DictSettings({"SCDLSegment/collect_unlabeled": "maybe"})).collect_unlabeled is False

@@ -249,6 +249,13 @@ def test_finetune_steps_must_be_a_positive_whole_number(steps, tmp_path):
         EngineCommand(python="py").finetune(tmp_path, "starter", steps, Device.AUTO)
 
 
+def test_finetune_without_steps_leaves_them_to_the_engine(tmp_path):
+    """The panel's "Auto": no --steps, so scdl finetune takes the default of the device it runs on."""
+    command = EngineCommand(python="py").finetune(tmp_path, "starter", None, Device.CPU)
+    assert "--steps" not in command and command[-3:] == ["--device", "cpu", "--events"]
+    assert EngineCommand(python="py").finetune(tmp_path, "starter", 40, Device.CPU)[-5:-3] == ["--steps", "40"]
+
+
 def test_missing_dataset_folder_says_where_to_set_it():
     with pytest.raises(ValueError, match="Setup and advanced"):
         EngineCommand(python="py").dataset_list("")

@@ -98,7 +98,7 @@ def test_parameter_bindings_match_the_parameter_node(panel):
         "inputVolume": ("qMRMLNodeComboBox", "vtkMRMLScalarVolumeNode"),
         "outputSegmentation": ("qMRMLNodeComboBox", "vtkMRMLSegmentationNode"),
         "device": (QComboBox, "Device"),
-        "finetuneSteps": (QSpinBox, "Annotated[int, WithinRange(1, 1000000)]"),
+        "finetuneSteps": (QSpinBox, "Annotated[int, WithinRange(0, 1000000)]"),
         "datasetDir": (QLineEdit, "str"),
         "modelDir": (QLineEdit, "str"),
     }

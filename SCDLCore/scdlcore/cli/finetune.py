@@ -12,6 +12,9 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     from scdlcore.training.config import DEFAULT_FINETUNE_STEPS as DEFAULT_STEPS
 
+    defaults = ", ".join(
+        f"{steps} on {device.upper() if device == 'cpu' else 'a GPU'}" for device, steps in DEFAULT_STEPS.items()
+    )
     parser = subparsers.add_parser(
         "finetune",
         help="fine-tune a model on a dataset store and register the result as a new version",
@@ -27,8 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
-        help=f"optimiser steps (default {DEFAULT_STEPS}; more adapts further but takes longer)",
+        help=f"optimiser steps (default: {defaults}; more adapts further but takes longer)",
     )
     parser.add_argument(
         "--rehearsal", default="", help="another dataset folder whose labeled cases also train (keeps old knowledge)"

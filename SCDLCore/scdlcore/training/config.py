@@ -31,6 +31,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DEFAULT_FINETUNE_STEPS",
+    "CPU_FINETUNE_SECONDS_PER_STEP",
+    "default_finetune_steps",
+    "expected_cpu_finetune_seconds",
     "DataConfig",
     "NetworkConfig",
     "SCDLConfig",
@@ -42,8 +45,26 @@ __all__ = [
 ]
 
 
-#: Optimiser steps of ``scdl finetune`` unless told otherwise: a few minutes on a GPU.
-DEFAULT_FINETUNE_STEPS = 300
+#: Optimiser steps of ``scdl finetune`` unless told otherwise, by the device type it runs on. On a 2-core laptop CPU a
+#: step of the starter (a VNet-8 pair at 48^3) takes about 1.5 s, so 300 steps took 8 minutes end to end and 120
+#: take under 4 (Testing/Benchmarks/results/finetune_cpu.md); a GPU keeps the longer schedule.
+DEFAULT_FINETUNE_STEPS = {"cuda": 300, "cpu": 120}
+
+
+#: Seconds per step of ``scdl finetune`` end to end (start, preprocessing, validations and registering included) of
+#: the starter on a store of one reviewed and one unlabeled CT, on a 2-core CPU: 200 s for 120 steps and 485 s for 300
+#: (Testing/Benchmarks/results/finetune_cpu.md). A faster CPU takes less; larger models and stores take more.
+CPU_FINETUNE_SECONDS_PER_STEP = 1.65
+
+
+def default_finetune_steps(device_type: str) -> int:
+    """The fine-tune's default step count on a device of ``device_type`` ("cpu", "cuda"; other types as the CPU)."""
+    return DEFAULT_FINETUNE_STEPS.get(device_type, DEFAULT_FINETUNE_STEPS["cpu"])
+
+
+def expected_cpu_finetune_seconds(steps: int | None = None) -> float:
+    """How long a fine-tune of ``steps`` (None: the CPU default) takes on the measured 2-core CPU."""
+    return CPU_FINETUNE_SECONDS_PER_STEP * (default_finetune_steps("cpu") if steps is None else steps)
 
 
 class ConfigError(ValueError):

@@ -24,9 +24,10 @@ import torch
 from scdlcore.bundle.format import ModelBundle, load_bundle, update_bundle_metadata
 from scdlcore.bundle.registry import ModelRegistry
 from scdlcore.dataset.manifest import load_dataset
+from scdlcore.device import resolve_device
 from scdlcore.labels import LabelTable, differences_text
 from scdlcore.training.checkpoints import finished_run, holds_run
-from scdlcore.training.config import DEFAULT_FINETUNE_STEPS, Config, SCDLConfig
+from scdlcore.training.config import Config, SCDLConfig, default_finetune_steps
 from scdlcore.training.trainer import Trainer
 
 __all__ = [
@@ -202,7 +203,7 @@ def finetune(
     dataset_dir: str | Path,
     *,
     registry: ModelRegistry,
-    steps: int = DEFAULT_FINETUNE_STEPS,
+    steps: int | None = None,
     output: str | Path | None = None,
     device: str = "auto",
     rehearsal: str = "",
@@ -216,7 +217,7 @@ def finetune(
     Args:
         model: the parent bundle. dataset_dir: the store; its reviewed cases are the labeled data.
         registry: where the parent is looked up and the new version registered.
-        steps: optimiser steps.
+        steps: optimiser steps; None = :func:`scdlcore.training.config.default_finetune_steps` of the device.
         output: the run folder (default: :func:`default_run_folder`), which ``resume`` continues.
         rehearsal: another dataset folder whose labeled cases join training.
         json_events: JSON-lines progress on stdout. cancel: set it to stop cleanly (nothing is registered).
@@ -224,6 +225,8 @@ def finetune(
     """
     dataset_dir = Path(dataset_dir)
     parent = registry.resolve(model)
+    if steps is None:
+        steps = default_finetune_steps(resolve_device(device).type)
     config = finetune_config(parent, dataset_dir, steps=steps, device=device, rehearsal=rehearsal, overrides=overrides)
     output = Path(output) if output else default_run_folder(dataset_dir, parent, resume=resume)
     lineage = {"parent": parent.ref, "trained_on": f"fine-tune on {dataset_dir.name}"}
