@@ -23,6 +23,8 @@ Usage::
     PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --smoke --out /tmp/loop      # CPU, ~3 min
     PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --device cuda --data .bench-data
         # VNet-16, 3000 steps for M0, 300 per fine-tune -> Testing/Benchmarks/results/loop.md and loop.json
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --device cpu --data .bench-data \\
+        --m0 Testing/data/fold1_model --out Testing/Benchmarks/results/loop_fold1_cpu   # M0 given, CPU fine-tunes
 """
 
 from __future__ import annotations
@@ -100,11 +102,15 @@ def main() -> None:
     (first_image, second_image), (first_ref, second_ref) = split_slices(image), split_slices(reference)
     print(f"Work folder {args.work}; results to {out}; {machine_name(args.device)}", flush=True)
 
-    print("=== M0: CPS + GA + SCDL on A (+ C, F unlabeled)", flush=True)
-    config = bench.base_config(args, train).with_overrides({"train.seed": args.seed})
-    m0_dir, m0_seconds, _ = bench.train_run(config, args.work / "m0")
     registry = ModelRegistry(args.work / "registry")
-    m0 = registry.import_(m0_dir)
+    if args.m0:
+        print(f"=== M0: the bundle {args.m0}", flush=True)
+        m0, m0_seconds = registry.import_(args.m0), None
+    else:
+        print("=== M0: CPS + GA + SCDL on A (+ C, F unlabeled)", flush=True)
+        config = bench.base_config(args, train).with_overrides({"train.seed": args.seed})
+        m0_dir, m0_seconds, _ = bench.train_run(config, args.work / "m0")
+        m0 = registry.import_(m0_dir)
     m0_labels = Predictor(m0, args.device).predict_volume(image)  # the whole case, as a person would see it
     first_m0 = split_slices(m0_labels)[0]
 
@@ -155,7 +161,8 @@ def main() -> None:
         scores = bench.score_bundle(registry.resolve(entry["model"]).path, second_image, second_ref, args.device)
         entry.update(summary=bench.summarise(scores)._asdict(), scores=scores.to_dict())
         print(f"    {name}: mean Dice {entry['summary']['mean_dice']:.3f} on the second half", flush=True)
-    _write_results(models, args, out, image)
+    m0_about = ". ".join(m0.description.split(". ")[:2]) if args.m0 else None  # what it is and what it saw
+    _write_results(models, args, out, image, m0_about)
     print((out / "loop.md").read_text(encoding="utf-8"))
     print(f"Results in {out}", flush=True)
 
@@ -168,6 +175,13 @@ def _parse() -> argparse.Namespace:
         help="steps of each fine-tune (default: scdl finetune's default on --device; smoke 3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of M0 and of both fine-tunes (default 0)")
+    parser.add_argument(
+        "--m0",
+        type=Path,
+        metavar="BUNDLE",
+        help="start from this model bundle instead of training M0, e.g. Testing/data/fold1_model (the starter's "
+        "recipe trained on ct_abdomen alone: it never saw B)",
+    )
     bench.add_budget_arguments(parser)
     args = parser.parse_args()
     bench.resolve_budget(args, "loop")
@@ -177,7 +191,9 @@ def _parse() -> argparse.Namespace:
     return args
 
 
-def _write_results(models: dict[str, dict[str, Any]], args: argparse.Namespace, out: Path, image: Volume) -> None:
+def _write_results(
+    models: dict[str, dict[str, Any]], args: argparse.Namespace, out: Path, image: Volume, m0_bundle: str | None
+) -> None:
     from scdlcore.events import to_jsonable
 
     half = image.shape[0] // 2
@@ -188,7 +204,8 @@ def _write_results(models: dict[str, dict[str, Any]], args: argparse.Namespace, 
         "date": datetime.date.today().isoformat(),
         "smoke": args.smoke,
         "budget": {
-            "m0_steps": args.steps,
+            "m0_steps": None if m0_bundle else args.steps,
+            "m0_bundle": m0_bundle,
             "finetune_steps": args.finetune_steps,
             "width": args.width,
             "patch": args.patch,
@@ -226,9 +243,7 @@ def _markdown(models: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; "
         f"seed {budget['seed']} (one seed: no spread)",
-        f"- M0: CPS + GA + SCDL, VNet-{budget['width']}, {budget['m0_steps']} steps of {budget['patch']}^3 patches at "
-        f"{' x '.join(f'{s:g}' for s in budget['spacing_mm'])} mm on ct_abdomen (A, labeled) with ct_chest_cta (C) and "
-        "ct_chest_nrrd (F) unlabeled.",
+        _m0_line(budget),
         f"- The correction: {bench.TEST_SAMPLE} (B, another patient and scanner) "
         f"slices {split['correction_slices'][0]}-{split['correction_slices'][1]} "
         f"(z {split['correction_z_mm'][0]:.1f} to {split['correction_z_mm'][1]:.1f} mm), "
@@ -278,6 +293,16 @@ def _markdown(models: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         + ".",
     ]
     return "\n".join(lines)
+
+
+def _m0_line(budget: dict[str, Any]) -> str:
+    if budget.get("m0_bundle"):
+        return f"- M0: a given bundle (--m0): {budget['m0_bundle']}"
+    return (
+        f"- M0: CPS + GA + SCDL, VNet-{budget['width']}, {budget['m0_steps']} steps of {budget['patch']}^3 patches at "
+        f"{' x '.join(f'{s:g}' for s in budget['spacing_mm'])} mm on ct_abdomen (A, labeled) with ct_chest_cta (C) "
+        "and ct_chest_nrrd (F) unlabeled."
+    )
 
 
 def _slice_z(volume: Volume, index: int) -> float:
