@@ -243,7 +243,7 @@ def test_config_reference_lists_every_key_and_parses_to_the_defaults():
 
 
 def test_the_fine_tune_default_steps_depend_on_the_device() -> None:
-    """A CPU gets the short schedule (minutes on a laptop), a GPU the long one; other device types count as CPUs."""
+    """A CPU gets the short schedule (minutes on a 2-core CPU), a GPU the long one; other device types count as CPUs."""
     from scdlcore.training.config import default_finetune_steps, expected_cpu_finetune_seconds
 
     assert (default_finetune_steps("cpu"), default_finetune_steps("cuda")) == (120, 300)

@@ -521,15 +521,9 @@ def test_a_held_lock_makes_a_writer_wait_then_fail_clearly(
     assert store.add(synthetic_ct).id == "case0001"  # released: writing works again
 
 
-@pytest.mark.slow  # spawns and kills processes
-@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
-def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
-    store: DatasetStore, samples: dict[str, Sample], synthetic_ct: Volume
-) -> None:
-    sample = samples["ct_abdomen"]
-    keep = store.add(synthetic_ct, case_id="keep")
-    expected_labels = read_label(sample.label).array
-    command = [
+def _victim_add_command(store: DatasetStore, sample: Sample) -> list[str]:
+    """``scdl dataset add`` of the sample as case "victim" (replacing it), announcing each replace on stdout."""
+    return [
         sys.executable,
         "-c",
         _ANNOUNCING_CLI,
@@ -543,6 +537,17 @@ def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
         "victim",
         "--replace",
     ]
+
+
+@pytest.mark.slow  # spawns and kills processes
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+def test_sigkill_at_every_step_of_an_add_leaves_a_valid_store(
+    store: DatasetStore, samples: dict[str, Sample], synthetic_ct: Volume
+) -> None:
+    sample = samples["ct_abdomen"]
+    keep = store.add(synthetic_ct, case_id="keep")
+    expected_labels = read_label(sample.label).array
+    command = _victim_add_command(store, sample)
     env = {**_env(), "SCDL_TEST_DELAY": "0.1"}
     kills = 0
     while True:  # kill the k-th run right after its k-th announcement, until a run finishes
@@ -573,20 +578,7 @@ def test_sigkill_at_random_moments_leaves_a_valid_store(
     sample = samples["ct_abdomen"]
     keep = store.add(synthetic_ct, case_id="keep")
     expected_labels = read_label(sample.label).array
-    command = [
-        sys.executable,
-        "-c",
-        _ANNOUNCING_CLI,
-        "dataset",
-        "add",
-        str(store.root),
-        str(sample.image),
-        "--label",
-        str(sample.label),
-        "--id",
-        "victim",
-        "--replace",
-    ]  # no delay: a plain `scdl dataset add`
+    command = _victim_add_command(store, sample)  # no delay: a plain `scdl dataset add`
     start = time.monotonic()
     subprocess.run(command, check=True, env=_env(), capture_output=True)
     duration = time.monotonic() - start

@@ -138,7 +138,7 @@ def finetune_estimate(steps: int | None, device: str) -> str:
     def cpu() -> str:
         minutes = expected_cpu_finetune_seconds(steps) / 60
         count = default_finetune_steps("cpu") if steps is None else steps
-        return f"{count} steps, about {max(1, round(minutes))} min on a 2-core laptop CPU (less on a faster one)"
+        return f"{count} steps, about {max(1, round(minutes))} min on a 2-core CPU (measured; less on a faster one)"
 
     def gpu() -> str:
         return f"{default_finetune_steps('cuda') if steps is None else steps} steps on the GPU"

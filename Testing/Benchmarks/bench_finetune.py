@@ -6,9 +6,9 @@ and stomach reviewed) and one unlabeled CT (``ct_chest_nrrd``). Each run is a fr
 the new version) on a fresh copy of the store, with a temporary model registry; the wall time is the process's.
 ``--steps`` measures another step count than the default (e.g. 300, the default before the CPU default existed).
 
-The Dice columns are the validation of the run (before = the parent, after = the new version): with one reviewed
-case there is no case to hold out, so they are measured on the training case and show that the fine-tune
-learned, not how it generalises (``bench_loop.py`` measures that).
+It measures time only. With one reviewed case there is no case to hold out, so the run's own validation is
+on its training case and says nothing about other patients; what a fine-tune buys there is ``bench_loop.py``'s
+question.
 
 Usage::
 
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,10 +36,7 @@ from scdlcore.dataset.store import DatasetStore
 from scdlcore.sample_data import fetch_sample
 
 REVIEWED_ORGANS = ("liver", "spleen", "stomach")
-COLUMNS = (
-    "| steps | wall time (s), median (range) | per run (s) | mean Dice of the reviewed organs, before -> after "
-    "(training case) | command |"
-)
+COLUMNS = "| steps | wall time (s), median (range) | per run (s) | command |"
 
 
 def build_store(folder: Path, cache: Path | None) -> Path:
@@ -52,8 +48,8 @@ def build_store(folder: Path, cache: Path | None) -> Path:
     return folder
 
 
-def run_once(store: Path, args: argparse.Namespace, work: Path) -> tuple[float, dict]:
-    """One ``scdl finetune`` process on a fresh copy of ``store``: its wall time and its result event."""
+def run_once(store: Path, args: argparse.Namespace, work: Path) -> tuple[float, int]:
+    """One ``scdl finetune`` process on a fresh copy of ``store``: its wall time and the steps it trained."""
     copy = work / "store"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(store, copy)
@@ -80,24 +76,15 @@ def run_once(store: Path, args: argparse.Namespace, work: Path) -> tuple[float, 
     if done.returncode != 0:
         raise SystemExit(f"scdl finetune failed ({done.returncode}):\n{done.stderr[-3000:]}")
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    result = next(event for event in events if event["event"] == "result")
-    steps = next(event["step"] for event in reversed(events) if event["event"] == "trained")
-    return seconds, {**result, "steps": steps}
+    return seconds, next(event["step"] for event in reversed(events) if event["event"] == "trained")
 
 
-def row(seconds: list[float], results: list[dict], args: argparse.Namespace) -> str:
-    def mean(dice: dict) -> float:
-        return statistics.mean(dice[organ] for organ in REVIEWED_ORGANS)
-
-    before = statistics.median(mean(r["before"]) for r in results)
-    after = statistics.median(mean(r["after"]) for r in results)
+def row(seconds: list[float], steps: int, args: argparse.Namespace) -> str:
     command = (
         "`scdl finetune --dataset STORE --device " + args.device + (f" --steps {args.steps}`" if args.steps else "`")
     )
     per_run = ", ".join(f"{s:.0f}" for s in seconds)
-    return (
-        f"| {results[0]['steps']} | {median_cell(seconds, 0)} | {per_run} | {before:.3f} -> {after:.3f} | {command} |"
-    )
+    return f"| {steps} | {median_cell(seconds, 0)} | {per_run} | {command} |"
 
 
 def main() -> None:
@@ -114,13 +101,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
         work = Path(tmp)
         store = build_store(work / "template", args.cache)
-        seconds, results = [], []
+        seconds = []
         for index in range(args.repeat):
-            elapsed, result = run_once(store, args, work)
+            elapsed, steps = run_once(store, args, work)
             seconds.append(elapsed)
-            results.append(result)
-            print(f"run {index + 1}/{args.repeat}: {elapsed:.1f} s, {result['steps']} steps", flush=True)
-    line = row(seconds, results, args)
+            print(f"run {index + 1}/{args.repeat}: {elapsed:.1f} s, {steps} steps", flush=True)
+    line = row(seconds, steps, args)
     if args.add_to:
         args.add_to.write_text(args.add_to.read_text().rstrip("\n") + "\n" + line + "\n")
         print(line)
@@ -132,7 +118,7 @@ def main() -> None:
             machine_line(args.device),
             "",
             COLUMNS,
-            "|---|---|---|---|---|",
+            "|---|---|---|---|",
             line,
         ]
     )

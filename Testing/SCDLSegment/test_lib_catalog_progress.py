@@ -150,7 +150,7 @@ def test_finetune_estimate_names_the_steps_and_the_measured_cpu_time():
     cpu_steps = default_finetune_steps("cpu")
     minutes = round(CPU_FINETUNE_SECONDS_PER_STEP * cpu_steps / 60)
     assert finetune_estimate(None, "cpu") == (
-        f"Expected: {cpu_steps} steps, about {minutes} min on a 2-core laptop CPU (less on a faster one)."
+        f"Expected: {cpu_steps} steps, about {minutes} min on a 2-core CPU (measured; less on a faster one)."
     )
     assert finetune_estimate(None, "cuda") == f"Expected: {default_finetune_steps('cuda')} steps on the GPU."
     auto = finetune_estimate(None, "auto")

@@ -45,9 +45,9 @@ __all__ = [
 ]
 
 
-#: Optimiser steps of ``scdl finetune`` unless told otherwise, by the device type it runs on. On a 2-core laptop CPU a
-#: step of the starter (a VNet-8 pair at 48^3) takes about 1.5 s, so 300 steps took 8 minutes end to end and 120
-#: take under 4 (Testing/Benchmarks/results/finetune_cpu.md); a GPU keeps the longer schedule.
+#: Optimiser steps of ``scdl finetune`` unless told otherwise, by the device type it runs on. On a 2-core CPU (AMD
+#: EPYC) a step of the starter (a VNet-8 pair at 48^3) takes about 1.5 s, so 300 steps took 8 minutes end to end
+#: and 120 take under 4 (Testing/Benchmarks/results/finetune_cpu.md); a GPU keeps the longer schedule.
 DEFAULT_FINETUNE_STEPS = {"cuda": 300, "cpu": 120}
 
 
