@@ -56,6 +56,7 @@ import gc
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -650,12 +651,16 @@ def _run_in_pool(
     """Run up to ``jobs`` tasks at once in spawned processes (small networks leave a big GPU mostly idle).
 
     A task starts only while the time limit leaves room for the longest run so far of its configuration
-    (of any configuration before one of its own finished). Returns the tasks never started.
+    (of any configuration before one of its own finished). Each process gets an equal share of the CPU cores
+    as torch threads: every process on every core made each 3.4x slower on the 2-core CPU
+    (Testing/Benchmarks/README.md). Returns the tasks never started.
     """
     start = time.monotonic()
     pending, running = deque(tasks), {}
     longest: dict[str, float] = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         while pending or running:
             while pending and len(running) < jobs:
                 name, _ = pending[0]
