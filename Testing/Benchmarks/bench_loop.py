@@ -1,29 +1,32 @@
-"""Annotation in the loop: a model trained on one labeled CT, one corrected case, and the model fine-tuned on it.
+"""Annotation in the loop: a model trained on one labeled CT, corrections of another, and the models fine-tuned on them.
 
 Protocol (real CTs; the labels of A and B are TotalSegmentator model outputs, not manual ground truth):
 
-1. M0: the trainer's defaults (CPS + GA + SCDL) trained on ``ct_abdomen`` (A, labeled) with ``ct_chest_cta``
-   (C) and ``ct_chest_nrrd`` (F) unlabeled, with the budget options of ``bench_accuracy.py``.
+1. M0: a given bundle (``--m0``, e.g. a fold-1 model of the accuracy benchmark), else the trainer's defaults
+   (CPS + GA + SCDL) trained here on ``ct_abdomen`` (A, labeled) with ``ct_chest_cta`` (C) and ``ct_chest_nrrd``
+   (F) unlabeled, with the budget options of ``bench_accuracy.py``.
 2. B (``ct_abdomen_dicom``: another patient, another scanner) is split along z. There is no third labeled real
-   CT to hold out, so the correction covers only the first half of B's slices (image and labels cropped to it)
-   and M0 and M1 are scored on the second half, which neither model sees in any form: the second half is
-   segmented on its own, without the first half as context. Both halves are one patient and one scan, so this
-   measures the gain on unseen anatomy of a corrected patient, not on a new patient.
-3. Two corrections of the first half, each in its own dataset store (``scdlcore.dataset.store.DatasetStore``, with C
-   and F as unlabeled cases): "all": every organ, B's reference labels; "partial": liver, spleen and stomach
-   reviewed: M0's segmentation with those organs replaced by the reference and the other organs left as M0 drew
-   them (unreviewed, so the trainer ignores them).
-4. Each is fine-tuned from M0 with ``scdlcore.training.finetune.finetune`` (A as rehearsal, a temporary model registry)
-   into M1 (all) and M1 (partial).
-5. Dice per organ (``scdlcore.evaluation.metrics``, B's native grid) of M0, M1 (all) and M1 (partial) on B's
-   second half.
+   CT to hold out, so the corrections cover B's first half (its two quarters) and every model is scored on the
+   second half, which no model sees in any form: it is segmented on its own, without the first half as context.
+   Both halves are one patient and one scan, so this measures the gain on unseen anatomy of a corrected patient,
+   not on a new patient. Every model is also scored on the whole of A ("what the fine-tune costs elsewhere").
+3. Each fine-tune (``scdlcore.training.finetune.finetune`` with the default steps of the device) gets its own
+   dataset store (``scdlcore.dataset.store.DatasetStore``) of the corrected slices with C and F unlabeled:
+
+   - M1 (all organs): B's first half with its reference labels, A as rehearsal;
+   - M1 (partial): B's first half with liver, spleen and stomach reviewed: M0's segmentation with those organs
+     replaced by the reference, the other organs left as M0 drew them (unreviewed: the trainer ignores them);
+   - M1 (partial, no rehearsal): the same without A;
+   - M1 (partial, 1st quarter), then M2: the second quarter corrected the same way from M1's result, and M1
+     fine-tuned on both quarters (two corrections in a row).
+4. ``--seeds N`` repeats the fine-tunes with seeds 0..N-1 (M0 is one model): the tables give mean ± std.
 
 Usage::
 
     PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --smoke --out /tmp/loop      # CPU, ~3 min
-    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --device cuda --data .bench-data
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --device cuda --data .bench-data --seeds 3
         # VNet-16, 3000 steps for M0, 300 per fine-tune -> Testing/Benchmarks/results/loop.md and loop.json
-    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --device cpu --data .bench-data \\
+    PYTHONPATH=SCDLCore python Testing/Benchmarks/bench_loop.py --device cpu --data .bench-data --seeds 2 \\
         --m0 Testing/data/fold1_model --out Testing/Benchmarks/results/loop_fold1_cpu   # M0 given, CPU fine-tunes
 """
 
@@ -34,8 +37,9 @@ import datetime
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import bench_accuracy as bench
 import numpy as np
@@ -55,18 +59,25 @@ __all__ = ["CORRECTED_ORGANS", "partial_correction", "split_slices"]
 
 #: The organs of the partial correction.
 CORRECTED_ORGANS = ("liver", "spleen", "stomach")
-CORRECTION_CASE = "ct_abdomen_dicom_first_half"
+CORRECTION_CASE = "ct_abdomen_dicom_correction"
+#: The other labeled CT, scored whole: M0's training CT when M0 is of fold 1.
+OTHER_SAMPLE = "ct_abdomen"
 
 
-def split_slices(volume: Volume) -> tuple[Volume, Volume]:
-    """The first and second half of a volume's slices (array axis 0), each with its own geometry.
+def split_slices(volume: Volume, *bounds: int) -> list[Volume]:
+    """Consecutive slabs of a volume's slices (array axis 0), each with its own geometry.
 
     Args:
-        volume: (D, H, W); the first half gets ``D // 2`` slices, the second the rest.
+        volume: (D, H, W). bounds: increasing slice indices in (0, D) where one slab ends and the next begins.
+
+    Returns:
+        ``len(bounds) + 1`` volumes: slices ``[0, bounds[0])``, ``[bounds[0], bounds[1])``, ..., ``[bounds[-1], D)``.
     """
-    half = volume.shape[0] // 2
+    edges = [0, *bounds, volume.shape[0]]
+    if any(a >= b for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"Slab bounds {list(bounds)} do not split {volume.shape[0]} slices into non-empty slabs.")
     whole = (slice(0, volume.shape[1]), slice(0, volume.shape[2]))
-    return crop(volume, (slice(0, half), *whole)), crop(volume, (slice(half, volume.shape[0]), *whole))
+    return [crop(volume, (slice(a, b), *whole)) for a, b in zip(edges, edges[1:])]
 
 
 def partial_correction(
@@ -91,6 +102,30 @@ def partial_correction(
     return corrected
 
 
+class Correction(NamedTuple):
+    """One corrected part of B as a person submits it: image, labels, reviewed organs (None: every organ)."""
+
+    name: str
+    image: Volume
+    labels: Volume
+    reviewed: list[str] | None
+
+
+class Slabs(NamedTuple):
+    """B cut along z: its first half (the corrections), that half's two quarters, and the second half (scored)."""
+
+    whole: Volume
+    first_half: Volume
+    first_quarter: Volume
+    second_quarter: Volume
+    scored: Volume
+
+    @classmethod
+    def of(cls, volume: Volume) -> Slabs:
+        first_half, scored = split_slices(volume, volume.shape[0] // 2)
+        return cls(volume, first_half, *split_slices(first_half, first_half.shape[0] // 2), scored)
+
+
 def main() -> None:
     args = _parse()
     data = bench.prepare_data(args.data)
@@ -99,7 +134,8 @@ def main() -> None:
         raise SystemExit(f"{args.work} already holds runs; give a new --work folder.")
     train = data.train_store(args.work / "train")
     image, reference = data.test_case()
-    (first_image, second_image), (first_ref, second_ref) = split_slices(image), split_slices(reference)
+    other = data.test_case(OTHER_SAMPLE)
+    images, references = Slabs.of(image), Slabs.of(reference)
     print(f"Work folder {args.work}; results to {out}; {machine_name(args.device)}", flush=True)
 
     registry = ModelRegistry(args.work / "registry")
@@ -107,64 +143,143 @@ def main() -> None:
         print(f"=== M0: the bundle {args.m0}", flush=True)
         m0, m0_seconds = registry.import_(args.m0), None
     else:
-        print("=== M0: CPS + GA + SCDL on A (+ C, F unlabeled)", flush=True)
-        config = bench.base_config(args, train).with_overrides({"train.seed": args.seed})
+        print("=== M0: CPS + GA + SCDL on A (+ C, F unlabeled), seed 0", flush=True)
+        config = bench.base_config(args, train).with_overrides({"train.seed": 0})
         m0_dir, m0_seconds, _ = bench.train_run(config, args.work / "m0")
         m0 = registry.import_(m0_dir)
-    m0_labels = Predictor(m0, args.device).predict_volume(image)  # the whole case, as a person would see it
-    first_m0 = split_slices(m0_labels)[0]
-
-    corrections = {
-        "all": (first_ref.array, None),
-        "partial": (
-            partial_correction(first_m0.array, first_ref.array, CORRECTED_ORGANS, m0.labels),
-            list(CORRECTED_ORGANS),
-        ),
+    m0_entry = {
+        "model": m0.ref,
+        "train_seconds": m0_seconds,
+        **_scores(registry, m0.ref, images, references, other, args),
     }
-    models: dict[str, dict[str, Any]] = {"M0": {"model": m0.ref, "train_seconds": m0_seconds}}
-    for name, (labels, reviewed) in corrections.items():
-        print(f"=== M1 ({name}): fine-tune M0 on the corrected first half of B", flush=True)
-        store = DatasetStore.init(args.work / "stores" / name)
-        store.add(
-            first_image,
-            first_ref.with_array(labels),
-            case_id=CORRECTION_CASE,
-            reviewed=reviewed,
-            source=f"bench_loop: first half of {bench.TEST_SAMPLE}, corrected ({name})",
-            model=m0.ref,
-        )
+    runs = []
+    for seed in range(args.seeds):
+        models = {"M0": m0_entry, **_finetunes(m0, seed, images, references, train, registry, data, args)}
+        for name, entry in models.items():
+            if name != "M0":
+                entry.update(_scores(registry, entry["model"], images, references, other, args))
+        runs.append({"seed": seed, "models": models})
+        _write_results(runs, args, out, image, m0.description if args.m0 else None)
+    print((out / "loop.md").read_text(encoding="utf-8"))
+    print(f"Results in {out}", flush=True)
+
+
+def _finetunes(
+    m0: Any,
+    seed: int,
+    images: Slabs,
+    references: Slabs,
+    train: Path,
+    registry: ModelRegistry,
+    data: bench.BenchData,
+    args: argparse.Namespace,
+) -> dict[str, dict[str, Any]]:
+    """The fine-tunes of one seed (see :data:`FINETUNES`), each from the model a person would have had."""
+    predict = _predictor_of(registry, args)
+    m0_first = Slabs.of(predict(m0.ref, images.whole))
+    all_organs = Correction("first half, all organs", images.first_half, references.first_half, None)
+    partial = Correction(
+        "first half, partial",
+        images.first_half,
+        references.first_half.with_array(
+            partial_correction(m0_first.first_half.array, references.first_half.array, CORRECTED_ORGANS, m0.labels)
+        ),
+        list(CORRECTED_ORGANS),
+    )
+    quarter = Correction(
+        "1st quarter, partial",
+        images.first_quarter,
+        references.first_quarter.with_array(
+            partial_correction(
+                m0_first.first_quarter.array, references.first_quarter.array, CORRECTED_ORGANS, m0.labels
+            )
+        ),
+        list(CORRECTED_ORGANS),
+    )
+    models: dict[str, dict[str, Any]] = {}
+
+    def run(name: str, parent: str, corrections: list[Correction], rehearsal: Path | None) -> str:
+        print(f"=== seed {seed}: {name}", flush=True)
+        folder = args.work / f"seed{seed}" / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        store = DatasetStore.init(folder / "store")
+        for index, correction in enumerate(corrections):
+            store.add(
+                correction.image,
+                correction.labels,
+                case_id=f"{CORRECTION_CASE}_{index + 1}",
+                reviewed=correction.reviewed,
+                source=f"bench_loop: {bench.TEST_SAMPLE}, corrected ({correction.name})",
+                model=parent,
+            )
         data.add_unlabeled(store)
-        start = time.perf_counter()
-        overrides = {"train.seed": args.seed, "train.compile": args.compile}
+        overrides = {"train.seed": seed, "train.compile": args.compile}
         if args.smoke:  # validate the parent and the end only: each validation costs ~20 s on a 2-core CPU
             overrides["train.val_every"] = args.finetune_steps
+        start = time.perf_counter()
         result = finetune(
-            m0.ref,
+            parent,
             store.root,
             registry=registry,
             steps=args.finetune_steps,
-            output=args.work / f"finetune-{name}",
+            output=folder / "run",
             device=str(args.device),
-            rehearsal=str(train),
+            rehearsal=str(rehearsal) if rehearsal else "",
             overrides=overrides,
         )
         if result.status != "completed":
-            raise SystemExit(f"Fine-tune ({name}) stopped early ({result.status}); nothing to score.")
-        models[f"M1 ({name})"] = {
+            raise SystemExit(f"Fine-tune {name} stopped early ({result.status}); nothing to score.")
+        models[name] = {
             "model": result.model,
+            "parent": parent,
+            "corrections": [c.name for c in corrections],
+            "rehearsal": rehearsal is not None,
             "train_seconds": time.perf_counter() - start,
-            "fit_before": result.before,
-            "fit_after": result.after,
         }
+        return result.model
 
-    for name, entry in models.items():
-        scores = bench.score_bundle(registry.resolve(entry["model"]).path, second_image, second_ref, args.device)
-        entry.update(summary=bench.summarise(scores)._asdict(), scores=scores.to_dict())
-        print(f"    {name}: mean Dice {entry['summary']['mean_dice']:.3f} on the second half", flush=True)
-    m0_about = ". ".join(m0.description.split(". ")[:2]) if args.m0 else None  # what it is and what it saw
-    _write_results(models, args, out, image, m0_about)
-    print((out / "loop.md").read_text(encoding="utf-8"))
-    print(f"Results in {out}", flush=True)
+    run("M1 (all organs)", m0.ref, [all_organs], train)
+    run("M1 (partial)", m0.ref, [partial], train)
+    run("M1 (partial, no rehearsal)", m0.ref, [partial], None)
+    m1_quarter = run("M1 (partial, 1st quarter)", m0.ref, [quarter], train)
+    m1_first = Slabs.of(predict(m1_quarter, images.whole))
+    second = Correction(
+        "2nd quarter, partial",
+        images.second_quarter,
+        references.second_quarter.with_array(
+            partial_correction(
+                m1_first.second_quarter.array, references.second_quarter.array, CORRECTED_ORGANS, m0.labels
+            )
+        ),
+        list(CORRECTED_ORGANS),
+    )
+    run("M2 (partial, + 2nd quarter)", m1_quarter, [quarter, second], train)
+    return models
+
+
+def _predictor_of(registry: ModelRegistry, args: argparse.Namespace) -> Callable[[str, Volume], Volume]:
+    def predict(model: str, image: Volume) -> Volume:
+        return Predictor(registry.resolve(model), args.device).predict_volume(image)
+
+    return predict
+
+
+def _scores(
+    registry: ModelRegistry,
+    model: str,
+    images: Slabs,
+    references: Slabs,
+    other: tuple[Volume, Volume],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The model's scores on B's uncorrected half and on the other labeled CT (A)."""
+    path = registry.resolve(model).path
+    scored = bench.score_bundle(path, images.scored, references.scored, args.device)
+    elsewhere = bench.score_bundle(path, *other, args.device)
+    return {
+        "summary": bench.summarise(scored)._asdict(),
+        "scores": scored.to_dict(),
+        "other_summary": bench.summarise(elsewhere)._asdict(),
+    }
 
 
 def _parse() -> argparse.Namespace:
@@ -174,7 +289,9 @@ def _parse() -> argparse.Namespace:
         type=int,
         help="steps of each fine-tune (default: scdl finetune's default on --device; smoke 3)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of M0 and of both fine-tunes (default 0)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="fine-tune seeds 0..N-1, for the spread (default 1; M0 is seed 0)"
+    )
     parser.add_argument(
         "--m0",
         type=Path,
@@ -192,11 +309,11 @@ def _parse() -> argparse.Namespace:
 
 
 def _write_results(
-    models: dict[str, dict[str, Any]], args: argparse.Namespace, out: Path, image: Volume, m0_bundle: str | None
+    runs: list[dict[str, Any]], args: argparse.Namespace, out: Path, image: Volume, m0_about: str | None
 ) -> None:
     from scdlcore.events import to_jsonable
 
-    half = image.shape[0] // 2
+    slabs = Slabs.of(image)
     meta = {
         "command": bench.portable_command(args),
         "machine": machine_name(args.device),
@@ -204,94 +321,117 @@ def _write_results(
         "date": datetime.date.today().isoformat(),
         "smoke": args.smoke,
         "budget": {
-            "m0_steps": None if m0_bundle else args.steps,
-            "m0_bundle": m0_bundle,
+            "m0_steps": None if m0_about else args.steps,
+            "m0_bundle": m0_about,
             "finetune_steps": args.finetune_steps,
             "width": args.width,
             "patch": args.patch,
             "spacing_mm": list(args.spacing),
-            "seed": args.seed,
+            "seeds": len(runs),
             "compile": args.compile,
             "device": str(args.device),
         },
         "split": {
-            "correction_slices": [0, half - 1],
-            "scored_slices": [half, image.shape[0] - 1],
-            "correction_z_mm": [_slice_z(image, 0), _slice_z(image, half - 1)],
-            "scored_z_mm": [_slice_z(image, half), _slice_z(image, image.shape[0] - 1)],
+            name: _slab_extent(image, getattr(slabs, name)) for name in ("first_quarter", "second_quarter", "scored")
         },
         "reference_labels": "TotalSegmentator model outputs, not manual ground truth",
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "loop.json").write_text(
-        json.dumps(to_jsonable({**meta, "models": models}), indent=1) + "\n", encoding="utf-8"
-    )
-    (out / "loop.md").write_text(_markdown(models, meta) + "\n", encoding="utf-8")
+    (out / "loop.json").write_text(json.dumps(to_jsonable({**meta, "runs": runs}), indent=1) + "\n", encoding="utf-8")
+    (out / "loop.md").write_text(_markdown(runs, meta) + "\n", encoding="utf-8")
 
 
-def _markdown(models: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
-    m0 = models["M0"]["summary"]
-    organs = list(m0["dice"])
-    split, budget = meta["split"], meta["budget"]
-    names = list(models)
+def _slab_extent(image: Volume, slab: Volume) -> dict[str, list]:
+    """A slab's first and last slice index in ``image`` and their LPS z (mm)."""
+    origin = slab.ijk_to_lps @ np.array([0.0, 0.0, 0.0, 1.0])
+    first = round(float(np.linalg.solve(image.ijk_to_lps, origin)[2]))
+    last = first + slab.shape[0] - 1
+    return {"slices": [first, last], "z_mm": [_slice_z(image, first), _slice_z(image, last)]}
+
+
+def _markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    names = list(runs[0]["models"])
+    m0 = runs[0]["models"]["M0"]
+    organs = list(m0["summary"]["dice"])
+    split, budget, seeds = meta["split"], meta["budget"], len(runs)
+
+    def values(name: str, pick: Callable[[dict[str, Any]], float]) -> list[float]:
+        return [pick(run["models"][name]) for run in runs]
+
+    def mean(name: str, pick: Callable[[dict[str, Any]], float]) -> str:  # M0 is one model: no spread
+        return bench.format_mean_std(values(name, pick)) if seeds > 1 and name != "M0" else _fmt(values(name, pick)[0])
+
+    def change(name: str, pick: Callable[[dict[str, Any]], float]) -> str:
+        if name == "M0":
+            return "-"
+        differences = [a - b for a, b in zip(values(name, pick), values("M0", pick))]
+        return bench.format_mean_std(differences, signed=True) if seeds > 1 else f"{differences[0]:+.3f}"
+
+    def span(part: str) -> str:
+        (first, last), (z0, z1) = split[part]["slices"], split[part]["z_mm"]
+        return f"slices {first}-{last}, z {z0:.1f} to {z1:.1f} mm"
+
+    def mean_dice(entry: dict[str, Any]) -> float:
+        return entry["summary"]["mean_dice"]
+
+    def corrected_dice(entry: dict[str, Any]) -> float:
+        return float(np.mean([entry["summary"]["dice"][o] for o in organs if o in CORRECTED_ORGANS]))
+
+    def on_a(entry: dict[str, Any]) -> float:
+        return entry["other_summary"]["mean_dice"]
+
+    spread = f"fine-tune seeds 0-{seeds - 1}: mean ± std" if seeds > 1 else "seed 0 (one seed: no spread)"
     lines = [
-        "# Annotation in the loop: one corrected CT, before and after fine-tuning",
+        "# Annotation in the loop: corrected slices of a CT, before and after fine-tuning",
         "",
         "**Reference labels of A and B are TotalSegmentator model outputs, not manual ground truth.**"
         + (" **Smoke run: tiny budget, the numbers are meaningless.**" if meta["smoke"] else ""),
         "",
         f"- Command: `{meta['command']}`",
-        f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; "
-        f"seed {budget['seed']} (one seed: no spread)",
+        f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; {spread}",
         _m0_line(budget),
-        f"- The correction: {bench.TEST_SAMPLE} (B, another patient and scanner) "
-        f"slices {split['correction_slices'][0]}-{split['correction_slices'][1]} "
-        f"(z {split['correction_z_mm'][0]:.1f} to {split['correction_z_mm'][1]:.1f} mm), "
-        "stored with C and F (unlabeled) in a dataset store; M1 = `scdlcore.training.finetune.finetune` from M0, "
-        f"{budget['finetune_steps']} steps, A as rehearsal. M1 (all): every organ corrected; M1 (partial): only "
-        f"{', '.join(CORRECTED_ORGANS)} reviewed, the other organs left as M0 drew them.",
-        f"- Scored on B's slices {split['scored_slices'][0]}-{split['scored_slices'][1]} "
-        f"(z {split['scored_z_mm'][0]:.1f} to {split['scored_z_mm'][1]:.1f} mm), "
-        "segmented on their own: no model saw them in any form. There is no third "
-        "labeled real CT, so this half stands in for 'a case neither saw': same patient and scan as the correction, "
-        "unseen slices. Dice on the native grid (0.98 x 0.98 x 2 mm).",
+        f"- The corrections: {bench.TEST_SAMPLE} (B, another patient and scanner): its first quarter "
+        f"({span('first_quarter')}) and second quarter ({span('second_quarter')}), stored with C and F "
+        "(unlabeled) in a new dataset store per fine-tune; every fine-tune is `scdlcore.training.finetune.finetune` "
+        f'with {budget["finetune_steps"]} steps. "all organs": B\'s reference labels; "partial": only '
+        f"{', '.join(CORRECTED_ORGANS)} reviewed, the other organs as the parent model drew them on the whole CT. "
+        "Rehearsal A: M0's labeled CT trains beside the correction. M2: the second quarter corrected from "
+        "M1 (partial, 1st quarter)'s result, and that model fine-tuned on both quarters: two corrections in a row.",
+        f"- Scored on B's second half ({span('scored')}), segmented on its own: no model saw it in any form. There "
+        "is no third labeled real CT, so this half stands in for 'a case neither saw': same patient and scan as the "
+        'corrections, unseen slices. Dice on the native grid (0.98 x 0.98 x 2 mm). "On A": the whole of '
+        f"{OTHER_SAMPLE} (A), M0's training CT: what each fine-tune costs on what M0 knew.",
         "",
-        "| organ | reference voxels | " + " | ".join(names) + " | change (all) | change (partial) |",
-        "|---|---|" + "---|" * (len(names) + 2),
+        "| model | parent | corrections | rehearsal | mean Dice, B's uncorrected half | change | "
+        "liver/spleen/stomach | change | mean Dice on A | change on A | fine-tune (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    reference_voxels = models["M0"]["scores"]["organs"]
-    for organ in organs:
-        values = [models[name]["summary"]["dice"][organ] for name in names]
-        marker = " (in partial)" if organ in CORRECTED_ORGANS else ""
+    model_names = {run["models"][n]["model"]: n for run in runs for n in names}
+    for name in names:
+        entry = runs[0]["models"][name]
+        parent = model_names.get(entry.get("parent"), "-")
+        minutes = "-" if name == "M0" else _fmt(float(np.mean(values(name, lambda e: e["train_seconds"]))) / 60, 1)
+        rehearsal = "-" if name == "M0" else ("A" if entry["rehearsal"] else "none")
         lines.append(
-            f"| {organ}{marker} | {reference_voxels[organ]['reference_voxels']} | "
-            + " | ".join(_fmt(v) for v in values)
-            + f" | {_change(values[1], values[0])} | {_change(values[2], values[0])} |"
+            f"| {name} | {parent} | {' + '.join(entry.get('corrections', [])) or '-'} | {rehearsal} | "
+            f"{mean(name, mean_dice)} | {change(name, mean_dice)} | "
+            f"{mean(name, corrected_dice)} | {change(name, corrected_dice)} | "
+            f"{mean(name, on_a)} | {change(name, on_a)} | {minutes} |"
         )
-    for label, subset in (
-        ("mean, all organs present", organs),
-        ("mean, liver/spleen/stomach", [o for o in organs if o in CORRECTED_ORGANS]),
-        ("mean, other organs", [o for o in organs if o not in CORRECTED_ORGANS]),
-    ):
-        if subset:
-            values = [float(np.mean([models[name]["summary"]["dice"][o] for o in subset])) for name in names]
-            lines.append(
-                f"| **{label}** ({len(subset)}) | | "
-                + " | ".join(_fmt(v) for v in values)
-                + f" | {_change(values[1], values[0])} | {_change(values[2], values[0])} |"
-            )
-    hd95 = [models[name]["summary"]["mean_hd95"] for name in names]
-    lines.append("| mean HD95 (mm, organs found) | | " + " | ".join(_fmt(v, 1) for v in hd95) + " | | |")
-    fits = [
-        f"{name}: {_fmt(_mean(models[name]['fit_before']))} -> {_fmt(_mean(models[name]['fit_after']))}"
-        for name in names[1:]
-    ]
     lines += [
         "",
-        "Fine-tuning's own validation, on the corrected first half (fit, not generalisation; model grid): mean Dice "
-        + "; ".join(fits)
-        + ".",
+        "Dice per organ on B's uncorrected half" + (", mean over the seeds:" if seeds > 1 else ":"),
+        "",
+        "| organ | reference voxels | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
     ]
+    for organ in organs:
+        marker = " (in partial)" if organ in CORRECTED_ORGANS else ""
+        cells = [_fmt(float(np.mean(values(n, lambda e, o=organ: e["summary"]["dice"][o])))) for n in names]
+        voxels = m0["scores"]["organs"][organ]["reference_voxels"]
+        lines.append(f"| {organ}{marker} | {voxels} | " + " | ".join(cells) + " |")
+    hd95 = [_fmt(_finite_mean(values(n, lambda e: e["summary"]["mean_hd95"])), 1) for n in names]
+    lines.append("| mean HD95 (mm, organs found) | | " + " | ".join(hd95) + " |")
     return "\n".join(lines)
 
 
@@ -310,17 +450,13 @@ def _slice_z(volume: Volume, index: int) -> float:
     return float((volume.ijk_to_lps @ np.array([0.0, 0.0, index, 1.0]))[2])
 
 
-def _mean(dice: dict[str, float]) -> float:
-    finite = [v for v in dice.values() if v is not None and not math.isnan(v)]
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]  # NaN is null in the JSON
     return float(np.mean(finite)) if finite else math.nan
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _change(after: float, before: float) -> str:
-    return "-" if math.isnan(after) or math.isnan(before) else f"{after - before:+.3f}"
 
 
 if __name__ == "__main__":
