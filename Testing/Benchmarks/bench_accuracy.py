@@ -133,6 +133,15 @@ COMPARISONS = (
     ),
     ("supervised", "supervised_no_phase", "contrast phase augmentation on supervised: (a) - (a')"),
     ("supervised_intensity", "supervised_no_phase", "strong global intensity augmentation on supervised: (a'') - (a')"),
+    ("supervised_instance", "supervised_no_phase", "instance norm on supervised: (a3) - (a')"),
+    ("supervised_instance_phase", "supervised_instance", "contrast phase augmentation with instance norm: (a4) - (a3)"),
+    ("supervised_coarse", "supervised_no_phase", "4.5 mm instead of 3 mm on supervised: (a5) - (a')"),
+    ("supervised_short_scan", "supervised_no_phase", "short-scan cuts on supervised: (a6) - (a')"),
+    (
+        "supervised_instance_short_scan",
+        "supervised_instance",
+        "short-scan cuts on supervised with instance norm: (a7) - (a3)",
+    ),
     ("scdl_p2e_classes", "cps_ga_scdl", "ablation: p2e over classes (released) - over tokens"),
     ("scdl_labeled_only", "cps_ga_scdl", "ablation: SCDL on labeled tokens only - labeled + unlabeled"),
     ("scdl_grid_fine", "cps_ga_scdl", "ablation: fine token grid (32 per 96^3) - coarse (12 per 96^3)"),
@@ -242,6 +251,7 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
             for a 96^3 patch, i.e. tokens of 8 and 3 voxels).
     """
     no_unlabeled = {"train.unlabeled_batch": 0}
+    recipe = {"ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, **no_unlabeled}  # (a')
     return {
         "floor": Configuration(
             "naive floor: supervised, uniform crops, no augmentation, window [-125, 275]",
@@ -260,7 +270,7 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         ),
         "supervised_no_phase": Configuration(
             "(a') supervised, the recipe (no phase augmentation): the starter's",
-            {"ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, **no_unlabeled},
+            dict(recipe),
         ),
         "supervised_intensity": Configuration(
             "(a'') supervised, the recipe with strong global intensity augmentation",
@@ -273,6 +283,26 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
                 "augment.intensity_shift": 0.15,
                 **no_unlabeled,
             },
+        ),
+        "supervised_instance": Configuration(
+            "(a3) supervised, the recipe with instance norm",
+            {**recipe, "network.norm": "instance"},
+        ),
+        "supervised_instance_phase": Configuration(
+            "(a4) supervised, the recipe with instance norm + contrast phase augmentation (p 0.5)",
+            {**recipe, "network.norm": "instance", "augment.phase_prob": 0.5},
+        ),
+        "supervised_coarse": Configuration(
+            "(a5) supervised, the recipe at 4.5 mm (1.5x the patch's context)",
+            {**recipe, "data.spacing": [4.5, 4.5, 4.5]},
+        ),
+        "supervised_short_scan": Configuration(
+            "(a6) supervised, the recipe + short-scan cuts (p 0.5)",
+            {**recipe, "augment.slab_prob": 0.5},
+        ),
+        "supervised_instance_short_scan": Configuration(
+            "(a7) supervised, the recipe with instance norm + short-scan cuts (p 0.5)",
+            {**recipe, "network.norm": "instance", "augment.slab_prob": 0.5},
         ),
         "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),

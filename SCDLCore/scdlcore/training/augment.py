@@ -10,6 +10,7 @@ import torch
 from scdlcore.labels import LabelTable
 from scdlcore.training.config import AugmentConfig
 from scdlcore.training.contrast import ContrastPhase
+from scdlcore.training.slab import ShortScan
 
 __all__ = ["Augmenter"]
 
@@ -19,20 +20,30 @@ class Augmenter:
 
     The contrast phase shift (:mod:`scdlcore.training.contrast`) comes first, on labeled patches: it needs their labels
     where they are. Spatial transforms move image, labels and valid together (labels and valid with nearest
-    interpolation); intensity transforms touch the image only. Random draws are seeded per (seed, rank, step).
+    interpolation); intensity transforms touch the image only. The short-scan cut (:mod:`scdlcore.training.slab`)
+    comes last, so that the padding it leaves is the exact 0 the sliding window pads with. Random draws are seeded
+    per (seed, rank, step).
 
     Args:
         config: the augmentation settings. table, hu_window: the label table and the window of the images
-            (the phase shift works in HU). seed, rank: with the step, they fix every random draw.
+            (the phase shift works in HU). spacing_z_mm: the model grid's slice spacing (the short-scan cut works
+            in mm). seed, rank: with the step, they fix every random draw.
     """
 
     def __init__(
-        self, config: AugmentConfig, table: LabelTable, hu_window: Sequence[float], seed: int, rank: int = 0
+        self,
+        config: AugmentConfig,
+        table: LabelTable,
+        hu_window: Sequence[float],
+        spacing_z_mm: float,
+        seed: int,
+        rank: int = 0,
     ) -> None:
         from monai import transforms as mt
 
         self.config, self.seed, self.rank = config, seed, rank
         self.phase = ContrastPhase(table, hu_window, config.phase_prob)
+        self.short_scan = ShortScan(config.slab_prob, config.slab_mm, spacing_z_mm)
         spatial_keys = ["image", "labels", "valid"]
         rotate = np.deg2rad(config.rotate_deg)
         steps: list = [
@@ -68,7 +79,7 @@ class Augmenter:
         class_hu (B_l, C): their cases' median HU per class (the phase shift is skipped without it)."""
         if not self.config.enabled:
             return images, labels, valid
-        seeds = np.random.default_rng([self.seed, self.rank, step, 7]).integers(2**31, size=2)
+        seeds = np.random.default_rng([self.seed, self.rank, step, 7]).integers(2**31, size=3)
         if class_hu is not None and self.config.phase_prob > 0 and labels.shape[0]:
             generator = torch.Generator().manual_seed(int(seeds[1]))
             shifted = self.phase(images[: labels.shape[0]], labels, class_hu, generator)
@@ -88,4 +99,7 @@ class Augmenter:
             if index < labels.shape[0]:
                 out_labels.append(torch.as_tensor(result["labels"])[0].round().long())
                 out_valid.append(torch.as_tensor(result["valid"])[0] > 0.5)
-        return torch.stack(out_images), torch.stack(out_labels), torch.stack(out_valid)
+        images, labels, valid = torch.stack(out_images), torch.stack(out_labels), torch.stack(out_valid)
+        if self.config.slab_prob > 0 and labels.shape[0]:
+            images, valid = self.short_scan(images, valid, torch.Generator().manual_seed(int(seeds[2])))
+        return images, labels, valid

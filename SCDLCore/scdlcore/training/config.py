@@ -203,6 +203,8 @@ class AugmentConfig:
     blur_prob: float = 0.1
     lowres_prob: float = 0.1  # simulate thicker slices / coarser scanners
     lowres_zoom: tuple[float, float] = (0.5, 1.0)
+    slab_prob: float = 0.0  # labeled patches cut down to a slab along z, as a short scan (slab.py)
+    slab_mm: tuple[float, float] = (30.0, 120.0)  # the slab's thickness range
 
     def __post_init__(self) -> None:
         for name in (
@@ -213,10 +215,14 @@ class AugmentConfig:
             "noise_prob",
             "blur_prob",
             "lowres_prob",
+            "slab_prob",
         ):
             _require(0 <= getattr(self, name) <= 1, f"augment.{name}", "a probability in [0, 1]", getattr(self, name))
         _require(all(a in (0, 1, 2) for a in self.flip_axes), "augment.flip_axes", "axes among 0, 1, 2", self.flip_axes)
         _require(0 < self.scale[0] <= self.scale[1], "augment.scale", "[low, high] with 0 < low <= high", self.scale)
+        _require(
+            0 < self.slab_mm[0] <= self.slab_mm[1], "augment.slab_mm", "[low, high] with 0 < low <= high", self.slab_mm
+        )
 
 
 @dataclass

@@ -247,7 +247,9 @@ class Trainer:
             self.rank,
             num_classes=dataset.table.num_classes,
         )
-        self.augmenter = Augmenter(config.augment, dataset.table, config.data.hu_window, config.train.seed, self.rank)
+        self.augmenter = Augmenter(
+            config.augment, dataset.table, config.data.hu_window, config.data.spacing[2], config.train.seed, self.rank
+        )
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.base = build_base(config, dataset.table.num_classes).to(self.device)
