@@ -134,3 +134,42 @@ def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tm
 
     assert table.read_text(encoding="utf-8") == earlier_table.read_text(encoding="utf-8")
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.json"]
+
+
+def extended(table: Path, folder: Path, name: str, seed: int, train_seconds: float) -> Path:
+    """A table made side by side from ``table``: its runs plus one run of (c) with ``seed``, and its provenance."""
+    committed = json.loads(table.read_text(encoding="utf-8"))
+    run = next(r for r in committed["runs"] if r["config"] == "cps_ga_scdl")
+    made = {key: committed[key] for key in ("command", "machine", "torch", "date")}
+    earlier = [*committed.get("earlier", []), {**made, "runs": len(committed["runs"]) - 10}]
+    table_of_it = {
+        **committed,
+        "command": f"python bench_accuracy.py --seeds {seed + 1} ({name})",
+        "earlier": earlier,
+        "runs": [*committed["runs"], {**run, "seed": seed, "train_seconds": train_seconds}],
+    }
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(table_of_it), encoding="utf-8")
+    return path
+
+
+def test_tables_made_side_by_side_from_one_table_are_united(monkeypatch, tmp_path, earlier_table):
+    one = extended(earlier_table, tmp_path, "one", seed=3, train_seconds=100.0)
+    other = extended(earlier_table, tmp_path, "other", seed=4, train_seconds=200.0)
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(earlier_table), str(one), str(other))
+    earlier = bench_accuracy._earlier_results(args.add_to, args)
+
+    assert len(earlier["runs"]) == 18 + 2  # the committed runs once, and each table's own
+    assert {r["seed"] for r in earlier["runs"] if r["config"] == "cps_ga_scdl"} == {0, 1, 2, 3, 4}
+    commands = [entry["command"] for entry in earlier["earlier"]]
+    assert len(commands) == len(set(commands)) == 4  # the committed table's two invocations, then one and other
+    assert sum(entry["runs"] for entry in earlier["earlier"]) == 20
+
+
+def test_two_tables_holding_different_runs_of_one_seed_are_refused_by_name(monkeypatch, tmp_path, earlier_table):
+    one = extended(earlier_table, tmp_path, "one", seed=3, train_seconds=100.0)
+    clash = extended(earlier_table, tmp_path, "clash", seed=3, train_seconds=300.0)
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(one), str(clash))
+
+    with pytest.raises(SystemExit, match=r"clash\.json: its run cps_ga_scdl seed 3 is another run"):
+        bench_accuracy._earlier_results(args.add_to, args)

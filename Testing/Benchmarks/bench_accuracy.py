@@ -557,7 +557,11 @@ def main() -> None:
     tasks = [
         (name, seed) for group in groups for seed in range(args.seeds) for name in group if (name, seed) not in done
     ]
-    kept = f", less {len(args.configs) * args.seeds - len(tasks)} already in {args.add_to}" if args.add_to else ""
+    kept = (
+        f", less {len(args.configs) * args.seeds - len(tasks)} already in {', '.join(map(str, args.add_to))}"
+        if args.add_to
+        else ""
+    )
     print(
         f"Work folder {args.work}; results to {out}; "
         f"{len(tasks)} runs ({len(args.configs)} configurations x {args.seeds} "
@@ -600,12 +604,35 @@ class Outcome:
     earlier: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The finished runs of an earlier ``accuracy.json`` (each stamped with its machine) and their provenance.
+def _earlier_results(paths: Sequence[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """The finished runs of earlier ``accuracy.json`` files (each run stamped with its machine) and their provenance.
+
+    Several files are united: tables made side by side from one committed table hold its runs each, once in the
+    result. A (configuration, seed) pair that two files hold as different runs is refused.
 
     Raises:
-        SystemExit: naming the file, when it is not a results file of this script or its budget or data differ.
+        SystemExit: naming the file, when it is not a results file of this script, its budget or data differ, or
+            one of its runs conflicts with another file's.
     """
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    provenance: list[dict[str, Any]] = []
+    for path in paths:
+        earlier = _one_earlier_results(path, args)
+        for run in earlier["runs"]:
+            key = (run["config"], run["seed"])
+            if key in runs and _run_identity(runs[key]) != _run_identity(run):
+                raise SystemExit(f"{path}: its run {key[0]} seed {key[1]} is another run than an earlier file's.")
+            runs.setdefault(key, run)
+        provenance += [entry for entry in earlier["earlier"] if entry not in provenance]
+    return {"runs": list(runs.values()), "earlier": provenance}
+
+
+def _run_identity(run: dict[str, Any]) -> tuple:
+    return run.get("machine"), run.get("bundle"), run.get("train_seconds")
+
+
+def _one_earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The runs and provenance of one earlier ``accuracy.json`` (see :func:`_earlier_results`)."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         theirs = _shared_budget(earlier)
@@ -735,9 +762,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--add-to",
         type=Path,
+        nargs="+",
         metavar="ACCURACY_JSON",
-        help="extend an earlier invocation's results (same budget and data): its finished runs are kept in "
-        "the tables and only the (configuration, seed) pairs it lacks are trained",
+        help="extend earlier invocations' results (same budget and data; several files are united): their "
+        "finished runs are kept in the tables and only the (configuration, seed) pairs they lack are trained",
     )
     parser.add_argument(
         "--jobs",
