@@ -174,28 +174,19 @@ def _finetunes(
     data: bench.BenchData,
     args: argparse.Namespace,
 ) -> dict[str, dict[str, Any]]:
-    """The fine-tunes of one seed (see :data:`FINETUNES`), each from the model a person would have had."""
+    """The fine-tunes of one seed (the module docstring's list), each from the model a person would have had."""
     predict = _predictor_of(registry, args)
-    m0_first = Slabs.of(predict(m0.ref, images.whole))
+
+    def reviewed(name: str, part: str, parent_result: Slabs) -> Correction:
+        """B's ``part`` (a field of :class:`Slabs`) with the parent's result fixed on the corrected organs."""
+        reference = getattr(references, part)
+        labels = partial_correction(getattr(parent_result, part).array, reference.array, CORRECTED_ORGANS, m0.labels)
+        return Correction(name, getattr(images, part), reference.with_array(labels), list(CORRECTED_ORGANS))
+
+    m0_result = Slabs.of(predict(m0.ref, images.whole))  # the whole CT segmented, as a person sees it
     all_organs = Correction("first half, all organs", images.first_half, references.first_half, None)
-    partial = Correction(
-        "first half, partial",
-        images.first_half,
-        references.first_half.with_array(
-            partial_correction(m0_first.first_half.array, references.first_half.array, CORRECTED_ORGANS, m0.labels)
-        ),
-        list(CORRECTED_ORGANS),
-    )
-    quarter = Correction(
-        "1st quarter, partial",
-        images.first_quarter,
-        references.first_quarter.with_array(
-            partial_correction(
-                m0_first.first_quarter.array, references.first_quarter.array, CORRECTED_ORGANS, m0.labels
-            )
-        ),
-        list(CORRECTED_ORGANS),
-    )
+    partial = reviewed("first half, partial", "first_half", m0_result)
+    quarter = reviewed("1st quarter, partial", "first_quarter", m0_result)
     models: dict[str, dict[str, Any]] = {}
 
     def run(name: str, parent: str, corrections: list[Correction], rehearsal: Path | None) -> str:
@@ -241,17 +232,7 @@ def _finetunes(
     run("M1 (partial)", m0.ref, [partial], train)
     run("M1 (partial, no rehearsal)", m0.ref, [partial], None)
     m1_quarter = run("M1 (partial, 1st quarter)", m0.ref, [quarter], train)
-    m1_first = Slabs.of(predict(m1_quarter, images.whole))
-    second = Correction(
-        "2nd quarter, partial",
-        images.second_quarter,
-        references.second_quarter.with_array(
-            partial_correction(
-                m1_first.second_quarter.array, references.second_quarter.array, CORRECTED_ORGANS, m0.labels
-            )
-        ),
-        list(CORRECTED_ORGANS),
-    )
+    second = reviewed("2nd quarter, partial", "second_quarter", Slabs.of(predict(m1_quarter, images.whole)))
     run("M2 (partial, + 2nd quarter)", m1_quarter, [quarter, second], train)
     return models
 
