@@ -225,6 +225,9 @@ def _finetunes(
             "corrections": [c.name for c in corrections],
             "rehearsal": rehearsal is not None,
             "train_seconds": time.perf_counter() - start,
+            "fit_before": result.before,
+            "fit_after": result.after,
+            "verdict": result.verdict.summary if result.verdict else None,
         }
         return result.model
 
@@ -361,6 +364,13 @@ def _markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     def on_a(entry: dict[str, Any]) -> float:
         return entry["other_summary"]["mean_dice"]
 
+    def kept(name: str) -> str:
+        """In how many seeds the fine-tune kept its parent's weights: its validation never beat the parent's."""
+        if name == "M0":
+            return "-"
+        count = sum(run["models"][name]["fit_after"] == run["models"][name]["fit_before"] for run in runs)
+        return f"{count} of {seeds}"
+
     spread = f"fine-tune seeds 0-{seeds - 1}: mean ± std" if seeds > 1 else "seed 0 (one seed: no spread)"
     lines = [
         "# Annotation in the loop: corrected slices of a CT, before and after fine-tuning",
@@ -382,10 +392,13 @@ def _markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "is no third labeled real CT, so this half stands in for 'a case neither saw': same patient and scan as the "
         'corrections, unseen slices. Dice on the native grid (0.98 x 0.98 x 2 mm). "On A": the whole of '
         f"{OTHER_SAMPLE} (A), M0's training CT: what each fine-tune costs on what M0 knew.",
+        "- A fine-tune validates on its reviewed case (the only one: fit, not generalisation) and keeps the parent's "
+        "weights when it never beats them there (`scdlcore.training.finetune`); the last column counts the seeds "
+        "where that happened, and such a model scores as its parent.",
         "",
         "| model | parent | corrections | rehearsal | mean Dice, B's uncorrected half | change | "
-        "liver/spleen/stomach | change | mean Dice on A | change on A | fine-tune (min) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "liver/spleen/stomach | change | mean Dice on A | change on A | fine-tune (min) | parent's weights kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     model_names = {run["models"][n]["model"]: n for run in runs for n in names}
     for name in names:
@@ -397,7 +410,7 @@ def _markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {name} | {parent} | {' + '.join(entry.get('corrections', [])) or '-'} | {rehearsal} | "
             f"{mean(name, mean_dice)} | {change(name, mean_dice)} | "
             f"{mean(name, corrected_dice)} | {change(name, corrected_dice)} | "
-            f"{mean(name, on_a)} | {change(name, on_a)} | {minutes} |"
+            f"{mean(name, on_a)} | {change(name, on_a)} | {minutes} | {kept(name)} |"
         )
     lines += [
         "",
