@@ -112,6 +112,9 @@ DATA_FORMAT = "scdl-bench-data"
 UNLABELED_STORE_SPACING_MM = 3.0
 TEST_SAMPLE = "ct_abdomen_dicom"
 #: Leave-one-patient-out folds: fold -> (the labeled training CT, the held-out test CT).
+#: (z, y, x) voxels of a patch that sees a whole axial cross-section at 3 mm (288 mm) through a 48 mm slab: the
+#: context that tells the spleen from the liver by where it lies, not by how bright it is.
+WIDE_SLAB = (16, 96, 96)
 FOLDS = {1: ("ct_abdomen", TEST_SAMPLE), 2: (TEST_SAMPLE, "ct_abdomen")}
 #: Short names of the labeled samples in tables (SCDLCore/docs/ACCURACY.md's letters) with their contrast phase.
 SAMPLE_NAMES = {"ct_abdomen": "A, non-contrast", TEST_SAMPLE: "B, portal venous"}
@@ -269,7 +272,7 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
             {"ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.5, **no_unlabeled},
         ),
         "supervised_no_phase": Configuration(
-            "(a') supervised, the recipe (no phase augmentation): the starter's",
+            "(a') supervised, the recipe on 48^3 cubes (no phase augmentation): starter@2's",
             dict(recipe),
         ),
         "supervised_intensity": Configuration(
@@ -303,6 +306,26 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         "supervised_instance_short_scan": Configuration(
             "(a7) supervised, the recipe with instance norm + short-scan cuts (p 0.5)",
             {**recipe, "network.norm": "instance", "augment.slab_prob": 0.5},
+        ),
+        "supervised_lr3": Configuration(
+            "(a8) supervised, the recipe at 3x the learning rate (0.03)",
+            {**recipe, "train.lr": 0.03},
+        ),
+        "supervised_lr3_short_scan": Configuration(
+            "(a9) supervised, the recipe at 3x the learning rate + short-scan cuts (p 0.5)",
+            {**recipe, "train.lr": 0.03, "augment.slab_prob": 0.5},
+        ),
+        "supervised_lr3_short_scan_phase": Configuration(
+            "(a10) supervised, the recipe at 3x the learning rate + short-scan cuts + contrast phase (p 0.5 each)",
+            {**recipe, "train.lr": 0.03, "augment.slab_prob": 0.5, "augment.phase_prob": 0.5},
+        ),
+        "supervised_wide": Configuration(
+            "(a11) supervised, the recipe on wide slabs: patches of 16 x 96 x 96 (z, y, x)",
+            {**recipe, "train.patch_size": list(WIDE_SLAB)},
+        ),
+        "supervised_wide_phase": Configuration(
+            "(a12) supervised, the recipe on wide slabs + contrast phase augmentation (p 0.5): starter@3's",
+            {**recipe, "train.patch_size": list(WIDE_SLAB), "augment.phase_prob": 0.5},
         ),
         "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),

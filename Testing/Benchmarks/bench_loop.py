@@ -280,7 +280,7 @@ def _parse() -> argparse.Namespace:
         "--m0",
         type=Path,
         metavar="BUNDLE",
-        help="start from this model bundle instead of training M0, e.g. Testing/data/fold1_model (the starter's "
+        help="start from this model bundle instead of training M0, e.g. Testing/data/fold1_model (starter@2's "
         "recipe trained on ct_abdomen alone: it never saw B)",
     )
     bench.add_budget_arguments(parser)
