@@ -188,7 +188,8 @@ class AugmentConfig:
 
     enabled: bool = True
     phase_prob: float = 0.0  # labeled patches whose organs move to the HU of a random contrast phase (contrast.py);
-    # off: at 0.5 it cost 0.11 mean Dice on the held-out CT (Testing/Benchmarks/results/accuracy_fold1_cpu_1500steps.md)
+    # off for the default cubes, where it cost Dice on the held-out CT; on wide slabs (the starter's 16 x 96 x 96) it
+    # helps, and starter.yaml sets 0.5 (SCDLCore/docs/ACCURACY.md, section 3)
     spatial_prob: float = 0.3  # rotation + scaling
     rotate_deg: float = 15.0  # max rotation about each axis
     scale: tuple[float, float] = (0.85, 1.25)
