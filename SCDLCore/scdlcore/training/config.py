@@ -46,15 +46,15 @@ __all__ = [
 
 
 #: Optimiser steps of ``scdl finetune`` unless told otherwise, by the device type it runs on. On a 2-core CPU (AMD
-#: EPYC) a step of the starter (a VNet-8 pair at 48^3) takes about 1.5 s, so 300 steps took 8 minutes end to end
-#: and 120 take under 4 (Testing/Benchmarks/results/finetune_cpu.md); a GPU keeps the longer schedule.
+#: EPYC) a step of the starter (a VNet-8 pair on 16 x 96 x 96 patches) takes about 1.7 s, so 120 steps take under 4
+#: minutes end to end (Testing/Benchmarks/results/finetune_cpu.md); a GPU keeps the longer schedule.
 DEFAULT_FINETUNE_STEPS = {"cuda": 300, "cpu": 120}
 
 
 #: Seconds per step of ``scdl finetune`` end to end (start, preprocessing, validations and registering included) of
-#: the starter on a store of one reviewed and one unlabeled CT, on a 2-core CPU: 200 s for 120 steps and 485 s for 300
+#: the starter (starter@3) on a store of one reviewed and one unlabeled CT, on a 2-core CPU: 231 s for 120 steps
 #: (Testing/Benchmarks/results/finetune_cpu.md). A faster CPU takes less; larger models and stores take more.
-CPU_FINETUNE_SECONDS_PER_STEP = 1.65
+CPU_FINETUNE_SECONDS_PER_STEP = 1.93
 
 
 def default_finetune_steps(device_type: str) -> int:
