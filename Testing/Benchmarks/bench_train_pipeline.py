@@ -5,7 +5,8 @@ exactly as ``bench_accuracy.py`` does (fold 1's store: A labeled, C and F unlabe
 each stage of ``Trainer.train_step`` separately, per configuration:
 
 - ``sample``: :class:`scdlcore.training.patches.PatchSampler` draws the step's patches from the cached volumes;
-- ``augment``: :class:`scdlcore.training.augment.Augmenter` (contrast phase, MONAI spatial and intensity, short scan);
+- ``augment``: ``Trainer.augmented_batch`` (to tensors; :class:`scdlcore.training.augment.Augmenter`: contrast phase,
+  MONAI spatial and intensity, short scan);
 - ``step``: :func:`scdlcore.training.trainer.optimisation_step` (forward, losses, backward, SGD) on that batch;
 - ``step on MetaTensors``: the same batch wrapped as MONAI MetaTensors, which is what the augmenter handed the
   network before it returned plain tensors: the baseline of that change, measured in the same run.
@@ -25,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from bench_accuracy import base_config, configurations, prepare_data, resolve_budget
 from bench_common import table_head, write_table
 
@@ -46,19 +46,12 @@ def time_stages(trainer, steps: int, warmup: int) -> dict[str, list[float]]:
         began = time.perf_counter()
         arrays = trainer.sampler.batch(step)
         sampled = time.perf_counter()
-        images, labels, valid = trainer.augmenter(
-            torch.from_numpy(arrays["image"]),
-            torch.from_numpy(arrays["labels"]),
-            torch.from_numpy(arrays["valid"]),
-            step,
-            torch.from_numpy(arrays["class_hu"]),
-        )
-        images = images.contiguous(memory_format=torch.channels_last_3d)
+        batch = trainer.augmented_batch(arrays, step)
         augmented = time.perf_counter()
-        mask = None if bool(valid.all()) else valid
-        optimisation_step(trainer.model, trainer.optimizer, Batch(images, labels, mask), 0.5, amp=False)
+        optimisation_step(trainer.model, trainer.optimizer, batch, 0.5, amp=False)
         stepped = time.perf_counter()
-        meta = Batch(MetaTensor(images), MetaTensor(labels), None if mask is None else MetaTensor(mask))
+        mask = None if batch.valid is None else MetaTensor(batch.valid)
+        meta = Batch(MetaTensor(batch.images), MetaTensor(batch.labels), mask)
         optimisation_step(trainer.model, trainer.optimizer, meta, 0.5, amp=False)
         meta_stepped = time.perf_counter()
         if step >= warmup:

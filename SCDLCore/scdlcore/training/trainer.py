@@ -294,14 +294,7 @@ class Trainer:
         """One optimiser step on the batch of ``self.step``; returns the losses as floats."""
         self.model.train()
         torch.manual_seed(_step_seed(self.config.train.seed, self.rank, self.step))  # dropout, proxy samples
-        arrays = self.sampler.batch(self.step)
-        images = torch.from_numpy(arrays["image"]).to(self.device)
-        labels = torch.from_numpy(arrays["labels"]).to(self.device)
-        valid = torch.from_numpy(arrays["valid"]).to(self.device)
-        images, labels, valid = self.augmenter(images, labels, valid, self.step, torch.from_numpy(arrays["class_hu"]))
-        if self.config.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last_3d)
-        batch = Batch(images, labels, None if bool(valid.all()) else valid)
+        batch = self.augmented_batch(self.sampler.batch(self.step), self.step)
         losses = optimisation_step(
             self.model, self.optimizer, batch, self.step / self.config.train.steps, amp=self._amp
         )
@@ -313,6 +306,17 @@ class Trainer:
                 f"Non-finite loss at step {self.step}: {values}. Lower train.lr or check the data."
             )
         return values
+
+    def augmented_batch(self, arrays: dict[str, np.ndarray], step: int) -> Batch:
+        """The network's batch from the sampler's ``arrays`` of ``step``: on the device, augmented, in the memory
+        format of the networks."""
+        images = torch.from_numpy(arrays["image"]).to(self.device)
+        labels = torch.from_numpy(arrays["labels"]).to(self.device)
+        valid = torch.from_numpy(arrays["valid"]).to(self.device)
+        images, labels, valid = self.augmenter(images, labels, valid, step, torch.from_numpy(arrays["class_hu"]))
+        if self.config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last_3d)
+        return Batch(images, labels, None if bool(valid.all()) else valid)
 
     def after_step(self, losses: dict[str, float], progress: Progress) -> None:
         """Logging, validation and checkpoints at their cadences."""
