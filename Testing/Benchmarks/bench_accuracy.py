@@ -126,6 +126,8 @@ ABLATION_PREFIX = "scdl_"
 #: (configuration, the one it is compared with, what the difference measures); paired by seed.
 COMPARISONS = (
     ("cps_ga_scdl", "cps_ga", "SCDL on CPS + GA: (c) - (b)"),
+    ("cps_ga_scdl_wide_phase", "cps_ga_wide_phase", "SCDL on CPS + GA, wide slabs + phase: (c12) - (b12)"),
+    ("cps_ga_wide_phase", "supervised_wide_phase", "CPS + GA over supervised, wide slabs + phase: (b12) - (a12)"),
     ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
     ("cps_ga", "supervised_no_phase", "CPS + GA over supervised: (b) - (a')"),
     ("cps_ga_scdl", "supervised_no_phase", "CPS + GA + SCDL over supervised: (c) - (a')"),
@@ -255,6 +257,7 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
     """
     no_unlabeled = {"train.unlabeled_batch": 0}
     recipe = {"ssl.base": "supervised", "scdl.enabled": False, "augment.phase_prob": 0.0, **no_unlabeled}  # (a')
+    wide_phase = {"train.patch_size": list(WIDE_SLAB), "augment.phase_prob": 0.5}  # starter@3's patches and phase
     return {
         "floor": Configuration(
             "naive floor: supervised, uniform crops, no augmentation, window [-125, 275]",
@@ -325,9 +328,16 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         ),
         "supervised_wide_phase": Configuration(
             "(a12) supervised, the recipe on wide slabs + contrast phase augmentation (p 0.5): starter@3's",
-            {**recipe, "train.patch_size": list(WIDE_SLAB), "augment.phase_prob": 0.5},
+            {**recipe, **wide_phase},
         ),
         "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
+        "cps_ga_wide_phase": Configuration(
+            "(b12) CPS + GA on wide slabs + contrast phase (p 0.5): (a12) with the unlabeled CTs",
+            {"scdl.enabled": False, **wide_phase},
+        ),
+        "cps_ga_scdl_wide_phase": Configuration(
+            "(c12) CPS + GA + SCDL on wide slabs + contrast phase (p 0.5)", wide_phase
+        ),
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),
         "mt_ga": Configuration("(d) Mean Teacher + GA", {"ssl.base": "mean_teacher", "scdl.enabled": False}),
         "mt_ga_scdl": Configuration("(d) Mean Teacher + GA + SCDL", {"ssl.base": "mean_teacher"}),
