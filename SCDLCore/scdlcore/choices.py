@@ -6,7 +6,7 @@ read, a network or predictor when it is built), so the lists cannot drift apart.
 
 from __future__ import annotations
 
-__all__ = ["ANCHOR_MODES", "ARCHS", "BASES", "ENSEMBLES", "NORMS", "P2E_MODES"]
+__all__ = ["ANCHOR_MODES", "ARCHS", "BASES", "ENSEMBLES", "NORMS", "P2E_MODES", "UNREVIEWED_MODES"]
 
 #: Semi-supervised bases (``ssl.base``, model.json ``base``).
 BASES = ("cps", "mean_teacher", "supervised")
@@ -20,3 +20,5 @@ NORMS = ("batch", "instance")
 P2E_MODES = ("tokens", "classes")
 #: SCDL's semantic anchors: from the batch or an exponential moving average.
 ANCHOR_MODES = ("batch", "ema")
+#: What training makes of the organs a partial review left as drawn: labels as drawn, or unknown voxels.
+UNREVIEWED_MODES = ("kept", "unknown")

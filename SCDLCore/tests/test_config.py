@@ -114,6 +114,7 @@ def test_an_unknown_key_with_no_close_match_lists_the_valid_keys():
         ("data", "spacing", [1.5, "x", 2]),
         ("data", "hu_window", [275, -125]),
         ("data", "val_cases", "case7"),
+        ("data", "unreviewed", "ignored"),
         ("augment", "noise_prob", 1.5),
         ("augment", "flip_axes", [3]),
     ],

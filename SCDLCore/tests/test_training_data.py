@@ -174,7 +174,7 @@ def band_voxels(spacing_mm: float) -> tuple[int, int]:
 
 
 def test_reviewed_organs_and_background_in_their_band_are_valid_the_rest_is_not(partial_classes):
-    valid = _partial_valid(partial_classes, [LIVER], SPACING)
+    valid = _partial_valid(partial_classes, [LIVER], SPACING, keep_unreviewed=False)
     assert valid.shape == partial_classes.shape and valid.dtype == bool
     assert valid[partial_classes == LIVER].all()
     assert not valid[partial_classes == SPLEEN].any()  # an unreviewed organ, even next to a reviewed one
@@ -191,16 +191,27 @@ def test_reviewed_organs_and_background_in_their_band_are_valid_the_rest_is_not(
 
 
 def test_reviewing_two_organs_unions_their_masks(partial_classes):
-    both = _partial_valid(partial_classes, [LIVER, AORTA], SPACING)
-    liver = _partial_valid(partial_classes, [LIVER], SPACING)
-    aorta = _partial_valid(partial_classes, [AORTA], SPACING)
+    both = _partial_valid(partial_classes, [LIVER, AORTA], SPACING, keep_unreviewed=False)
+    liver = _partial_valid(partial_classes, [LIVER], SPACING, keep_unreviewed=False)
+    aorta = _partial_valid(partial_classes, [AORTA], SPACING, keep_unreviewed=False)
     np.testing.assert_array_equal(both, liver | aorta)
     assert both[partial_classes == AORTA].all() and not both[partial_classes == SPLEEN].any()
 
 
 def test_a_reviewed_organ_that_is_absent_leaves_nothing_valid(partial_classes):
     pancreas = SYNAPSE13.class_index("pancreas")
-    assert not _partial_valid(partial_classes, [pancreas], SPACING).any()
+    assert not _partial_valid(partial_classes, [pancreas], SPACING, keep_unreviewed=False).any()
+
+
+def test_kept_unreviewed_organs_are_known_as_drawn_with_their_band_and_far_background_is_not(partial_classes):
+    """Kept, the spleen and the far aorta train as drawn: what reviewing every drawn organ would make known."""
+    kept = _partial_valid(partial_classes, [LIVER], SPACING, keep_unreviewed=True)
+    every_organ = _partial_valid(partial_classes, [LIVER, SPLEEN, AORTA], SPACING, keep_unreviewed=False)
+    np.testing.assert_array_equal(kept, every_organ)
+    assert kept[partial_classes > 0].all()
+    zin, zout = band_voxels(SPACING[2])
+    assert kept[25 - zin, 35, 44] and not kept[25 - zout, 35, 44]  # background in the aorta's band, and beyond
+    assert not kept[0, 0, 0] and not kept[29, 39, 0]  # far from every drawn organ: it may hide a missed one
 
 
 # ---------------------------------------------------------------- the preprocessing cache
@@ -263,6 +274,7 @@ def test_the_cache_key_changes_when_a_dicom_folders_file_changes(dataset, tmp_pa
         {"spacing": (2.0, 2.0, 3.0)},
         {"hu_window": (-100.0, 400.0)},
         {"orientation": "LPS"},
+        {"unreviewed": "unknown"},
     ],
     ids=lambda change: next(iter(change)),
 )
@@ -310,10 +322,20 @@ def test_a_cached_case_is_reused_and_a_changed_source_is_prepared_again(dataset,
     assert len(calls) == 1 and len(list(cache_dir.iterdir())) == 2  # a new key: prepared and stored again
 
 
-def test_a_partially_reviewed_case_samples_only_its_known_voxels(dataset, tmp_path):
-    """The reviewed liver is known, the unreviewed spleen is not: neither a valid voxel nor a class to centre on."""
+def test_a_partially_reviewed_case_keeps_its_unreviewed_organs_as_drawn_by_default(dataset):
+    """The default: the unreviewed spleen trains as drawn, a valid voxel and a class to centre on."""
     case = Case("c1", "images/c1.nii.gz", "labels/c1.nii.gz", reviewed=["liver"])
     prepared = prepare_case(dataset, case, CONFIG, None)
+    assert CONFIG.unreviewed == "kept"
+    assert prepared.valid[prepared.classes == SPLEEN].all() and prepared.valid[prepared.classes == LIVER].all()
+    assert set(prepared.class_indices) == {0, LIVER, SPLEEN}
+    assert prepared.valid.ravel()[prepared.class_indices[0]].all()
+
+
+def test_a_partially_reviewed_case_with_unreviewed_unknown_samples_only_its_reviewed_voxels(dataset):
+    """The reviewed liver is known, the unreviewed spleen is not: neither a valid voxel nor a class to centre on."""
+    case = Case("c1", "images/c1.nii.gz", "labels/c1.nii.gz", reviewed=["liver"])
+    prepared = prepare_case(dataset, case, DataConfig(spacing=(2.0, 2.0, 2.0), unreviewed="unknown"), None)
     assert prepared.valid is not None and prepared.valid.shape == prepared.classes.shape
     assert prepared.valid[prepared.classes == LIVER].all()
     assert (prepared.classes == SPLEEN).any() and not prepared.valid[prepared.classes == SPLEEN].any()

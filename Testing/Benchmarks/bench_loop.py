@@ -15,7 +15,9 @@ Protocol (real CTs; the labels of A and B are TotalSegmentator model outputs, no
 
    - M1 (all organs): B's first half with its reference labels, A as rehearsal;
    - M1 (partial): B's first half with liver, spleen and stomach reviewed: M0's segmentation with those organs
-     replaced by the reference, the other organs left as M0 drew them (unreviewed: the trainer ignores them);
+     replaced by the reference, the other organs left as M0 drew them (unreviewed: they train as drawn, the
+     trainer's default ``data.unreviewed = "kept"``);
+   - M1 (partial, unreviewed unknown): the same with ``data.unreviewed = "unknown"`` (the rule before "kept");
    - M1 (partial, no rehearsal): the same without A;
    - M1 (partial, 1st quarter), then M2: the second quarter corrected the same way from M1's result, and M1
      fine-tuned on both quarters (two corrections in a row).
@@ -189,7 +191,7 @@ def _finetunes(
     quarter = reviewed("1st quarter, partial", "first_quarter", m0_result)
     models: dict[str, dict[str, Any]] = {}
 
-    def run(name: str, parent: str, corrections: list[Correction], rehearsal: Path | None) -> str:
+    def run(name: str, parent: str, corrections: list[Correction], rehearsal: Path | None, **settings: Any) -> str:
         print(f"=== seed {seed}: {name}", flush=True)
         folder = args.work / f"seed{seed}" / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         store = DatasetStore.init(folder / "store")
@@ -203,7 +205,7 @@ def _finetunes(
                 model=parent,
             )
         data.add_unlabeled(store)
-        overrides = {"train.seed": seed, "train.compile": args.compile}
+        overrides = {"train.seed": seed, "train.compile": args.compile, **settings}
         if args.smoke:  # validate the parent and the end only: each validation costs ~20 s on a 2-core CPU
             overrides["train.val_every"] = args.finetune_steps
         start = time.perf_counter()
@@ -233,6 +235,7 @@ def _finetunes(
 
     run("M1 (all organs)", m0.ref, [all_organs], train)
     run("M1 (partial)", m0.ref, [partial], train)
+    run("M1 (partial, unreviewed unknown)", m0.ref, [partial], train, **{"data.unreviewed": "unknown"})
     run("M1 (partial, no rehearsal)", m0.ref, [partial], None)
     m1_quarter = run("M1 (partial, 1st quarter)", m0.ref, [quarter], train)
     second = reviewed("2nd quarter, partial", "second_quarter", Slabs.of(predict(m1_quarter, images.whole)))
@@ -385,7 +388,8 @@ def _markdown(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"({span('first_quarter')}) and second quarter ({span('second_quarter')}), stored with C and F "
         "(unlabeled) in a new dataset store per fine-tune; every fine-tune is `scdlcore.training.finetune.finetune` "
         f'with {budget["finetune_steps"]} steps. "all organs": B\'s reference labels; "partial": only '
-        f"{', '.join(CORRECTED_ORGANS)} reviewed, the other organs as the parent model drew them on the whole CT. "
+        f"{', '.join(CORRECTED_ORGANS)} reviewed, the other organs as the parent model drew them on the whole CT, "
+        'which train as drawn (`data.unreviewed = "kept"`) except in "unreviewed unknown" (left out of the losses). '
         "Rehearsal A: M0's labeled CT trains beside the correction. M2: the second quarter corrected from "
         "M1 (partial, 1st quarter)'s result, and that model fine-tuned on both quarters: two corrections in a row.",
         f"- Scored on B's second half ({span('scored')}), segmented on its own: no model saw it in any form. There "

@@ -5,9 +5,11 @@ in a cache folder (``.npz``, keyed by the source files and the preprocessing set
 run never re-reads or re-resamples a volume.
 
 Partially reviewed cases (``reviewed`` lists some organs): voxels of a reviewed organ supervise; so does
-background within ``PARTIAL_BAND_MM`` of a reviewed organ (the person fixed that boundary); every other
-voxel, unreviewed organs included, is unknown (``valid`` False) and takes no part in the losses or in
-SCDL's token targets.
+background within ``PARTIAL_BAND_MM`` of a reviewed organ (the person fixed that boundary). The organs the
+review left as the model drew them train as drawn, with the background in their band (``data.unreviewed =
+"kept"``: without them a fine-tune forgets those organs on the corrected CT), or are unknown (``"unknown"``).
+Every other voxel is unknown (``valid`` False) and takes no part in the losses or in SCDL's token targets:
+background far from every drawn organ may hide an organ the model missed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ _CACHE_VERSION = 3  # 2: body crop searched on 4 mm blocks; 3: canonical orienta
 _MAX_INDICES_PER_CLASS = 20000
 
 
-PARTIAL_BAND_MM = 10.0  # background this close to a reviewed organ counts as reviewed
+PARTIAL_BAND_MM = 10.0  # background this close to a reviewed (or kept) organ is known
 
 
 @dataclass
@@ -90,7 +92,10 @@ def _preprocess(dataset: Dataset, case: Case, config: DataConfig) -> PreparedCas
         prepared.classes = classes
         if case.reviewed is not None:
             prepared.valid = _partial_valid(
-                classes, [dataset.table.class_index(n) for n in case.reviewed], config.spacing
+                classes,
+                [dataset.table.class_index(n) for n in case.reviewed],
+                config.spacing,
+                keep_unreviewed=config.unreviewed == "kept",
             )
         prepared.class_indices = _class_indices(classes, prepared.valid, case.id)
         prepared.class_hu = _class_hu(prepared_image.grid.array, classes, prepared.class_indices)
@@ -103,14 +108,22 @@ def _class_hu(hu: np.ndarray, classes: np.ndarray, class_indices: dict[int, np.n
     return {cls: float(np.median(flat[indices])) for cls, indices in class_indices.items() if cls != 0 and len(indices)}
 
 
-def _partial_valid(classes: np.ndarray, reviewed: list[int], spacing: Sequence[float]) -> np.ndarray:
+def _partial_valid(
+    classes: np.ndarray, reviewed: list[int], spacing: Sequence[float], keep_unreviewed: bool
+) -> np.ndarray:
+    """(D, H, W) bool: the known voxels of a partially reviewed case (see the module docstring).
+
+    Args:
+        classes: (D, H, W) class indices. reviewed: the reviewed classes. spacing: (x, y, z) mm.
+        keep_unreviewed: the other drawn organs count as known too (``data.unreviewed = "kept"``).
+    """
     from scipy import ndimage
 
-    reviewed_mask = np.isin(classes, reviewed)
+    known_organs = classes > 0 if keep_unreviewed else np.isin(classes, reviewed)
     band = np.ceil(PARTIAL_BAND_MM / np.array(spacing[::-1])).astype(int)
     structure = np.ones(tuple(2 * b + 1 for b in band), bool)
-    near = ndimage.binary_dilation(reviewed_mask, structure=structure) if reviewed_mask.any() else reviewed_mask
-    return reviewed_mask | (near & (classes == 0))
+    near = ndimage.binary_dilation(known_organs, structure=structure) if known_organs.any() else known_organs
+    return known_organs | (near & (classes == 0))
 
 
 def _class_indices(classes: np.ndarray, valid: np.ndarray | None, case_id: str) -> dict[int, np.ndarray]:
@@ -144,6 +157,7 @@ def _cache_key(dataset: Dataset, case: Case, config: DataConfig) -> str:
         "window": list(config.hu_window),
         "orientation": config.orientation,
         "band": PARTIAL_BAND_MM,
+        "unreviewed": config.unreviewed,
     }
     return hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
