@@ -546,14 +546,18 @@ def output_folder(args: argparse.Namespace, prefix: str) -> Path:
 
 
 def portable_command(args: argparse.Namespace) -> str:
-    """This invocation's command line, its work and results folders written as WORK and OUT (no machine paths)."""
+    """This invocation's command line with no machine paths: its work and results folders written as WORK and OUT,
+    other absolute paths relative to the current folder when inside it, else as ``PATH/<file name>``."""
     folders = {str(args.out): "OUT", str(args.work): "WORK"}  # OUT first: it may lie inside WORK
 
     def portable(argument: str) -> str:
         for folder, name in folders.items():
             if argument == folder or argument.startswith(folder + "/"):
                 return name + argument[len(folder) :]
-        return argument
+        path = Path(argument)
+        if not path.is_absolute():
+            return argument
+        return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else f"PATH/{path.name}"
 
     return "python " + " ".join([Path(sys.argv[0]).as_posix(), *map(portable, sys.argv[1:])])
 
