@@ -1,5 +1,6 @@
-"""The training benchmarks' building blocks: every accuracy configuration is a valid run configuration, and the
-stage timer of ``bench_train_pipeline.py`` times each stage of a real trainer on real CTs."""
+"""The training benchmarks' building blocks: every accuracy configuration is a valid run configuration, a CPS pair
+is scored both as shipped (the mean of its networks) and by its first network alone, and the stage timer of
+``bench_train_pipeline.py`` times each stage of a real trainer on real CTs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from scdl_test_support import threshold_vnet
 
+from scdlcore.bundle.format import load_bundle, save_bundle
+from scdlcore.io.read import read_image, read_label
 from scdlcore.sample_data import make_sample_dataset
 from scdlcore.training.config import Config
 from scdlcore.training.trainer import Trainer
@@ -22,6 +27,37 @@ import bench_train_pipeline  # noqa: E402
 def test_every_accuracy_configuration_is_a_valid_config(name):
     config = Config().with_overrides(bench_accuracy.configurations(48)[name].overrides)
     assert all(edge % 16 == 0 for edge in config.train.patch_size)
+
+
+@pytest.mark.slow  # a real CT through the predictor
+def test_a_pair_is_scored_as_its_mean_and_by_its_first_network_alone(samples, threshold_bundle, tmp_path):
+    single = load_bundle(threshold_bundle)
+    blank = threshold_vnet()
+    with torch.no_grad():  # background everywhere, loudly enough to outvote the threshold network in the mean
+        blank.head.weight.zero_()
+        blank.head.bias.fill_(-20.0)
+        blank.head.bias[0] = 20.0
+    pair = save_bundle(
+        tmp_path / "pair",
+        [threshold_vnet(), blank],
+        name="pair",
+        labels=single.labels,
+        spacing=single.spacing,
+        hu_window=single.hu_window,
+        patch_size=single.patch_size,
+        description="test stand-in: a threshold network and a blank one",
+    )
+    image = read_image(samples["ct_abdomen"].image)
+    reference = read_label(samples["ct_abdomen"].label, reference=image)
+
+    def dice(bundle: Path, **options: str) -> dict[str, float]:
+        result = bench_accuracy.score_bundle(bundle, image, reference, torch.device("cpu"), **options)
+        return bench_accuracy.summarise(result).dice
+
+    alone = dice(threshold_bundle)
+    assert alone["spleen"] > 0  # the threshold network finds something (its soft tissue overlaps the spleen)
+    assert dice(pair, ensemble="first") == alone
+    assert set(dice(pair).values()) == {0.0}  # the mean, as shipped: the blank network outvotes it
 
 
 @pytest.mark.slow

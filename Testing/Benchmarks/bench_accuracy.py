@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from bench_common import machine_name
 
+from scdlcore.bundle.format import load_bundle
 from scdlcore.dataset.manifest import MANIFEST_NAME
 from scdlcore.dataset.store import DatasetStore
 from scdlcore.inference.postprocess import POSTPROCESSING
@@ -468,23 +469,29 @@ def train_run(
 
 
 def score_bundle(
-    bundle_dir: Path, image: Volume, reference: Volume, device: torch.device, *, largest_component: bool = True
+    bundle_dir: Path,
+    image: Volume,
+    reference: Volume,
+    device: torch.device,
+    *,
+    largest_component: bool = True,
+    ensemble: str | None = None,
 ) -> Any:
     """Segment ``image`` with a bundle (``Predictor``) and score it against ``reference`` on its native grid.
 
     Args:
         largest_component: the predictor's postprocessing (one region per organ), on as shipped.
+        ensemble: the predictor's ``ensemble`` ("mean" of the networks, or the "first" alone); None: the bundle's.
 
     Returns:
         ``scdlcore.evaluation.metrics.EvaluationResult`` (Dice, HD95 and ASD in mm per organ of the bundle's
         label table).
     """
-    from scdlcore.bundle.format import load_bundle
     from scdlcore.evaluation.metrics import evaluate_labels
     from scdlcore.inference.predictor import Predictor
 
     bundle = load_bundle(bundle_dir)
-    predicted = Predictor(bundle, device, largest_component=largest_component).predict_volume(image)
+    predicted = Predictor(bundle, device, ensemble=ensemble, largest_component=largest_component).predict_volume(image)
     return evaluate_labels(predicted.array, reference.array, reference.spacing_zyx, bundle.labels)
 
 
@@ -846,6 +853,11 @@ def _run_one(
     result = score_bundle(bundle, image, reference, args.device)
     summary = summarise(result)
     unprocessed = summarise(score_bundle(bundle, image, reference, args.device, largest_component=False))
+    first_network = (  # a CPS pair: what shipping one of its networks alone would give
+        summarise(score_bundle(bundle, image, reference, args.device, ensemble="first"))
+        if len(load_bundle(bundle).networks) > 1
+        else None
+    )
     print(
         f"=== {name} seed {seed}: trained in {seconds:.0f} s, scored in {time.perf_counter() - start:.0f} s: "
         f"mean Dice {summary.mean_dice:.3f}, "
@@ -863,6 +875,7 @@ def _run_one(
         "summary": summary._asdict(),
         "scores": result.to_dict(),
         "summary_without_postprocessing": unprocessed._asdict(),
+        **({"summary_first_network": first_network._asdict()} if first_network else {}),
     }
 
 
@@ -1025,20 +1038,29 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
             f"| {what} | {len(pairs)} | {format_mean_std(dice, signed=True)} | "
             f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |"
         )
-    unprocessed = [r for r in runs if "summary_without_postprocessing" in r]
-    if unprocessed:
-        dice = [r["summary"]["mean_dice"] - r["summary_without_postprocessing"]["mean_dice"] for r in unprocessed]
-        minor = [
-            r["summary"]["minority_mean_dice"] - r["summary_without_postprocessing"]["minority_mean_dice"]
-            for r in unprocessed
-        ]
-        hd95 = [r["summary"]["mean_hd95"] - r["summary_without_postprocessing"]["mean_hd95"] for r in unprocessed]
-        lines.append(
-            f"| the predictor's postprocessing ({POSTPROCESSING}) over none, same bundles (every run; mean "
-            f"HD95 {format_mean_std(hd95, 1, signed=True)} mm) | {len(dice)} | {format_mean_std(dice, signed=True)} | "
-            f"{format_mean_std(minor, signed=True)} | {_reading(dice)} |"
-        )
+    lines += _same_bundle_rows(
+        runs,
+        "summary_without_postprocessing",
+        f"the predictor's postprocessing ({POSTPROCESSING}) over none, same bundles (every run",
+    )
+    lines += _same_bundle_rows(
+        runs, "summary_first_network", "the CPS pair's mean over its first network alone, same bundles (CPS runs"
+    )
     return "\n".join(lines)
+
+
+def _same_bundle_rows(runs: list[dict[str, Any]], key: str, what: str) -> list[str]:
+    """The paired-differences row of the shipped scoring over another scoring (``key``) of the same bundles."""
+    scored = [r for r in runs if key in r]
+    if not scored:
+        return []
+    dice = [r["summary"]["mean_dice"] - r[key]["mean_dice"] for r in scored]
+    minor = [r["summary"]["minority_mean_dice"] - r[key]["minority_mean_dice"] for r in scored]
+    hd95 = [r["summary"]["mean_hd95"] - r[key]["mean_hd95"] for r in scored]
+    return [
+        f"| {what}; mean HD95 {format_mean_std(hd95, 1, signed=True)} mm) | {len(dice)} | "
+        f"{format_mean_std(dice, signed=True)} | {format_mean_std(minor, signed=True)} | {_reading(dice)} |"
+    ]
 
 
 def _organ_table(
