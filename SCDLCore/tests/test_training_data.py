@@ -174,7 +174,7 @@ def band_voxels(spacing_mm: float) -> tuple[int, int]:
 
 
 def test_reviewed_organs_and_background_in_their_band_are_valid_the_rest_is_not(partial_classes):
-    valid = _partial_valid(partial_classes, [LIVER], SPACING, keep_unreviewed=False)
+    valid = _partial_valid(partial_classes, [LIVER], SPACING)
     assert valid.shape == partial_classes.shape and valid.dtype == bool
     assert valid[partial_classes == LIVER].all()
     assert not valid[partial_classes == SPLEEN].any()  # an unreviewed organ, even next to a reviewed one
@@ -191,22 +191,22 @@ def test_reviewed_organs_and_background_in_their_band_are_valid_the_rest_is_not(
 
 
 def test_reviewing_two_organs_unions_their_masks(partial_classes):
-    both = _partial_valid(partial_classes, [LIVER, AORTA], SPACING, keep_unreviewed=False)
-    liver = _partial_valid(partial_classes, [LIVER], SPACING, keep_unreviewed=False)
-    aorta = _partial_valid(partial_classes, [AORTA], SPACING, keep_unreviewed=False)
+    both = _partial_valid(partial_classes, [LIVER, AORTA], SPACING)
+    liver = _partial_valid(partial_classes, [LIVER], SPACING)
+    aorta = _partial_valid(partial_classes, [AORTA], SPACING)
     np.testing.assert_array_equal(both, liver | aorta)
     assert both[partial_classes == AORTA].all() and not both[partial_classes == SPLEEN].any()
 
 
 def test_a_reviewed_organ_that_is_absent_leaves_nothing_valid(partial_classes):
     pancreas = SYNAPSE13.class_index("pancreas")
-    assert not _partial_valid(partial_classes, [pancreas], SPACING, keep_unreviewed=False).any()
+    assert not _partial_valid(partial_classes, [pancreas], SPACING).any()
 
 
 def test_kept_unreviewed_organs_are_known_as_drawn_with_their_band_and_far_background_is_not(partial_classes):
     """Kept, the spleen and the far aorta train as drawn: what reviewing every drawn organ would make known."""
-    kept = _partial_valid(partial_classes, [LIVER], SPACING, keep_unreviewed=True)
-    every_organ = _partial_valid(partial_classes, [LIVER, SPLEEN, AORTA], SPACING, keep_unreviewed=False)
+    kept = _partial_valid(partial_classes, None, SPACING)
+    every_organ = _partial_valid(partial_classes, [LIVER, SPLEEN, AORTA], SPACING)
     np.testing.assert_array_equal(kept, every_organ)
     assert kept[partial_classes > 0].all()
     zin, zout = band_voxels(SPACING[2])

@@ -91,12 +91,8 @@ def _preprocess(dataset: Dataset, case: Case, config: DataConfig) -> PreparedCas
             raise ValueError(f"Label map {dataset.path(case.label)} of case {case.id!r}: {err}") from err
         prepared.classes = classes
         if case.reviewed is not None:
-            prepared.valid = _partial_valid(
-                classes,
-                [dataset.table.class_index(n) for n in case.reviewed],
-                config.spacing,
-                keep_unreviewed=config.unreviewed == "kept",
-            )
+            known = None if config.unreviewed == "kept" else [dataset.table.class_index(n) for n in case.reviewed]
+            prepared.valid = _partial_valid(classes, known, config.spacing)
         prepared.class_indices = _class_indices(classes, prepared.valid, case.id)
         prepared.class_hu = _class_hu(prepared_image.grid.array, classes, prepared.class_indices)
     return prepared
@@ -108,18 +104,17 @@ def _class_hu(hu: np.ndarray, classes: np.ndarray, class_indices: dict[int, np.n
     return {cls: float(np.median(flat[indices])) for cls, indices in class_indices.items() if cls != 0 and len(indices)}
 
 
-def _partial_valid(
-    classes: np.ndarray, reviewed: list[int], spacing: Sequence[float], keep_unreviewed: bool
-) -> np.ndarray:
+def _partial_valid(classes: np.ndarray, known: Sequence[int] | None, spacing: Sequence[float]) -> np.ndarray:
     """(D, H, W) bool: the known voxels of a partially reviewed case (see the module docstring).
 
     Args:
-        classes: (D, H, W) class indices. reviewed: the reviewed classes. spacing: (x, y, z) mm.
-        keep_unreviewed: the other drawn organs count as known too (``data.unreviewed = "kept"``).
+        classes: (D, H, W) class indices. spacing: (x, y, z) mm.
+        known: the classes known as drawn: the reviewed ones (``data.unreviewed = "unknown"``), or None for every
+            drawn organ (``"kept"``).
     """
     from scipy import ndimage
 
-    known_organs = classes > 0 if keep_unreviewed else np.isin(classes, reviewed)
+    known_organs = classes > 0 if known is None else np.isin(classes, known)
     band = np.ceil(PARTIAL_BAND_MM / np.array(spacing[::-1])).astype(int)
     structure = np.ones(tuple(2 * b + 1 for b in band), bool)
     near = ndimage.binary_dilation(known_organs, structure=structure) if known_organs.any() else known_organs
