@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from scdl_test_support import threshold_vnet
 
 from scdlcore.bundle.format import load_bundle, save_bundle
 from scdlcore.bundle.registry import ModelRegistry
 from scdlcore.dataset.store import DatasetStore
 from scdlcore.labels import SYNAPSE13
-from scdlcore.training.finetune import compare_to_parent, finetune
+from scdlcore.training.finetune import bundle_weights_for_base, compare_to_parent, finetune
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = {"train.patch_size": [32, 32, 32], "train.labeled_batch": 1, "train.unlabeled_batch": 1}
@@ -107,7 +108,7 @@ def test_recorded_before_and_after_dice_are_what_segment_and_evaluate_measure(st
 def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_child_segments_as_fast(
     store, registry, tmp_path
 ):
-    """The starter's case: a CPS bundle with one network. The child trains both networks from it (see
+    """starter@3's case: a CPS bundle with one network. The child trains both networks from it (see
     test_trainer's test of the copy), keeps both for `dataset suggest`, and segments with the first, like its parent."""
     parent = save_bundle(
         tmp_path / "cps1",
@@ -126,8 +127,35 @@ def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_chi
 
 
 @pytest.mark.slow  # fine-tunes
+def test_a_parent_that_ships_its_cps_pair_starts_each_network_from_its_own_and_its_child_segments_with_the_mean(
+    store, registry, tmp_path
+):
+    """The starter's case (starter@4): a CPS bundle with both networks, segmenting with their mean."""
+    second = threshold_vnet()
+    with torch.no_grad():
+        second.head.bias[1] -= 5.0  # another network than the first
+    parent = save_bundle(
+        tmp_path / "cps2",
+        [threshold_vnet(), second],
+        name="pair",
+        base="cps",
+        labels=SYNAPSE13,
+        spacing=(6.0, 6.0, 6.0),
+        hu_window=(-125, 275),
+        patch_size=(64, 64, 64),
+    )
+    registry.import_(parent)
+    start = bundle_weights_for_base(registry.resolve("pair"), "cps")
+    assert torch.equal(start["networks.1.head.bias"], second.head.bias)
+    assert not torch.equal(start["networks.0.head.bias"], second.head.bias)
+    result = finetune("pair", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
+    child = registry.info(result.model)
+    assert (result.model, len(child.networks), child.ensemble) == ("pair@2", 2, "mean")
+
+
+@pytest.mark.slow  # fine-tunes
 def test_a_parent_trained_supervised_is_fine_tuned_semi_supervised(store, registry, tmp_path):
-    """The starter is trained supervised; the annotation loop learns from the store's unlabeled CT too."""
+    """A parent trained supervised (starter@3 was): the annotation loop learns from the store's unlabeled CT too."""
     assert registry.info("threshold@1").base == "supervised"
     result = finetune(
         "threshold", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST

@@ -237,7 +237,7 @@ def finetune(
         resume=resume,
         cancel=cancel,
         init_weights=bundle_weights_for_base(parent, config.ssl.base),
-        # A one-network parent (the starter ships one of its CPS pair): the child segments with its first network,
+        # A one-network parent (starter@3 shipped one of its CPS pair): the child segments with its first network,
         # as fast as its parent; the second is kept for the disagreement that `dataset suggest` ranks by.
         bundle_meta={
             "name": parent.name,

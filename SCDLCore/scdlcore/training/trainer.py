@@ -279,7 +279,7 @@ class Trainer:
 
     def _load_init_weights(self) -> None:
         """Start from ``init_weights``. A network they do not cover starts as a copy of the first network: a
-        bundle ships one network of its CPS pair, and an untrained partner would teach the other noise."""
+        bundle may ship one network of its CPS pair, and an untrained partner would teach the other noise."""
         missing = set(self.base.load_state_dict(self.init_weights, strict=False).missing_keys)
         networks = self.base.networks
         for index in range(1, len(networks)):
