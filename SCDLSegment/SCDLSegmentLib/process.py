@@ -78,6 +78,7 @@ class ChildProcess:
         self._stderr: collections.deque[str] = collections.deque(maxlen=stderr_lines)
         self._process: subprocess.Popen | None = None
         self._stderr_thread: threading.Thread | None = None
+        self._stdout_thread: threading.Thread | None = None
         self._cancelled = False
         self._exit_delivered = False
 
@@ -123,9 +124,10 @@ class ChildProcess:
             target=self._read_stderr, args=(self._process.stderr,), name="child-stderr", daemon=True
         )
         self._stderr_thread.start()
-        threading.Thread(
+        self._stdout_thread = threading.Thread(
             target=self._read_stdout, args=(self._process.stdout,), name="child-stdout", daemon=True
-        ).start()
+        )
+        self._stdout_thread.start()
 
     def send(self, message: Mapping[str, Any]) -> None:
         """Write one JSON object as one line to the child's stdin.
@@ -138,6 +140,13 @@ class ChildProcess:
             raise RuntimeError(f"{self.args[0]} was not started as an interactive child process.")
         self._process.stdin.write(json.dumps(message) + "\n")
         self._process.stdin.flush()
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """If the child has exited, wait up to ``timeout`` seconds for its reader threads to queue the ``exit``
+        event: they lag the exit a moment (more on a busy machine), and whoever asks :attr:`running` to decide
+        whether to reuse the child must not be told an exited child still runs."""
+        if self._process is not None and self._process.poll() is not None and self._stdout_thread is not None:
+            self._stdout_thread.join(timeout)
 
     def events(self) -> list[dict[str, Any]]:
         """Every event that arrived since the last call; never blocks."""

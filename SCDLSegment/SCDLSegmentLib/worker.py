@@ -161,7 +161,9 @@ class WorkerClient:
         self._process.wait(timeout)
 
     def poll(self) -> None:
-        """Deliver the events that arrived; kill the worker if a cancel or shutdown went unanswered."""
+        """Deliver the events that arrived (the exit of a worker that has died included: its requests fail
+        and :attr:`running` turns False); kill the worker if a cancel or shutdown went unanswered."""
+        self._process.settle()
         for event in self._process.events():
             self._dispatch(event)
         if self._kill_at is not None and self._process.running and self._clock() >= self._kill_at:

@@ -43,6 +43,26 @@ def test_json_lines_arrive_in_order_and_exit_comes_last_exactly_once():
     assert child.events() == []  # nothing after exit
 
 
+def test_a_child_that_has_exited_is_not_running_once_settled_however_slow_its_reader(monkeypatch):
+    """The exit event comes from a reader thread, which lags the exit (here by 0.5 s, as on a busy machine):
+    settle() waits for it, so a caller deciding whether to reuse the child is never told a dead one runs."""
+    read_stdout = ChildProcess._read_stdout
+
+    def slow_reader(self, stream):
+        time.sleep(0.5)
+        read_stdout(self, stream)
+
+    monkeypatch.setattr(ChildProcess, "_read_stdout", slow_reader)
+    child = ChildProcess([PY, "-c", "pass"])
+    child.start()
+    assert child.wait(10) == 0
+
+    child.settle()
+
+    assert [event["event"] for event in child.events()] == ["exit"]
+    assert not child.running
+
+
 def test_a_json_exit_event_from_the_child_does_not_end_polling():
     child = ChildProcess([PY, "-c", "import json; print(json.dumps({'event': 'exit'}))"])
     child.start()
