@@ -136,7 +136,7 @@ def _trained_bundle(args: argparse.Namespace) -> Path:
     from scdlcore.bundle.registry import ModelRegistry
 
     bundle = ModelRegistry().resolve(args.model)
-    args.spacing, args.patch = bundle.spacing, bundle.patch_size[0]
+    args.spacing, args.patch = bundle.spacing, tuple(bundle.patch_size)
     args.width = bundle.networks[0].get("width", args.width)
     args.description = f"the trained model {bundle.name}@{bundle.version} ({len(bundle.networks)} x VNet-{args.width})"
     return bundle.path
@@ -260,9 +260,10 @@ def _peak_rss_mib() -> float:
 def _table(results: dict, agreement: dict, args: argparse.Namespace) -> str:
     baseline = results["MONAI baseline"]["seconds"]
     spacing = " x ".join(f"{s:g}" for s in args.spacing)
+    patch = " x ".join(map(str, args.patch)) if isinstance(args.patch, tuple) else f"{args.patch}^3"
     title = (
         f"`scdl segment` vs a plain MONAI pipeline: 512x512x300 CT (ct_abdomen resampled), {args.description}, "
-        f"model spacing {spacing} mm, patch {args.patch}^3, overlap 0.5, device {args.device}"
+        f"model spacing {spacing} mm, patch {patch}, overlap 0.5, device {args.device}"
     )
     columns = [
         "pipeline",
