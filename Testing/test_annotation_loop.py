@@ -104,15 +104,11 @@ def test_recorded_before_and_after_dice_are_what_segment_and_evaluate_measure(st
             assert dice == pytest.approx(measured.organs[organ].dice, abs=1e-12), (ref, organ)
 
 
-@pytest.mark.slow  # fine-tunes
-def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_child_segments_as_fast(
-    store, registry, tmp_path
-):
-    """starter@3's case: a CPS bundle with one network. The child trains both networks from it (see
-    test_trainer's test of the copy), keeps both for `dataset suggest`, and segments with the first, like its parent."""
-    parent = save_bundle(
-        tmp_path / "cps1",
-        [threshold_vnet()],
+def cps_bundle(folder: Path, networks: list) -> Path:
+    """A CPS bundle named "pair" of ``networks`` (test stand-ins) on the threshold bundle's grid."""
+    return save_bundle(
+        folder,
+        networks,
         name="pair",
         base="cps",
         labels=SYNAPSE13,
@@ -120,7 +116,15 @@ def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_chi
         hu_window=(-125, 275),
         patch_size=(64, 64, 64),
     )
-    registry.import_(parent)
+
+
+@pytest.mark.slow  # fine-tunes
+def test_a_parent_that_ships_one_network_of_its_cps_pair_starts_both_and_its_child_segments_as_fast(
+    store, registry, tmp_path
+):
+    """starter@3's case: a CPS bundle with one network. The child trains both networks from it (see
+    test_trainer's test of the copy), keeps both for `dataset suggest`, and segments with the first, like its parent."""
+    registry.import_(cps_bundle(tmp_path / "cps1", [threshold_vnet()]))
     result = finetune("pair", store, registry=registry, steps=2, output=tmp_path / "run", device="cpu", overrides=FAST)
     child = registry.info(result.model)
     assert (result.model, len(child.networks), child.ensemble) == ("pair@2", 2, "first")
@@ -134,17 +138,7 @@ def test_a_parent_that_ships_its_cps_pair_starts_each_network_from_its_own_and_i
     second = threshold_vnet()
     with torch.no_grad():
         second.head.bias[1] -= 5.0  # another network than the first
-    parent = save_bundle(
-        tmp_path / "cps2",
-        [threshold_vnet(), second],
-        name="pair",
-        base="cps",
-        labels=SYNAPSE13,
-        spacing=(6.0, 6.0, 6.0),
-        hu_window=(-125, 275),
-        patch_size=(64, 64, 64),
-    )
-    registry.import_(parent)
+    registry.import_(cps_bundle(tmp_path / "cps2", [threshold_vnet(), second]))
     start = bundle_weights_for_base(registry.resolve("pair"), "cps")
     assert torch.equal(start["networks.1.head.bias"], second.head.bias)
     assert not torch.equal(start["networks.0.head.bias"], second.head.bias)
