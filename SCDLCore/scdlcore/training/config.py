@@ -52,10 +52,10 @@ DEFAULT_FINETUNE_STEPS = {"cuda": 300, "cpu": 120}
 
 
 #: Seconds per step of ``scdl finetune`` end to end (start, preprocessing, validations and registering included) of
-#: the starter (starter@3) on a store of one reviewed and one unlabeled CT, on a 2-core CPU: 227 s for 120 steps,
+#: the starter (starter@4) on a store of one reviewed and one unlabeled CT, on a 2-core CPU: 197 s for 120 steps,
 #: median of 3 (Testing/Benchmarks/results/finetune_cpu.md). A faster CPU takes less; larger models and stores
 #: take more.
-CPU_FINETUNE_SECONDS_PER_STEP = 1.89
+CPU_FINETUNE_SECONDS_PER_STEP = 1.64
 
 
 def default_finetune_steps(device_type: str) -> int:
