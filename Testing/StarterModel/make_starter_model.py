@@ -6,7 +6,7 @@
    a leave-one-patient-out fold instead (B never trained on);
 2. exports the trained networks as the bundle ``starter`` with float16 weights (a CPS pair at half precision is
    under 10 MB; it predicts with the mean of both, as the benchmark scores it: one network of a pair alone is
-   less stable, see the CPS-pair row of ``Testing/Benchmarks/results/accuracy_fold1_cpu.md``);
+   less stable, see "Ship both networks of a CPS pair" in the README);
 3. segments both labeled CTs with the bundle, exactly as ``scdl segment`` and ``scdl evaluate`` do, and records
    the per-organ scores in its ``model.json`` (``metrics.native_grid``; each marked training or held out).
 
