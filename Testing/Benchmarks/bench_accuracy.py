@@ -130,6 +130,12 @@ COMPARISONS = (
     ("cps_ga_scdl_wide_phase", "cps_ga_wide_phase", "SCDL on CPS + GA, wide slabs + phase: (c12) - (b12)"),
     ("cps_ga_wide_phase", "supervised_wide_phase", "CPS + GA over supervised, wide slabs + phase: (b12) - (a12)"),
     ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
+    ("mt_ga_scdl_wide_phase", "mt_ga_wide_phase", "SCDL on Mean Teacher + GA, wide slabs + phase: (e12) - (d12)"),
+    (
+        "mt_ga_wide_phase",
+        "supervised_wide_phase",
+        "Mean Teacher + GA over supervised, wide slabs + phase: (d12) - (a12)",
+    ),
     ("cps_ga", "supervised_no_phase", "CPS + GA over supervised: (b) - (a')"),
     ("cps_ga_scdl", "supervised_no_phase", "CPS + GA + SCDL over supervised: (c) - (a')"),
     (
@@ -342,6 +348,14 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),
         "mt_ga": Configuration("(d) Mean Teacher + GA", {"ssl.base": "mean_teacher", "scdl.enabled": False}),
         "mt_ga_scdl": Configuration("(d) Mean Teacher + GA + SCDL", {"ssl.base": "mean_teacher"}),
+        "mt_ga_wide_phase": Configuration(
+            "(d12) Mean Teacher + GA on wide slabs + contrast phase (p 0.5)",
+            {"ssl.base": "mean_teacher", "scdl.enabled": False, **wide_phase},
+        ),
+        "mt_ga_scdl_wide_phase": Configuration(
+            "(e12) Mean Teacher + GA + SCDL on wide slabs + contrast phase (p 0.5)",
+            {"ssl.base": "mean_teacher", **wide_phase},
+        ),
         "scdl_p2e_classes": Configuration("(c) with scdl.p2e = classes", {"scdl.p2e": "classes"}),
         "scdl_labeled_only": Configuration("(c) with scdl.unlabeled = off", {"scdl.unlabeled": False}),
         "scdl_grid_fine": Configuration(
