@@ -1,6 +1,7 @@
-"""The training benchmarks' building blocks: every accuracy configuration is a valid run configuration, a CPS pair
-is scored both as shipped (the mean of its networks) and by its first network alone, and the stage timer of
-``bench_train_pipeline.py`` times each stage of a real trainer on real CTs."""
+"""The training benchmarks' building blocks: every accuracy configuration is a valid run configuration, only a
+configuration named transductive trains with the scored CT (unlabeled), a CPS pair is scored both as shipped (the
+mean of its networks) and by its first network alone, and the stage timer of ``bench_train_pipeline.py`` times each
+stage of a real trainer on real CTs."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 from scdl_test_support import threshold_vnet
 
 from scdlcore.bundle.format import load_bundle, save_bundle
+from scdlcore.dataset.store import DatasetStore
 from scdlcore.io.read import read_image, read_label
 from scdlcore.sample_data import make_sample_dataset
 from scdlcore.training.config import Config
@@ -27,6 +30,32 @@ import bench_train_pipeline  # noqa: E402
 def test_every_accuracy_configuration_is_a_valid_config(name):
     config = Config().with_overrides(bench_accuracy.configurations(48)[name].overrides)
     assert all(edge % 16 == 0 for edge in config.train.patch_size)
+
+
+def test_only_configurations_named_transductive_are_transductive():
+    for name, config in bench_accuracy.configurations(48).items():
+        assert config.transductive == ("TRANSDUCTIVE" in config.label) == name.endswith("_transductive")
+
+
+@pytest.mark.slow  # copies four real CTs into two dataset stores
+def test_a_transductive_store_holds_the_scored_ct_without_its_labels(samples, sample_cache_dir, tmp_path):
+    """The benchmark data folder is built from the test cache; ct_chest_nrrd's CT stands in for the resampled chest
+    CTA that ``prepare_data`` writes (only its presence in the store matters here)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "samples").symlink_to(sample_cache_dir / "samples", target_is_directory=True)
+    sitk.WriteImage(
+        sitk.ReadImage(str(samples["ct_chest_nrrd"].image)), str(tmp_path / "data" / bench_accuracy.CTA_FILE)
+    )
+    data = bench_accuracy.BenchData(tmp_path / "data")
+    train, test = bench_accuracy.FOLDS[1]
+
+    folder = data.train_store(tmp_path / "transductive", [train], [test])
+
+    cases = {case.id: case for case in DatasetStore(folder).dataset().cases}
+    assert sorted(cases) == sorted([train, test, "ct_chest_cta", "ct_chest_nrrd"])
+    assert cases[train].label is not None and cases[test].label is None
+    with pytest.raises(ValueError, match="unlabeled"):  # a store without the scored CT is not reused for it
+        data.train_store(data.train_store(tmp_path / "inductive", [train]), [train], [test])
 
 
 @pytest.mark.slow  # a real CT through the predictor

@@ -11,7 +11,8 @@ two contrast phases, so there are two folds (``--fold``):
   direction);
 - fold 2: trains on B and scores A;
 - unlabeled in both: ``ct_chest_cta`` (C, arterial chest CT angiography) and ``ct_chest_nrrd`` (F, a 3D Slicer
-  chest CT). No configuration is transductive: the held-out CT takes no part in training, not even unlabeled.
+  chest CT). The held-out CT takes no part in training, except in a configuration named *transductive*: there it
+  joins the unlabeled pool (never its labels), as a user's own CTs do when a model is fine-tuned on them.
 
 Each configuration is a dict of dotted config overrides applied to ONE base config (the trainer's defaults,
 CPS + GA + SCDL, with this benchmark's budget): see :func:`configurations`. It includes the naive floor of
@@ -129,6 +130,11 @@ COMPARISONS = (
     ("cps_ga_scdl", "cps_ga", "SCDL on CPS + GA: (c) - (b)"),
     ("cps_ga_scdl_wide_phase", "cps_ga_wide_phase", "SCDL on CPS + GA, wide slabs + phase: (c12) - (b12)"),
     ("cps_ga_wide_phase", "supervised_wide_phase", "CPS + GA over supervised, wide slabs + phase: (b12) - (a12)"),
+    (
+        "cps_ga_scdl_wide_phase_transductive",
+        "cps_ga_scdl_wide_phase",
+        "the scored CT unlabeled in training (transductive), CPS + GA + SCDL: (c12t) - (c12)",
+    ),
     ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
     ("mt_ga_scdl_wide_phase", "mt_ga_wide_phase", "SCDL on Mean Teacher + GA, wide slabs + phase: (e12) - (d12)"),
     (
@@ -162,10 +168,14 @@ COMPARISONS = (
 
 
 class Configuration(NamedTuple):
-    """A benchmark configuration: a label for tables and the dotted overrides of the base config."""
+    """A benchmark configuration: a label for tables and the dotted overrides of the base config.
+
+    ``transductive``: the fold's held-out CT is added to the unlabeled pool (its labels never are); the label says so.
+    """
 
     label: str
     overrides: dict[str, Any]
+    transductive: bool = False
 
 
 class RunCancelled(RuntimeError):
@@ -188,12 +198,15 @@ class BenchData:
 
     root: Path
 
-    def train_store(self, folder: Path, labeled: Sequence[str] = ("ct_abdomen",)) -> Path:
+    def train_store(
+        self, folder: Path, labeled: Sequence[str] = ("ct_abdomen",), unlabeled: Sequence[str] = ()
+    ) -> Path:
         """A dataset store of the training CTs in ``folder`` (built once): the ``labeled`` samples (A, B) labeled,
-        C and F unlabeled.
+        C and F unlabeled, and the ``unlabeled`` samples without their labels (a transductive configuration's
+        held-out CT).
 
         Raises:
-            ValueError: ``folder`` holds a store built with other labeled samples.
+            ValueError: ``folder`` holds a store built with other samples.
         """
         if not (folder / MANIFEST_NAME).is_file():
             store = DatasetStore.init(folder)
@@ -203,9 +216,15 @@ class BenchData:
                     sample.image, sample.label, case_id=name, source=f"scdlcore sample {name} (TotalSegmentator labels)"
                 )
             self.add_unlabeled(store)
-        held = sorted(case.id for case in DatasetStore(folder).dataset().labeled)
-        if held != sorted(labeled):
-            raise ValueError(f"{folder} holds the labeled cases {held}, not {sorted(labeled)}; give another folder.")
+            for name in unlabeled:
+                store.add(fetch_sample(name, cache_dir=self.root).image, case_id=name, source=f"scdlcore sample {name}")
+        dataset = DatasetStore(folder).dataset()
+        held = sorted(case.id for case in dataset.labeled), {case.id for case in dataset.unlabeled}
+        if held[0] != sorted(labeled) or not set(unlabeled) <= held[1]:
+            raise ValueError(
+                f"{folder} holds the labeled cases {held[0]} and unlabeled {sorted(held[1])}, not {sorted(labeled)} "
+                f"and {sorted(unlabeled)}; give another folder."
+            )
         return folder
 
     def add_unlabeled(self, store: DatasetStore) -> None:
@@ -344,6 +363,11 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         ),
         "cps_ga_scdl_wide_phase": Configuration(
             "(c12) CPS + GA + SCDL on wide slabs + contrast phase (p 0.5)", wide_phase
+        ),
+        "cps_ga_scdl_wide_phase_transductive": Configuration(
+            "(c12t) TRANSDUCTIVE: (c12) with the scored CT in the unlabeled pool, as in a fine-tune on a user's CTs",
+            wide_phase,
+            transductive=True,
         ),
         "cps_ga_scdl": Configuration("(c) CPS + GA + SCDL", {}),
         "mt_ga": Configuration("(d) Mean Teacher + GA", {"ssl.base": "mean_teacher", "scdl.enabled": False}),
@@ -603,7 +627,12 @@ def main() -> None:
     out = output_folder(args, "accuracy")
     configs = configurations(args.patch)
     train, test = FOLDS[args.fold]
-    base = base_config(args, data.train_store(args.work / f"train-fold{args.fold}", [train]))
+    store = args.work / f"train-fold{args.fold}"
+    bases = {False: base_config(args, data.train_store(store, [train]))}
+    if any(configs[name].transductive for name in args.configs):
+        bases[True] = base_config(
+            args, data.train_store(store.with_name(store.name + "-transductive"), [train], [test])
+        )
     image, reference = data.test_case(test)
     done = {(run["config"], run["seed"]) for run in earlier["runs"]}
     # The comparisons (a)-(d) over every seed first, then the ablation;
@@ -641,7 +670,10 @@ def main() -> None:
     args.stop_at = None if args.time_limit is None else time.time() + args.time_limit
     runner = functools.partial(_run_in_pool, jobs=args.jobs) if args.jobs > 1 else _run_in_process
     outcome.not_run = runner(
-        tasks, lambda task: (task[0], configs[task[0]], task[1], base, args, image, reference), record, args.time_limit
+        tasks,
+        lambda task: (task[0], configs[task[0]], task[1], bases[configs[task[0]].transductive], args, image, reference),
+        record,
+        args.time_limit,
     )
     _write_results(outcome, configs, args, out)
     if outcome.runs:
