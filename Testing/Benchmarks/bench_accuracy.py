@@ -136,6 +136,11 @@ COMPARISONS = (
         "the scored CT unlabeled in training (transductive), CPS + GA + SCDL: (c12t) - (c12)",
     ),
     ("mt_ga_scdl", "mt_ga", "SCDL on Mean Teacher + GA: (d + SCDL) - (d)"),
+    (
+        "supervised_instance_wide_phase",
+        "supervised_wide_phase",
+        "instance norm instead of batch norm on supervised, wide slabs + phase: (a13) - (a12)",
+    ),
     ("mt_ga_scdl_wide_phase", "mt_ga_wide_phase", "SCDL on Mean Teacher + GA, wide slabs + phase: (e12) - (d12)"),
     (
         "mt_ga_wide_phase",
@@ -355,6 +360,10 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         "supervised_wide_phase": Configuration(
             "(a12) supervised, the recipe on wide slabs + contrast phase augmentation (p 0.5): starter@3's",
             {**recipe, **wide_phase},
+        ),
+        "supervised_instance_wide_phase": Configuration(
+            "(a13) supervised, the recipe with instance norm on wide slabs + contrast phase (p 0.5)",
+            {**recipe, **wide_phase, "network.norm": "instance"},
         ),
         "cps_ga": Configuration("(b) CPS + GA", {"scdl.enabled": False}),
         "cps_ga_wide_phase": Configuration(
