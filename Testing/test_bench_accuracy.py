@@ -185,3 +185,18 @@ def test_the_recorded_command_holds_no_machine_path(monkeypatch, tmp_path):
     assert "--work WORK" in command and "--out OUT" in command and "--data data" in command
     assert "--add-to PATH/accuracy.json" in command
     assert str(tmp_path) not in command and str(elsewhere.parent) not in command
+
+
+def test_the_tables_list_configurations_in_their_defined_order_whatever_order_the_runs_came_in(
+    monkeypatch, tmp_path, earlier_table
+):
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(earlier_table))
+    earlier = bench_accuracy._earlier_results(args.add_to, args)
+    configs = bench_accuracy.configurations(args.patch)
+    outcome = bench_accuracy.Outcome(runs=earlier["runs"][::-1], earlier=earlier["earlier"])
+
+    report = bench_accuracy._markdown(outcome.runs, configs, bench_accuracy._meta(args, outcome))
+
+    present = [config.label for name, config in configs.items() if any(r["config"] == name for r in outcome.runs)]
+    first_rows = [report.index(f"| {label} |") for label in present]
+    assert len(present) > 2 and first_rows == sorted(first_rows)

@@ -991,7 +991,7 @@ def _sample(name: str) -> str:
 
 
 def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any]) -> str:
-    by_config = _by_config(runs)
+    by_config = _by_config(runs, configs)
     first = runs[0]["summary"]
     organs, minority = list(first["dice"]), first["minority"]
     budget = meta["budget"]
@@ -1154,7 +1154,7 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_config = _by_config(runs)
+    by_config = _by_config(runs, configs)
     first = runs[0]["summary"]
     groups = [*first["dice"], "mean", "minority mean"]
 
@@ -1192,11 +1192,11 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
     plt.close(figure)
 
 
-def _by_config(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        grouped.setdefault(run["config"], []).append(run)
-    return grouped
+def _by_config(runs: list[dict[str, Any]], configs: dict[str, Configuration]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of each configuration that has any, in the order of :func:`configurations` (tables read the same
+    whichever invocation trained which run)."""
+    grouped = {name: [run for run in runs if run["config"] == name] for name in configs}
+    return {name: entries for name, entries in grouped.items() if entries}
 
 
 def _paired(by_config: dict[str, list[dict[str, Any]]], name: str, other: str) -> list[tuple[dict, dict]]:
