@@ -131,6 +131,11 @@ COMPARISONS = (
     ("cps_ga_scdl_wide_phase", "cps_ga_wide_phase", "SCDL on CPS + GA, wide slabs + phase: (c12) - (b12)"),
     ("cps_ga_wide_phase", "supervised_wide_phase", "CPS + GA over supervised, wide slabs + phase: (b12) - (a12)"),
     (
+        "cps_ga_scdl_instance_wide_phase",
+        "cps_ga_scdl_wide_phase",
+        "instance norm instead of batch norm on CPS + GA + SCDL, wide slabs + phase: (c13) - (c12)",
+    ),
+    (
         "cps_ga_scdl_wide_phase_transductive",
         "cps_ga_scdl_wide_phase",
         "the scored CT unlabeled in training (transductive), CPS + GA + SCDL: (c12t) - (c12)",
@@ -372,6 +377,10 @@ def configurations(patch_edge: int) -> dict[str, Configuration]:
         ),
         "cps_ga_scdl_wide_phase": Configuration(
             "(c12) CPS + GA + SCDL on wide slabs + contrast phase (p 0.5)", wide_phase
+        ),
+        "cps_ga_scdl_instance_wide_phase": Configuration(
+            "(c13) CPS + GA + SCDL with instance norm on wide slabs + contrast phase (p 0.5)",
+            {**wide_phase, "network.norm": "instance"},
         ),
         "cps_ga_scdl_wide_phase_transductive": Configuration(
             "(c12t) TRANSDUCTIVE: (c12) with the scored CT in the unlabeled pool, as in a fine-tune on a user's CTs",
