@@ -1156,7 +1156,8 @@ def _reading(differences: list[float]) -> str:
 def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: dict[str, Any], path: Path) -> None:
     """Grouped bars: Dice per organ present in the held-out CT (and the two means).
 
-    One bar per configuration, std as error bars.
+    One bar per configuration (up to 20 distinct colours), std as error bars; the legend sits below the bars so
+    that it hides none of them.
     """
     import matplotlib
 
@@ -1173,7 +1174,9 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
             group, summary["dice"].get(group, math.nan)
         )
 
-    figure, axes = plt.subplots(figsize=(max(9.0, 1.2 * len(groups)), 5))
+    legend_rows = math.ceil(len(by_config) / 2)
+    figure, axes = plt.subplots(figsize=(max(9.0, 1.2 * len(groups)), 5 + 0.16 * legend_rows))
+    colours = plt.get_cmap("tab20").colors
     width = 0.8 / len(by_config)
     x = np.arange(len(groups))
     for index, (name, entries) in enumerate(by_config.items()):
@@ -1186,6 +1189,7 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
             width,
             yerr=stds,
             capsize=2,
+            color=colours[index % len(colours)],
             label=configs[name].label,
         )
     axes.set_xticks(x, [g.replace("_", " ") for g in groups], rotation=30, ha="right", fontsize=8)
@@ -1195,8 +1199,8 @@ def _plot(runs: list[dict[str, Any]], configs: dict[str, Configuration], meta: d
         f"(TotalSegmentator reference labels) - {meta['machine']}",
         fontsize=9,
     )
-    axes.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
+    figure.legend(*axes.get_legend_handles_labels(), loc="lower center", fontsize=7, ncol=2, frameon=False)
+    figure.tight_layout(rect=(0, 0.035 * legend_rows, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
