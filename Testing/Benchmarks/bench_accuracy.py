@@ -229,11 +229,12 @@ class BenchData:
             for name in unlabeled:
                 store.add(fetch_sample(name, cache_dir=self.root).image, case_id=name, source=f"scdlcore sample {name}")
         dataset = DatasetStore(folder).dataset()
-        held = sorted(case.id for case in dataset.labeled), {case.id for case in dataset.unlabeled}
-        if held[0] != sorted(labeled) or not set(unlabeled) <= held[1]:
+        held_labeled = sorted(case.id for case in dataset.labeled)
+        held_unlabeled = sorted(case.id for case in dataset.unlabeled)
+        if held_labeled != sorted(labeled) or not set(unlabeled) <= set(held_unlabeled):
             raise ValueError(
-                f"{folder} holds the labeled cases {held[0]} and unlabeled {sorted(held[1])}, not {sorted(labeled)} "
-                f"and {sorted(unlabeled)}; give another folder."
+                f"{folder} holds the labeled cases {held_labeled} and unlabeled {held_unlabeled}, "
+                f"not {sorted(labeled)} and {sorted(unlabeled)}; give another folder."
             )
         return folder
 
@@ -645,12 +646,17 @@ def main() -> None:
     out = output_folder(args, "accuracy")
     configs = configurations(args.patch)
     train, test = FOLDS[args.fold]
-    store = args.work / f"train-fold{args.fold}"
-    bases = {False: base_config(args, data.train_store(store, [train]))}
-    if any(configs[name].transductive for name in args.configs):
-        bases[True] = base_config(
-            args, data.train_store(store.with_name(store.name + "-transductive"), [train], [test])
+    bases = {  # one training store per kind of configuration asked for: the scored CT left out, or unlabeled too
+        transductive: base_config(
+            args,
+            data.train_store(
+                args.work / f"train-fold{args.fold}{'-transductive' if transductive else ''}",
+                [train],
+                [test] if transductive else [],
+            ),
         )
+        for transductive in {configs[name].transductive for name in args.configs}
+    }
     image, reference = data.test_case(test)
     done = {(run["config"], run["seed"]) for run in earlier["runs"]}
     # The comparisons (a)-(d) over every seed first, then the ablation;
