@@ -737,7 +737,9 @@ def _earlier_results(paths: Sequence[Path], args: argparse.Namespace) -> dict[st
             if key in runs and _run_identity(runs[key]) != _run_identity(run):
                 raise SystemExit(f"{path}: its run {key[0]} seed {key[1]} is another run than an earlier file's.")
             runs.setdefault(key, run)
-        provenance += [entry for entry in earlier["earlier"] if entry not in provenance]
+        for entry in earlier["earlier"]:  # each invocation once, also where one file lists a command twice
+            if entry not in provenance:
+                provenance.append(entry)
     return {"runs": list(runs.values()), "earlier": provenance}
 
 
@@ -768,10 +770,14 @@ def _one_earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]
     unknown = sorted({run["config"] for run in runs} - set(configurations(args.patch)))
     if unknown:
         raise SystemExit(f"{path}: unknown configurations {', '.join(unknown)}.")
-    before = earlier.get("earlier", [])  # the invocations that file itself extended, with their own runs counted
-    made = {key: earlier.get(key) for key in ("command", "machine", "torch", "date")}
-    made["runs"] = len(runs) - sum(e["runs"] for e in before)
-    return {"runs": runs, "earlier": [*before, made]}
+    # The invocations that file itself extended, then its own. No run counts: where tables made side by side are
+    # united, one command run twice (resumed, or extended twice) cannot say which runs were its own.
+    before = [_provenance(entry) for entry in earlier.get("earlier", [])]
+    return {"runs": runs, "earlier": [*before, _provenance(earlier)]}
+
+
+def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
+    return {key: meta.get(key) for key in ("command", "machine", "torch", "date")}
 
 
 def _summary_from_json(summary: dict[str, Any]) -> dict[str, Any]:
@@ -1022,8 +1028,7 @@ def _markdown(runs: list[dict[str, Any]], configs: dict[str, Configuration], met
         f"- Command: `{meta['command']}`",
         f"- Machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}",
         *(
-            f"- Extends (`--add-to`) a table of {e['runs']} runs made by `{e['command']}` on {e['machine']}; "
-            f"torch {e['torch']}; {e['date']}"
+            f"- Extends (`--add-to`) runs made by `{e['command']}` on {e['machine']}; torch {e['torch']}; {e['date']}"
             for e in meta["earlier"]
         ),
         f"- Budget, the same for every configuration: VNet-{budget['width']}, {budget['steps']} steps, patches of "
