@@ -140,7 +140,7 @@ def extended(table: Path, folder: Path, name: str, seed: int, train_seconds: flo
     committed = json.loads(table.read_text(encoding="utf-8"))
     run = next(r for r in committed["runs"] if r["config"] == "cps_ga_scdl")
     made = {key: committed[key] for key in ("command", "machine", "torch", "date")}
-    earlier = [*committed.get("earlier", []), {**made, "runs": len(committed["runs"]) - 10}]
+    earlier = [*committed.get("earlier", []), made]
     table_of_it = {
         **committed,
         "command": f"python bench_accuracy.py --seeds {seed + 1} ({name})",
@@ -158,8 +158,11 @@ def test_tables_made_side_by_side_from_one_table_are_united(monkeypatch, tmp_pat
     # Tables written before provenance lost its run counts could count one invocation differently, or list it twice
     # (a command run twice): it is still one invocation.
     table = json.loads(other.read_text(encoding="utf-8"))
-    table["earlier"][-1]["runs"] = -2
-    table["earlier"].append({**table["earlier"][-1], "runs": 3})
+    table["earlier"] = [
+        *table["earlier"][:-1],
+        {**table["earlier"][-1], "runs": -2},
+        {**table["earlier"][-1], "runs": 3},
+    ]
     other.write_text(json.dumps(table), encoding="utf-8")
     args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(earlier_table), str(one), str(other))
     earlier = bench_accuracy._earlier_results(args.add_to, args)
