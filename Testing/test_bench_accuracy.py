@@ -111,6 +111,16 @@ def test_a_file_that_is_not_a_results_file_is_refused_by_name(monkeypatch, tmp_p
         bench_accuracy._earlier_results(args.add_to, args)
 
 
+def test_a_results_file_whose_provenance_is_not_ours_is_refused_by_name(monkeypatch, tmp_path, earlier_table):
+    table = json.loads(earlier_table.read_text(encoding="utf-8"))
+    table["earlier"] = ["not an invocation"]
+    earlier_table.write_text(json.dumps(table), encoding="utf-8")
+    args = parse(monkeypatch, tmp_path, *ITS_BUDGET, "--add-to", str(earlier_table))
+
+    with pytest.raises(SystemExit, match=r"ablation_h200\.json: not a results file of bench_accuracy\.py"):
+        bench_accuracy._earlier_results(args.add_to, args)
+
+
 def test_an_interrupted_results_write_keeps_the_table_it_extends(monkeypatch, tmp_path, earlier_table):
     """--out may hold the very accuracy.json that --add-to extends: a write that fails halfway must leave it whole."""
     out = tmp_path / "results"

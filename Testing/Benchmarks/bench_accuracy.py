@@ -758,6 +758,9 @@ def _one_earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]
             {"machine": earlier["machine"], **run, "summary": _summary_from_json(run["summary"])}
             for run in earlier["runs"]
         ]
+        # The invocations that file itself extended, then its own. No run counts: where tables made side by side
+        # are united, one command run twice (resumed, or extended twice) cannot say which runs were its own.
+        provenance = [*(_provenance(entry) for entry in earlier.get("earlier", [])), _provenance(earlier)]
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise SystemExit(f"{path}: not a results file of bench_accuracy.py ({type(err).__name__}: {err}).") from None
     ours = _shared_budget(_meta(args, Outcome()))
@@ -770,10 +773,7 @@ def _one_earlier_results(path: Path, args: argparse.Namespace) -> dict[str, Any]
     unknown = sorted({run["config"] for run in runs} - set(configurations(args.patch)))
     if unknown:
         raise SystemExit(f"{path}: unknown configurations {', '.join(unknown)}.")
-    # The invocations that file itself extended, then its own. No run counts: where tables made side by side are
-    # united, one command run twice (resumed, or extended twice) cannot say which runs were its own.
-    before = [_provenance(entry) for entry in earlier.get("earlier", [])]
-    return {"runs": runs, "earlier": [*before, _provenance(earlier)]}
+    return {"runs": runs, "earlier": provenance}
 
 
 def _provenance(meta: dict[str, Any]) -> dict[str, Any]:
