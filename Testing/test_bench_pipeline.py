@@ -1,13 +1,15 @@
 """The training benchmarks' building blocks: every accuracy configuration is a valid run configuration, only a
 configuration named transductive trains with the scored CT (unlabeled), a CPS pair is scored both as shipped (the
-mean of its networks) and by its first network alone, and the stage timer of ``bench_train_pipeline.py`` times each
-stage of a real trainer on real CTs."""
+mean of its networks) and by its first network alone, the stage timer of ``bench_train_pipeline.py`` times each
+stage of a real trainer on real CTs, and ``bench_atlas.py``'s registration carries one patient's labels onto
+another's CT."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -20,9 +22,12 @@ from scdlcore.sample_data import make_sample_dataset
 from scdlcore.training.config import Config
 from scdlcore.training.trainer import Trainer
 
+LIVER = 6  # Synapse-13
+
 BENCHMARKS = Path(__file__).resolve().parent / "Benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import bench_accuracy  # noqa: E402
+import bench_atlas  # noqa: E402
 import bench_train_pipeline  # noqa: E402
 
 
@@ -106,3 +111,27 @@ def test_the_stage_timer_times_every_stage_of_a_real_trainer(samples, tmp_path):
     times = bench_train_pipeline.time_stages(trainer, steps=2, warmup=1)
     assert list(times) == ["sample", "augment", "step", "step on MetaTensors"]
     assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in times.values())
+
+
+@pytest.mark.slow  # registers two real CTs
+def test_registration_carries_one_patients_liver_onto_another_patients_ct(samples):
+    """A (non-contrast, abdomen) onto B (portal venous, 40 mm of upper abdomen, another scanner): without the
+    registration the labels miss B entirely (the two patients' LPS origins lie a metre apart); the z search and the
+    affine stage put A's liver onto B's."""
+    atlas = read_image(samples["ct_abdomen"].image)
+    atlas_labels = read_label(samples["ct_abdomen"].label, reference=atlas)
+    target = read_image(samples["ct_abdomen_dicom"].image)
+    target_liver = read_label(samples["ct_abdomen_dicom"].label, reference=target).array == LIVER
+
+    transforms = bench_atlas.register(
+        bench_atlas.metric_image(target), bench_atlas.metric_image(atlas), deformable=False
+    )
+
+    def liver_dice(transform: sitk.Transform) -> float:
+        liver = bench_atlas.propagate(atlas_labels, transform, target) == LIVER
+        return 2 * np.sum(liver & target_liver) / (np.sum(liver) + np.sum(target_liver))
+
+    assert list(transforms) == ["translation", "affine"]
+    assert liver_dice(sitk.TranslationTransform(3)) == 0
+    assert liver_dice(transforms["translation"][0]) > 0.3
+    assert liver_dice(transforms["affine"][0]) > 0.6
