@@ -194,12 +194,15 @@ def test_two_tables_holding_different_runs_of_one_seed_are_refused_by_name(monke
 
 
 def test_the_recorded_command_holds_no_machine_path(monkeypatch, tmp_path):
-    """Work and results folders by name, paths in the current folder relative, other paths by file name only."""
+    """The script by its place in the repository (here run from another checkout), work and results folders by name,
+    paths in the current folder relative, other paths by file name only."""
     monkeypatch.chdir(tmp_path)
     elsewhere = tmp_path.parent / "elsewhere" / "accuracy.json"
     args = parse(monkeypatch, tmp_path / "work", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "data"))
-    monkeypatch.setattr(sys, "argv", [*sys.argv, "--add-to", str(elsewhere)])
+    checkout = tmp_path.parent / "other-checkout" / "Testing" / "Benchmarks" / "bench_accuracy.py"
+    monkeypatch.setattr(sys, "argv", [str(checkout), *sys.argv[1:], "--add-to", str(elsewhere)])
     command = bench_accuracy.portable_command(args)
+    assert command.startswith("python Testing/Benchmarks/bench_accuracy.py --device cpu ")
     assert "--work WORK" in command and "--out OUT" in command and "--data data" in command
     assert "--add-to PATH/accuracy.json" in command
     assert str(tmp_path) not in command and str(elsewhere.parent) not in command

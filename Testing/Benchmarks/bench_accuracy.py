@@ -610,8 +610,9 @@ def output_folder(args: argparse.Namespace, prefix: str) -> Path:
 
 
 def portable_command(args: argparse.Namespace) -> str:
-    """This invocation's command line with no machine paths: its work and results folders written as WORK and OUT,
-    other absolute paths relative to the current folder when inside it, else as ``PATH/<file name>``."""
+    """This invocation's command line with no machine paths: the script by its place in the repository (wherever the
+    checkout that ran it lies), its work and results folders written as WORK and OUT, other absolute paths relative
+    to the current folder when inside it, else as ``PATH/<file name>``."""
     folders = {str(args.out): "OUT", str(args.work): "WORK"}  # OUT first: it may lie inside WORK
 
     def portable(argument: str) -> str:
@@ -623,7 +624,7 @@ def portable_command(args: argparse.Namespace) -> str:
             return argument
         return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else f"PATH/{path.name}"
 
-    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *map(portable, sys.argv[1:])])
+    return "python " + " ".join([f"Testing/Benchmarks/{Path(__file__).name}", *map(portable, sys.argv[1:])])
 
 
 def format_mean_std(values: Sequence[float], digits: int = 3, signed: bool = False) -> str:
