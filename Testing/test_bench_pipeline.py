@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -17,6 +16,7 @@ from scdl_test_support import threshold_vnet
 
 from scdlcore.bundle.format import load_bundle, save_bundle
 from scdlcore.dataset.store import DatasetStore
+from scdlcore.evaluation.metrics import dice
 from scdlcore.io.read import read_image, read_label
 from scdlcore.sample_data import make_sample_dataset
 from scdlcore.training.config import Config
@@ -128,8 +128,7 @@ def test_registration_carries_one_patients_liver_onto_another_patients_ct(sample
     )
 
     def liver_dice(transform: sitk.Transform) -> float:
-        liver = bench_atlas.propagate(atlas_labels, transform, target) == LIVER
-        return 2 * np.sum(liver & target_liver) / (np.sum(liver) + np.sum(target_liver))
+        return dice(bench_atlas.propagate(atlas_labels, transform, target) == LIVER, target_liver)
 
     assert list(transforms) == ["translation", "affine"]
     assert liver_dice(sitk.TranslationTransform(3)) == 0

@@ -36,7 +36,7 @@ from bench_accuracy import FOLDS, SAMPLE_NAMES, OrganSummary, prepare_data, summ
 from bench_common import machine_line, write_table
 
 from scdlcore.evaluation.metrics import evaluate_labels
-from scdlcore.io.volume import Volume, to_sitk
+from scdlcore.io.volume import Volume, resample_volume, to_sitk
 from scdlcore.labels import SYNAPSE13
 
 METRIC_SPACING_MM = 3.0
@@ -47,21 +47,13 @@ BSPLINE_MESH = (4, 4, 2)  # control-point cells along x, y, z
 
 
 def metric_image(ct: Volume) -> sitk.Image:
-    """The CT as the metric sees it: 3 mm isotropic (linear), clipped to ``CLIP_HU``, float32."""
-    image = to_sitk(ct.with_array(ct.array.astype(np.float32, copy=False)))
-    size = [max(1, round(n * s / METRIC_SPACING_MM)) for n, s in zip(image.GetSize(), image.GetSpacing())]
-    resampled = sitk.Resample(
-        image,
-        size,
-        sitk.Transform(),
-        sitk.sitkLinear,
-        image.GetOrigin(),
-        [METRIC_SPACING_MM] * 3,
-        image.GetDirection(),
-        CLIP_HU[0],
-        sitk.sitkFloat32,
+    """The CT as the metric sees it: 3 mm isotropic (linear, same origin and direction), clipped to ``CLIP_HU``."""
+    shape_zyx = [max(1, round(n * s / METRIC_SPACING_MM)) for n, s in zip(ct.shape, ct.spacing[::-1])]
+    spacing = (METRIC_SPACING_MM,) * 3
+    resampled = resample_volume(
+        ct, shape=shape_zyx, spacing=spacing, origin=ct.origin, direction=ct.direction, is_label=False
     )
-    return sitk.Clamp(resampled, lowerBound=CLIP_HU[0], upperBound=CLIP_HU[1])
+    return sitk.Clamp(to_sitk(resampled), lowerBound=CLIP_HU[0], upperBound=CLIP_HU[1])
 
 
 def body_centroid(image: sitk.Image) -> np.ndarray:
